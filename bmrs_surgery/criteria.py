@@ -1,0 +1,104 @@
+"""Keep/prune decisions on fitted gates: BMRS_N, BMRS_U and the paper's baselines.
+
+Each criterion returns a :class:`Decision`: a float64 score per structure and a boolean keep-mask.
+For BMRS the score is dF (prune where dF >= 0, no threshold); for the baselines it is the quantity
+thresholded (SNR, E[theta], L2 norm of incoming weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import bmrs
+from .accounting import compression
+from .gates import GateBank
+
+CRITERIA = ("bmrs_n", "bmrs_u", "snr", "expected", "l2")
+
+
+@dataclass
+class Decision:
+    criterion: str
+    score: torch.Tensor  # float64, one per structure
+    keep: torch.Tensor  # bool, one per structure
+
+
+def _params(bank: GateBank):
+    return bank.mu.detach().double().cpu(), bank.log_sigma.detach().double().cpu()
+
+
+def bmrs_n(bank: GateBank, prior_mu: float | None = None, prior_var: float = 1e-12) -> Decision:
+    mu, ls = _params(bank)
+    pm = bank.a if prior_mu is None else prior_mu
+    df = bmrs.delta_f(mu, ls, "normal", prior_mu=pm, prior_var=prior_var, a=bank.a, b=bank.b)
+    return Decision("bmrs_n", df, df < 0)
+
+
+def bmrs_u(bank: GateBank, precision_bits: int = 8) -> Decision:
+    mu, ls = _params(bank)
+    df = bmrs.delta_f(mu, ls, "uniform", precision_bits, a=bank.a, b=bank.b)
+    return Decision(f"bmrs_u{precision_bits}", df, df < 0)
+
+
+def snr(bank: GateBank, threshold: float = 1.0) -> Decision:
+    mu, ls = _params(bank)
+    s = bmrs.snr(mu, ls, bank.a, bank.b)
+    return Decision("snr", s, s >= threshold)
+
+
+def expected(bank: GateBank, threshold: float = 0.1) -> Decision:
+    mu, ls = _params(bank)
+    e = bmrs.expected_theta(mu, ls, bank.a, bank.b)
+    return Decision("expected", e, e >= threshold)
+
+
+def incoming_l2(model: nn.Module, bank: GateBank) -> torch.Tensor:
+    """L2 norm of each structure's incoming weights (producer rows and bias), float64."""
+    modules = dict(model.named_modules())
+    norms = []
+    for site in bank.sites:
+        sq = torch.zeros(site.size, dtype=torch.float64)
+        for name in site.producers:
+            for p in modules[name].parameters(recurse=False):
+                sq += p.detach().double().cpu().reshape(site.size, -1).pow(2).sum(1)
+        norms.append(sq.sqrt())
+    return torch.cat(norms)
+
+
+def l2(model: nn.Module, bank: GateBank, target_compression: float) -> Decision:
+    """Prune the smallest-L2 structures (one global ranking) until compression >= target."""
+    score = incoming_l2(model, bank)
+    order = torch.argsort(score)
+    n = score.numel()
+
+    def keep_with(k: int) -> torch.Tensor:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[order[:k]] = False
+        return keep
+
+    lo, hi = 0, n  # smallest k with compression >= target (compression grows with k)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if compression(model, bank, keep_with(mid)).ratio >= target_compression:
+            hi = mid
+        else:
+            lo = mid + 1
+    return Decision("l2", score, keep_with(lo))
+
+
+def decide(model: nn.Module, bank: GateBank, criterion: str, **opts) -> Decision:
+    """Dispatch by name: bmrs_n, bmrs_u, snr, expected, l2 (l2 needs target_compression)."""
+    if criterion == "bmrs_n":
+        return bmrs_n(bank, opts.get("prior_mu"), opts.get("prior_var", 1e-12))
+    if criterion == "bmrs_u":
+        return bmrs_u(bank, opts.get("precision_bits", 8))
+    if criterion == "snr":
+        return snr(bank, opts.get("threshold", 1.0))
+    if criterion == "expected":
+        return expected(bank, opts.get("threshold", 0.1))
+    if criterion == "l2":
+        return l2(model, bank, opts["target_compression"])
+    raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")

@@ -1,0 +1,35 @@
+"""The paper's reference networks for 32x32 single-channel inputs (bmrs-math.md section 6)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def mlp(num_classes: int = 10, in_features: int = 1024, hidden: int = 150) -> nn.Sequential:
+    """Paper MLP: Linear(1024,150)-Tanh, Linear(150,150)-Tanh, Linear(150,10)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
+    """Paper LeNet5: Conv(1,6,5)-ReLU-MaxPool, Conv(6,16,5)-ReLU-MaxPool, 400-120-84-10 MLP."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
