@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import bmrs
+from . import bmrs, fused
 
 NOISE_MODES = ("sample", "structure", "element")
 
@@ -69,15 +69,23 @@ class GateBank(nn.Module):
         for s in self.sites:
             self.offsets.append(n)
             n += s.size
-        self.mu = nn.Parameter(torch.full((n,), float(init_mu)))
-        self.log_sigma = nn.Parameter(torch.full((n,), float(init_log_sigma)))
+        # one parameter for both (a single optimizer slot and autograd leaf): row 0 mu, row 1 log sigma
+        self.posterior = nn.Parameter(torch.stack([torch.full((n,), float(init_mu)), torch.full((n,), float(init_log_sigma))]))
         self.register_buffer("mask", torch.ones(n))
         self._cache: dict | None = None
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self.posterior[0]
+
+    @property
+    def log_sigma(self) -> torch.Tensor:
+        return self.posterior[1]
 
     # -- views -------------------------------------------------------------------------------
     @property
     def num_gates(self) -> int:
-        return self.mu.numel()
+        return self.posterior.shape[1]
 
     def slice_of(self, index: int) -> slice:
         return slice(self.offsets[index], self.offsets[index] + self.sites[index].size)
@@ -108,43 +116,41 @@ class GateBank(nn.Module):
 
     def sample(self, shape) -> torch.Tensor:
         """theta * mask for uniforms of ``shape`` (last dim = all structures, or broadcastable)."""
-        u = torch.rand(shape, device=self.mu.device, dtype=self.mu.dtype)
-        log_t = bmrs.sample_log_theta(self.mu, self.log_sigma, u, self.a, self.b)
-        return torch.exp(log_t) * self.mask
+        u = torch.rand(shape, device=self.posterior.device, dtype=self.posterior.dtype)
+        return fused.sample_theta(self.posterior, self.mask, u, self.a, self.b)
+
+    def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-site pieces of a (..., N) tensor, made by one split (one autograd node)."""
+        return torch.split(theta, [s.size for s in self.sites], dim=-1)
 
     def theta_for(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """The gate values for site ``index`` shaped to broadcast against activation ``x``."""
         site = self.sites[index]
         sl = self.slice_of(index)
         axis = site.axis % x.ndim
+        shape = [1] * x.ndim
+        shape[axis] = site.size
         if not self.training:
-            theta = self._cached("eval", self.expected)[sl]
-            shape = [1] * x.ndim
-            shape[axis] = site.size
-            return theta.reshape(shape).to(x.dtype)
-        if self.noise == "structure":
-            theta = self._cached("structure", lambda: self.sample((self.num_gates,)))[sl]
-            shape = [1] * x.ndim
-            shape[axis] = site.size
-            return theta.reshape(shape).to(x.dtype)
-        if self.noise == "sample":
+            theta = self._cached("eval", lambda: self._split(self.expected()))[index]
+        elif self.noise == "structure":
+            theta = self._cached("structure", lambda: self._split(self.sample((self.num_gates,))))[index]
+        elif self.noise == "sample":
             batch = x.shape[0]
-            theta = self._cached(("sample", batch), lambda: self.sample((batch, self.num_gates)))
-            shape = [1] * x.ndim
-            shape[0], shape[axis] = batch, site.size
-            return theta[:, sl].reshape(shape).to(x.dtype)
+            shape[0] = batch
+            theta = self._cached(("sample", batch), lambda: self._split(self.sample((batch, self.num_gates))))[index]
+        else:
+            theta = None
+        if theta is not None:
+            return theta.reshape(shape).to(x.dtype)
         # element: one uniform per activation element, this site's parameters only
-        perm_shape = [1] * x.ndim
-        perm_shape[axis] = site.size
-        mu = self.mu[sl].reshape(perm_shape)
-        log_sigma = self.log_sigma[sl].reshape(perm_shape)
-        u = torch.rand(x.shape, device=x.device, dtype=mu.dtype)
-        log_t = bmrs.sample_log_theta(mu, log_sigma, u, self.a, self.b)
-        return (torch.exp(log_t) * self.mask[sl].reshape(perm_shape)).to(x.dtype)
+        post = self.posterior[:, sl].reshape([2] + shape)
+        u = torch.rand(x.shape, device=x.device, dtype=post.dtype)
+        mask = self.mask[sl].reshape(shape)
+        return fused.sample_theta(post, mask, u, self.a, self.b).to(x.dtype)
 
     def kl(self, reduction: str = "mean") -> torch.Tensor:
         """KL(q || p) of all gates: ``"mean"`` over structures, or ``"sum"``."""
-        kl = bmrs.kl_divergence(self.mu, self.log_sigma, self.a, self.b)
+        kl = fused.kl_divergence(self.posterior, self.a, self.b)
         if reduction == "mean":
             return kl.mean()
         if reduction == "sum":

@@ -1,0 +1,172 @@
+"""The fitting loop: weights and gate posteriors on the negative ELBO, two pruning modes.
+
+* post-training: fit for ``epochs``, score once and mask every structure with dF >= 0, then
+  fine-tune ``finetune_epochs`` with the masks frozen;
+* continuous: re-score every ``prune_every`` epochs while fitting (masks are recomputed from the
+  current posterior each time, not accumulated), then fine-tune with the masks frozen.
+
+Loss per step = mean cross-entropy + kl_scale * warm-up(epoch) * KL term, where the KL term is the
+mean KL over structures (``kl_weighting="mean"``) or summed KL / training-set size ("elbo").
+The loop reports through an optional ``reporter`` (see :mod:`progress`); it never prints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import api
+from .data import DataSplits
+
+MODES = ("post-training", "continuous")
+REPORT_EVERY = 25  # steps between progress updates (each one syncs the device)
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 10
+    mode: str = "post-training"
+    prior: str = "normal"
+    precision_bits: int = 8
+    prune_every: int = 1
+    finetune_epochs: int = 0
+    batch_size: int = 128
+    lr: float = 1.5e-3
+    kl_weighting: str = "mean"
+    kl_scale: float = 1.0
+    kl_warmup_epochs: int = 0
+    device: str = "cpu"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.prior not in ("normal", "uniform"):
+            raise ValueError(f"prior must be 'normal' or 'uniform', got {self.prior!r}")
+        if self.epochs < 0 or self.finetune_epochs < 0 or self.prune_every < 1:
+            raise ValueError("epochs and finetune_epochs must be >= 0 and prune_every >= 1")
+        if self.kl_weighting not in api.KL_WEIGHTINGS:
+            raise ValueError(f"kl_weighting must be one of {api.KL_WEIGHTINGS}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    phase: str  # "fit" or "finetune"
+    loss: float
+    kl: float
+    train_accuracy: float
+    val_accuracy: float
+    kept_fraction: float
+    seconds: float
+
+
+@dataclass
+class FitResult:
+    config: FitConfig
+    history: list[EpochRecord] = field(default_factory=list)
+    prune: api.PruneResult | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "history": [asdict(h) for h in self.history],
+            "seconds": self.seconds,
+        }
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None):
+    """Index tensors of a shuffled (or, without a generator, ordered) pass over ``n`` items."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset, device: str = "cpu", batch_size: int = 1000) -> float:
+    """Top-1 accuracy in eval mode (gates at E[theta] * mask); restores the training flag."""
+    x_all, y_all = dataset.tensors
+    if len(y_all) == 0:
+        return float("nan")
+    was = model.training
+    model.eval()
+    correct = 0
+    for idx in batches(len(y_all), batch_size, None):
+        out = model(x_all[idx].to(device))
+        correct += int((out.argmax(1).cpu() == y_all[idx]).sum())
+    model.train(was)
+    return correct / len(y_all)
+
+
+def _kl_factor(cfg: FitConfig, epoch: int, step: int, steps: int) -> float:
+    if cfg.kl_warmup_epochs <= 0:
+        return cfg.kl_scale
+    progress = (epoch + step / max(steps, 1)) / cfg.kl_warmup_epochs
+    return cfg.kl_scale * min(1.0, progress)
+
+
+def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None) -> FitResult:
+    """Train ``gated`` (a GatedModel) on ``data.train``; mask structures by ``cfg.mode``."""
+    cfg.validate()
+    api.gate_bank(gated)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    gated.to(device)
+    x_train, y_train = (t.to(device) for t in data.train.tensors)
+    n = len(y_train)
+    steps = (n + cfg.batch_size - 1) // cfg.batch_size
+    opt = torch.optim.Adam(gated.parameters(), lr=cfg.lr)
+    result = FitResult(cfg)
+    start = time.perf_counter()
+    total_epochs = cfg.epochs + cfg.finetune_epochs
+    for epoch in range(total_epochs):
+        phase = "fit" if epoch < cfg.epochs else "finetune"
+        if epoch == cfg.epochs and cfg.mode == "post-training" and cfg.epochs > 0:
+            result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
+        t0 = time.perf_counter()
+        gated.train()
+        if reporter:
+            reporter.start_epoch(epoch, total_epochs, phase, steps)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for step, idx in enumerate(batches(n, cfg.batch_size, gen)):
+            x, y = x_train[idx.to(device)], y_train[idx.to(device)]
+            out = gated(x)
+            task = F.cross_entropy(out, y)
+            kl = api.kl_term(gated, n, cfg.kl_weighting)
+            loss = task + _kl_factor(cfg, epoch, step, steps) * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            correct += (out.detach().argmax(1) == y).sum()
+            if reporter and (step % REPORT_EVERY == REPORT_EVERY - 1 or step == steps - 1):
+                reporter.step(step + 1, float(loss_sum) / (step + 1))
+        if cfg.mode == "continuous" and phase == "fit" and (epoch + 1) % cfg.prune_every == 0:
+            result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
+        bank = api.gate_bank(gated)
+        record = EpochRecord(
+            epoch=epoch,
+            phase=phase,
+            loss=float(loss_sum) / steps,
+            kl=float(api.kl_term(gated, n, cfg.kl_weighting).detach()),
+            train_accuracy=int(correct) / n,
+            val_accuracy=accuracy(gated, data.val, cfg.device),
+            kept_fraction=float(bank.mask.mean()),
+            seconds=time.perf_counter() - t0,
+        )
+        result.history.append(record)
+        if reporter:
+            reporter.end_epoch(record)
+    if cfg.mode == "post-training" and cfg.epochs > 0 and result.prune is None:
+        result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
+    if cfg.mode == "continuous" and result.prune is None and cfg.epochs > 0:
+        result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
+    result.seconds = time.perf_counter() - start
+    return result
