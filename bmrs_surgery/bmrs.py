@@ -2,12 +2,22 @@
 
 Every function takes tensors (or anything ``torch.as_tensor`` accepts), broadcasts, and is
 vectorised over any number of gates. Functions used in training (:func:`kl_divergence`,
-:func:`sample_log_theta`, :func:`log_expected_theta`) keep the input dtype and are differentiable;
+:func:`sample_log_theta`, :func:`log_expected_theta`) return the input dtype and are differentiable;
 scoring functions (:func:`delta_f`, :func:`snr`, :func:`expected_theta`) compute in float64.
 
 Notation follows ``docs/bmrs-math.md``: ``x = log theta ~ N(mu, sigma^2)`` truncated to ``[a, b]``;
 ``alpha = (a - mu)/sigma``, ``beta = (b - mu)/sigma``, ``Z = Phi(beta) - Phi(alpha)``.
-Everything is done with log-CDFs so that no NaN or inf reaches a decision.
+
+Numerics. When mu lies outside [a, b] by many sigma (or sigma is tiny), log Z, log Z_qt, ... are
+huge (up to ~1e20) and the textbook formulas subtract them from each other. Everything here instead
+splits the normal mass of an interval [lo, hi] (standardised) as
+
+    Phi(hi) - Phi(lo) = exp(-m^2 / 2) * R,   m = the point of [lo, hi] nearest 0,
+
+with R of order 1/|m| evaluated through ``erfcx`` (scaled complementary error function), and the
+quadratic parts are combined analytically, in the original x coordinates, before anything is
+subtracted. That keeps dF, E[theta], Var, SNR and KL finite and accurate for mu in any range and
+log_sigma in [-20, 5]. Internally everything runs in float64 (outputs are cast back).
 """
 
 from __future__ import annotations
@@ -24,10 +34,29 @@ LOG_SIGMA_MAX = 5.0
 FLOAT32_MANTISSA_BITS = 23
 _LOG_2PI = math.log(2.0 * math.pi)
 _LN2 = math.log(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+# Beyond this standardised distance into a tail, asymptotic series replace formulas whose terms
+# cancel to relative order 1/l^2 (g below) or 1/l^4 (the truncated variance).
+_SERIES_FROM = 30.0
+# 1 - l*Mills(l) = sum_n (-1)^(n+1) (2n-1)!! l^(-2n)
+_G_SERIES = (1.0, -3.0, 15.0, -105.0, 945.0, -10395.0, 135135.0, -2027025.0)
+# variance of N(0,1) truncated to [l, inf) = sum_n c_n l^(-2n), n >= 1
+_VAR_SERIES = (1.0, -6.0, 50.0, -518.0, 6354.0, -89782.0, 1435330.0)
+# its third central moment = l * sum_n c_n l^(-2n), n >= 2 (leading 2 / l^3)
+_MU3_SERIES = (0.0, 2.0, -24.0, 300.0, -4144.0, 63540.0, -1077384.0)
 
 
 def _f64(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64)
+
+
+def _work(mu, log_sigma):
+    """(mu, log_sigma) as float64 tensors on mu's device, plus the dtype to return."""
+    mu = torch.as_tensor(mu)
+    out = mu.dtype if mu.is_floating_point() else torch.get_default_dtype()
+    wd = torch.float32 if mu.device.type == "mps" else torch.float64
+    return mu.to(wd), torch.as_tensor(log_sigma, device=mu.device).to(wd), out
 
 
 def clamp_log_sigma(log_sigma: torch.Tensor) -> torch.Tensor:
@@ -41,14 +70,174 @@ def log1mexp(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d > -_LN2, torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
 
 
+class _Erfcx(torch.autograd.Function):
+    """erfcx with an accurate derivative for large arguments.
+
+    torch's backward, 2x erfcx(x) - 2/sqrt(pi), cancels to nothing for x >> 1 (it returns 0 for
+    x = 1e10 instead of -5.6e-21); for x > 0 it is -sqrt2 g(sqrt2 x) with g as in :func:`_g`.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.special.erfcx(x)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        pos = x > 0
+        xp = torch.where(pos, x, torch.zeros_like(x))
+        d = torch.where(pos, -math.sqrt(2.0) * _g(math.sqrt(2.0) * xp), 2.0 * x * y - 2.0 / math.sqrt(math.pi))
+        return grad * d
+
+
+def erfcx(x: torch.Tensor) -> torch.Tensor:
+    """Scaled complementary error function exp(x^2) erfc(x), differentiable to high accuracy."""
+    return _Erfcx.apply(x)
+
+
+def _log_ndtr(x: torch.Tensor) -> torch.Tensor:
+    """log Phi(x) with a correct gradient everywhere.
+
+    ``torch.special.log_ndtr``'s backward loses all accuracy below about -1e5 (it returns 0.4 at
+    -1e9, inf at -1e10); in the lower tail use log Phi(x) = -x^2/2 + log(erfcx(-x/sqrt2)/2).
+    """
+    tail = x < -5.0
+    xt = torch.where(tail, x, torch.full_like(x, -5.0))
+    xn = torch.where(tail, torch.zeros_like(x), x)
+    low = -0.5 * xt * xt + torch.log(0.5 * erfcx(-xt * _INV_SQRT2))
+    return torch.where(tail, low, log_ndtr(xn))
+
+
 def log_ndtr_diff(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """log(Phi(hi) - Phi(lo)) for lo <= hi, without cancellation in either tail."""
-    lo, hi = torch.broadcast_tensors(lo, hi)
+    lo, hi = torch.broadcast_tensors(torch.as_tensor(lo), torch.as_tensor(hi))
     flip = lo > 0  # both in the upper tail: use Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)
     big = torch.where(flip, -lo, hi)
     small = torch.where(flip, -hi, lo)
-    log_big = log_ndtr(big)
-    return log_big + log1mexp(log_ndtr(small) - log_big)
+    log_big = _log_ndtr(big)
+    return log_big + log1mexp(_log_ndtr(small) - log_big)
+
+
+# --------------------------------------------------------------------------------------------
+# Truncated standard normal on [lo, hi], tail-stable pieces
+
+
+def _clamp_t(x, lo, hi):
+    """clamp with tensor bounds (lo <= hi)."""
+    return torch.maximum(torch.minimum(x, hi), lo)
+
+
+def _frame(lo, hi):
+    """Reflect [lo, hi] so that it lies in [0, inf) or straddles 0: returns (l, h, tail).
+
+    All quantities used here are symmetric under x -> -x, so they can be evaluated on (l, h).
+    ``tail`` marks l >= 0, where the nearest point to 0 is l itself.
+    """
+    lo, hi = torch.broadcast_tensors(lo, hi)
+    flip = hi <= 0
+    l = torch.where(flip, -hi, lo)
+    h = torch.where(flip, -lo, hi)
+    return l, h, l >= 0
+
+
+def _tail_e(l, h, width):
+    """E = erfcx(l/sqrt2) - erfcx(h/sqrt2) exp(-d), d = (h^2 - l^2)/2, for 0 <= l < h.
+
+    Phi(h) - Phi(l) = exp(-l^2/2) E / 2; written as a sum of two non-negative terms.
+    ``width`` = h - l, passed separately because it is known more accurately than h - l.
+    """
+    d = 0.5 * width * (l + h)
+    eh = erfcx(h * _INV_SQRT2)
+    return (erfcx(l * _INV_SQRT2) - eh) + eh * (-torch.expm1(-d)), d
+
+
+def _g(l):
+    """g(l) = sqrt(2/pi) - l erfcx(l/sqrt2) >= 0 (= sqrt(2/pi) (1 - l Mills(l))), for l >= 0."""
+    near = l < _SERIES_FROM
+    ln = torch.where(near, l, torch.zeros_like(l))
+    direct = _SQRT_2_OVER_PI - ln * torch.special.erfcx(ln * _INV_SQRT2)
+    lf = torch.where(near, torch.full_like(l, _SERIES_FROM), l)
+    return torch.where(near, direct, _SQRT_2_OVER_PI * _series(lf, _G_SERIES))
+
+
+def _log_r(lo, hi, width):
+    """log R where Phi(hi) - Phi(lo) = exp(-m^2/2) R and m is the point of [lo, hi] nearest 0."""
+    l, h, tail = _frame(lo, hi)
+    width = torch.broadcast_to(width, l.shape)
+    one = torch.ones_like(l)
+    lt = torch.where(tail, l, 0.0 * one)
+    ht = torch.where(tail, h, one)
+    wt = torch.where(tail, width, one)
+    e, _ = _tail_e(lt, ht, wt)
+    log_tail = torch.log(0.5 * e)
+    ls = torch.where(tail, -one, l)
+    hs = torch.where(tail, one, h)
+    return torch.where(tail, log_tail, log_ndtr_diff(ls, hs))
+
+
+def _entropy_part(lo, hi, width):
+    """log R + T with T = -m^2/2 + (lo phi(lo) - hi phi(hi)) / (2 Z).
+
+    The truncated normal's entropy (in standard units) is 0.5 log(2 pi e) + log R + T.
+    """
+    l, h, tail = _frame(lo, hi)
+    width = torch.broadcast_to(width, l.shape)
+    one = torch.ones_like(l)
+    # tail (0 <= l < h): T = [l g(l) - e^-d (2 d sqrt(2/pi) + l^2 g(h)) / h] / (2 E)
+    lt = torch.where(tail, l, 0.0 * one)
+    ht = torch.where(tail, h, one)
+    wt = torch.where(tail, width, one)
+    e, d = _tail_e(lt, ht, wt)
+    t_tail = 0.5 * (
+        lt * _g(lt) - torch.exp(-d) * (2.0 * d * _SQRT_2_OVER_PI + lt * lt * _g(ht)) / ht
+    ) / e
+    part_tail = torch.log(0.5 * e) + t_tail
+    # straddling 0 (l < 0 < h): m = 0 and log Z is of order one
+    ls = torch.where(tail, -one, l)
+    hs = torch.where(tail, one, h)
+    log_z = log_ndtr_diff(ls, hs)
+    t_mid = 0.5 * (ls * torch.exp(_log_phi(ls) - log_z) - hs * torch.exp(_log_phi(hs) - log_z))
+    return torch.where(tail, part_tail, log_z + t_mid)
+
+
+def _series(l, coeffs):
+    """sum_n coeffs[n-1] * l^(-2n) for n >= 1 (Horner in 1/l^2)."""
+    u = 1.0 / (l * l)
+    out = torch.zeros_like(l)
+    for c in reversed(coeffs):
+        out = (out + c) * u
+    return out
+
+
+def _truncated_cumulants(lo, hi, width):
+    """Variance (>= 0) and third central moment of N(0, 1) truncated to [lo, hi]."""
+    l, h, tail = _frame(lo, hi)
+    width = torch.broadcast_to(width, l.shape)
+    flip = torch.broadcast_to(hi <= 0, l.shape)
+    far = tail & (l >= _SERIES_FROM)
+    # far into one tail the other bound is (for gates) astronomically far: one-sided series
+    lf = torch.where(far, l, torch.full_like(l, _SERIES_FROM))
+    var_far = _series(lf, _VAR_SERIES)
+    mu3_far = _series(lf, _MU3_SERIES) * lf
+    # otherwise from the moments, with p = phi/Z formed relative to m (no overflow)
+    ln = torch.where(far, torch.zeros_like(l), l)
+    hn = torch.where(far, torch.ones_like(h), h)
+    wn = torch.where(far, torch.ones_like(width), width)
+    m = torch.where(tail & ~far, ln, torch.zeros_like(ln))
+    log_r = _log_r(ln, hn, wn)
+    p_l = torch.exp(-0.5 * (ln - m) * (ln + m) - 0.5 * _LOG_2PI - log_r)
+    p_h = torch.exp(-0.5 * (hn - m) * (hn + m) - 0.5 * _LOG_2PI - log_r)
+    mean = p_l - p_h
+    m2 = 1.0 + ln * p_l - hn * p_h
+    m3 = 2.0 * mean + ln * ln * p_l - hn * hn * p_h
+    var = torch.where(far, var_far, m2 - mean * mean).clamp(min=0.0)
+    mu3 = torch.where(far, mu3_far, m3 - 3.0 * mean * m2 + 2.0 * mean**3)
+    return var, torch.where(flip, -mu3, mu3)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def _std(mu, log_sigma, a, b):
@@ -69,36 +258,42 @@ def _log_phi(x: torch.Tensor) -> torch.Tensor:
 def kl_divergence(mu, log_sigma, a: float = LOWER, b: float = UPPER) -> torch.Tensor:
     """KL(q || p) of the truncated log-normal posterior from the truncated log-uniform prior.
 
-    Differentiable, in the dtype of ``mu``; one value per gate.
+    KL = log(b - a) - log sigma - log Z - 0.5 log(2 pi e) - (alpha phi(alpha) - beta phi(beta))/(2Z),
+    with log Z and the last term combined without cancellation. Differentiable; computed in
+    float64 and returned in the dtype of ``mu``; one value per gate; never negative.
     """
-    mu = torch.as_tensor(mu)
-    log_sigma = clamp_log_sigma(torch.as_tensor(log_sigma, dtype=mu.dtype))
+    mu, log_sigma, out = _work(mu, log_sigma)
+    log_sigma = clamp_log_sigma(log_sigma)
     sigma = torch.exp(log_sigma)
-    alpha, beta = (a - mu) / sigma, (b - mu) / sigma
-    log_z = log_ndtr_diff(alpha, beta)
-    # (alpha*phi(alpha) - beta*phi(beta)) / Z, each term formed in log space
-    t_alpha = alpha * torch.exp(_log_phi(alpha) - log_z)
-    t_beta = beta * torch.exp(_log_phi(beta) - log_z)
-    return (
-        math.log(b - a)
-        - log_sigma
-        - log_z
-        - 0.5 * (_LOG_2PI + 1.0)
-        - 0.5 * (t_alpha - t_beta)
-    )
+    part = _entropy_part((a - mu) / sigma, (b - mu) / sigma, (b - a) / sigma)
+    kl = math.log(b - a) - log_sigma - 0.5 * (_LOG_2PI + 1.0) - part
+    return kl.clamp(min=0.0).to(out)
+
+
+def _log_moment(mu, sigma, a, b, k):
+    """log E[theta^k] for float tensors; see :func:`log_expected_theta`."""
+    am, bm = a - mu, b - mu
+    # offsets from mu of the points nearest the centre of q (u0) and of the tilted normal
+    # N(mu + k sigma^2, sigma^2) (u1) within [a, b]
+    u0 = _clamp_t(torch.zeros_like(am), am, bm)
+    ks2 = k * sigma * sigma
+    u1 = _clamp_t(ks2, am, bm)
+    width = (b - a) / sigma
+    log_r1 = _log_r((am - ks2) / sigma, (bm - ks2) / sigma, width)
+    log_r0 = _log_r(am / sigma, bm / sigma, width)
+    out = k * (mu + u1) - (u1 - u0) * (u1 + u0) / (2.0 * sigma * sigma) + log_r1 - log_r0
+    return out.clamp(k * a, k * b)
 
 
 def log_expected_theta(mu, log_sigma, a: float = LOWER, b: float = UPPER, power: int = 1):
-    """log E[theta^power] (power 1 or 2) of the truncated log-normal, in the dtype of ``mu``."""
-    mu = torch.as_tensor(mu)
-    sigma, alpha, beta = _std(mu, torch.as_tensor(log_sigma, dtype=mu.dtype), a, b)
-    k = float(power)
-    return (
-        k * mu
-        + 0.5 * k * k * sigma * sigma
-        + log_ndtr_diff(k * sigma - beta, k * sigma - alpha)
-        - log_ndtr_diff(alpha, beta)
-    )
+    """log E[theta^power] (power 1 or 2) of the truncated log-normal, in the dtype of ``mu``.
+
+    E[theta^k] = exp(k mu + k^2 sigma^2/2) (Phi(beta - k sigma) - Phi(alpha - k sigma)) / Z, with the
+    two normal masses split as exp(-m^2/2) R so that nothing large is subtracted.
+    """
+    mu, log_sigma, out = _work(mu, log_sigma)
+    sigma = torch.exp(clamp_log_sigma(log_sigma))
+    return _log_moment(mu, sigma, a, b, float(power)).to(out)
 
 
 def expected_theta(mu, log_sigma, a: float = LOWER, b: float = UPPER) -> torch.Tensor:
@@ -109,33 +304,45 @@ def expected_theta(mu, log_sigma, a: float = LOWER, b: float = UPPER) -> torch.T
 def variance_theta(mu, log_sigma, a: float = LOWER, b: float = UPPER) -> torch.Tensor:
     """Var[theta] in float64 (never negative)."""
     mu, log_sigma = _f64(mu), _f64(log_sigma)
-    log_e1 = log_expected_theta(mu, log_sigma, a, b)
-    return torch.exp(2.0 * log_e1) * _relative_variance(mu, log_sigma, a, b, log_e1)
+    sigma = torch.exp(clamp_log_sigma(log_sigma))
+    log_e1 = _log_moment(mu, sigma, a, b, 1.0)
+    return torch.exp(2.0 * log_e1) * _relative_variance(mu, sigma, a, b)
 
 
-def _relative_variance(mu, log_sigma, a, b, log_e1):
+def _relative_variance(mu, sigma, a, b):
     """Var[theta] / E[theta]^2 = E[theta^2]/E[theta]^2 - 1, guarded against cancellation.
 
-    When the relative variance is below ~1e-8 (tiny sigma) the difference of logs has lost most of
-    its digits; there the delta method (Var theta ~ E[theta]^2 Var[log theta]) is accurate, with
-    Var[log theta] the truncated normal's variance.
+    D = log E[theta^2] - 2 log E[theta] is formed from its pieces (mu cancels analytically), with
+    an absolute error of ~1e-15. Where expm1(D) < 1e-8 (tiny sigma, or q squeezed against a
+    bound) it is replaced by the cumulant expansion expm1(k2 + k3) of log theta (error ~ 6 D^2),
+    with k2, k3 the truncated normal's variance and third central moment times sigma^2, sigma^3.
     """
-    log_e2 = log_expected_theta(mu, log_sigma, a, b, power=2)
-    direct = torch.expm1((log_e2 - 2.0 * log_e1).clamp(min=0.0))
-    sigma, alpha, beta = _std(mu, log_sigma, a, b)
-    log_z = log_ndtr_diff(alpha, beta)
-    p_alpha, p_beta = torch.exp(_log_phi(alpha) - log_z), torch.exp(_log_phi(beta) - log_z)
-    var_log = sigma * sigma * (1.0 + alpha * p_alpha - beta * p_beta - (p_alpha - p_beta) ** 2)
-    var_log = var_log.clamp(min=0.0)
-    rel = torch.where(direct < 1e-8, var_log, direct)
+    am, bm = a - mu, b - mu
+    width = (b - a) / sigma
+    s2 = sigma * sigma
+    u0 = _clamp_t(torch.zeros_like(am), am, bm)
+    u1 = _clamp_t(s2, am, bm)
+    u2 = _clamp_t(2.0 * s2, am, bm)
+    log_r0 = _log_r(am / sigma, bm / sigma, width)
+    log_r1 = _log_r((am - s2) / sigma, (bm - s2) / sigma, width)
+    log_r2 = _log_r((am - 2.0 * s2) / sigma, (bm - 2.0 * s2) / sigma, width)
+    d = (
+        2.0 * (u2 - u1)
+        - ((u2 - u0) * (u2 + u0) - 2.0 * (u1 - u0) * (u1 + u0)) / (2.0 * s2)
+        + ((log_r2 - log_r1) - (log_r1 - log_r0))
+    )
+    direct = torch.expm1(d.clamp(min=0.0))
+    var, mu3 = _truncated_cumulants(am / sigma, bm / sigma, width)
+    small = torch.expm1((s2 * var + s2 * sigma * mu3).clamp(min=0.0))
+    rel = torch.where(direct < 1e-8, small, direct)
     return rel.clamp(min=torch.finfo(torch.float64).tiny)
 
 
 def snr(mu, log_sigma, a: float = LOWER, b: float = UPPER) -> torch.Tensor:
     """Signal-to-noise ratio E[theta] / sqrt(Var[theta]) in float64 (finite, positive)."""
     mu, log_sigma = _f64(mu), _f64(log_sigma)
-    log_e1 = log_expected_theta(mu, log_sigma, a, b)
-    return torch.rsqrt(_relative_variance(mu, log_sigma, a, b, log_e1))
+    sigma = torch.exp(clamp_log_sigma(log_sigma))
+    return torch.rsqrt(_relative_variance(mu, sigma, a, b))
 
 
 def sample_log_theta(mu, log_sigma, u, a: float = LOWER, b: float = UPPER) -> torch.Tensor:
@@ -163,12 +370,24 @@ def uniform_interval(precision_bits: int, a: float = LOWER, b: float = UPPER) ->
 
 
 def delta_f_uniform(mu, log_sigma, precision_bits: int = 8, a: float = LOWER, b: float = UPPER):
-    """BMRS_U: dF = log Q - log U for the reduced prior log-uniform on [log 2^-23, log 2^-p]."""
+    """BMRS_U: dF = log Q - log U for the reduced prior log-uniform on [log 2^-23, log 2^-p].
+
+    log Q = log(normal mass on [a', b']) - log Z, with both masses split as exp(-m^2/2) R and the
+    quadratic parts differenced as a product, so Q stays accurate (and <= 1) far in the tails.
+    """
     lo, hi = uniform_interval(precision_bits, a, b)
     mu, log_sigma = _f64(mu), _f64(log_sigma)
-    sigma, alpha, beta = _std(mu, log_sigma, a, b)
-    log_q = log_ndtr_diff((lo - mu) / sigma, (hi - mu) / sigma) - log_ndtr_diff(alpha, beta)
-    return log_q - math.log((hi - lo) / (b - a))
+    sigma = torch.exp(clamp_log_sigma(log_sigma))
+    am, bm, lm, hm = a - mu, b - mu, lo - mu, hi - mu
+    zero = torch.zeros_like(am)
+    u_q = _clamp_t(zero, am, bm)
+    u_u = _clamp_t(zero, lm, hm)
+    log_q = (
+        _log_r(lm / sigma, hm / sigma, (hi - lo) / sigma)
+        - _log_r(am / sigma, bm / sigma, (b - a) / sigma)
+        - (u_u - u_q) * (u_u + u_q) / (2.0 * sigma * sigma)
+    )
+    return log_q.clamp(max=0.0) - math.log((hi - lo) / (b - a))
 
 
 def delta_f_normal(
@@ -181,31 +400,52 @@ def delta_f_normal(
 ):
     """BMRS_N (paper Eq. 8): reduced prior a narrow truncated log-normal N(prior_mu, prior_var).
 
-    The quadratic bracket is evaluated as (mu - mu_p)^2 / (sigma^2 + s_p^2), which is exact and free
-    of cancellation. ``prior_var == 0`` gives the s_p -> 0 limit log((b - a) q_logtheta(a)).
+    Eq. 8 is log(b - a) - log Z_p - log Z_q + log Z_qt + log N(mu; mu_p, sigma^2 + s_p^2). Its
+    quadratic parts are combined exactly (q(x) p~(x) evaluated at c, the point of [a, b] nearest
+    mu_qt), so no huge numbers cancel. ``prior_var == 0`` gives the s_p -> 0 limit
+    log((b - a) q_logtheta(a)).
     """
     mu, log_sigma = _f64(mu), _f64(log_sigma)
-    sigma, alpha, beta = _std(mu, log_sigma, a, b)
-    log_z_q = log_ndtr_diff(alpha, beta)
+    sigma = torch.exp(clamp_log_sigma(log_sigma))
+    var_q = sigma * sigma
+    am, bm = a - mu, b - mu
+    u_q = _clamp_t(torch.zeros_like(am), am, bm)  # (nearest point of [a, b] to mu) - mu
+    log_r_q = _log_r(am / sigma, bm / sigma, (b - a) / sigma)
     if prior_var == 0.0:
         if prior_mu != a:
             raise ValueError("prior_var == 0 is only defined for prior_mu == a")
-        return math.log(b - a) + _log_phi(alpha) - torch.log(sigma) - log_z_q
-    var_q = sigma * sigma
+        # log phi(alpha) - log Z_q = -(alpha^2 - m^2)/2 - log(2 pi)/2 - log R_q
+        return (
+            math.log(b - a)
+            - (am - u_q) * (am + u_q) / (2.0 * var_q)
+            - 0.5 * _LOG_2PI
+            - torch.log(sigma)
+            - log_r_q
+        )
+    if prior_var < 0.0:
+        raise ValueError(f"prior_var must be >= 0, got {prior_var}")
     total = var_q + prior_var
     s_p = math.sqrt(prior_var)
-    var_qt = var_q * prior_var / total
-    s_qt = torch.sqrt(var_qt)
-    mu_qt = (mu * prior_var + prior_mu * var_q) / total
-    log_z_p = log_ndtr_diff(_f64((a - prior_mu) / s_p), _f64((b - prior_mu) / s_p))
-    log_z_qt = log_ndtr_diff((a - mu_qt) / s_qt, (b - mu_qt) / s_qt)
+    s_qt = sigma * s_p / torch.sqrt(total)
+    d_p = (mu - prior_mu) * (prior_var / total)  # mu_qt - mu_p
+    d_q = (prior_mu - mu) * (var_q / total)  # mu_qt - mu
+    ap, bp = a - prior_mu, b - prior_mu
+    v_p = _clamp_t(d_p, _f64(ap).expand_as(d_p), _f64(bp).expand_as(d_p))  # c - mu_p
+    v_q = _clamp_t(d_q, am, bm)  # c - mu
+    # a - mu_qt and b - mu_qt, from whichever of mu, mu_p mu_qt is closer to
+    near_p = prior_var <= var_q
+    lo_qt = torch.where(near_p, ap - d_p, am - d_q) / s_qt
+    hi_qt = torch.where(near_p, bp - d_p, bm - d_q) / s_qt
+    log_r_qt = _log_r(lo_qt, hi_qt, (b - a) / s_qt)
+    log_z_p = log_ndtr_diff(_f64(ap / s_p), _f64(bp / s_p))
     return (
-        log_z_qt
-        + math.log(b - a)
+        math.log(b - a)
         - log_z_p
-        - log_z_q
         - 0.5 * (_LOG_2PI + torch.log(total))
-        - 0.5 * (mu - prior_mu) ** 2 / total
+        + log_r_qt
+        - log_r_q
+        - (v_q - u_q) * (v_q + u_q) / (2.0 * var_q)
+        - v_p * v_p / (2.0 * prior_var)
     )
 
 

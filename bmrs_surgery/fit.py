@@ -36,6 +36,7 @@ class FitConfig:
     finetune_epochs: int = 0
     batch_size: int = 128
     lr: float = 1.5e-3
+    gate_lr: float | None = None  # learning rate of the gate posteriors; None: same as lr
     kl_weighting: str = "mean"
     kl_scale: float = 1.0
     kl_warmup_epochs: int = 0
@@ -110,6 +111,15 @@ def _kl_factor(cfg: FitConfig, epoch: int, step: int, steps: int) -> float:
     return cfg.kl_scale * min(1.0, progress)
 
 
+def make_optimizer(gated: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    """Adam over the weights (lr) and the gate posteriors (gate_lr, default lr)."""
+    bank = api.gate_bank(gated)
+    gate_ids = {id(p) for p in bank.parameters()}
+    weights = [p for p in gated.parameters() if id(p) not in gate_ids]
+    groups = [{"params": weights}, {"params": list(bank.parameters()), "lr": cfg.gate_lr or cfg.lr}]
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
 def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None) -> FitResult:
     """Train ``gated`` (a GatedModel) on ``data.train``; mask structures by ``cfg.mode``."""
     cfg.validate()
@@ -121,7 +131,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None) -> Fi
     x_train, y_train = (t.to(device) for t in data.train.tensors)
     n = len(y_train)
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
-    opt = torch.optim.Adam(gated.parameters(), lr=cfg.lr)
+    opt = make_optimizer(gated, cfg)
     result = FitResult(cfg)
     start = time.perf_counter()
     total_epochs = cfg.epochs + cfg.finetune_epochs

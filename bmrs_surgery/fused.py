@@ -25,6 +25,7 @@ from . import bmrs
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GAMMA_EPS = 1e-5
 _SQRT2 = math.sqrt(2.0)
+_TAIL = 25.0  # standardised distance beyond which the KL's closed-form terms lose digits
 
 
 def _phi(x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,8 @@ class KLDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, post, a: float, b: float):
+        dtype = post.dtype
+        post = post.double()  # a handful of values per layer: float64 costs nothing here
         mu, log_sigma = post[0], post[1]
         ls = log_sigma.clamp(bmrs.LOG_SIGMA_MIN, bmrs.LOG_SIGMA_MAX)
         s = torch.exp(ls)
@@ -97,14 +100,26 @@ class KLDivergence(torch.autograd.Function):
         p_b = torch.exp(-0.5 * beta * beta - log_z) * _INV_SQRT_2PI
         ap, bp = alpha * p_a, beta * p_b
         r = ap - bp
-        kl = (math.log(b - a) - 0.5 * (math.log(2 * math.pi) + 1.0)) - ls - log_z - 0.5 * r
+        const = math.log(b - a) - 0.5 * (math.log(2 * math.pi) + 1.0)
+        kl = const - ls - log_z - 0.5 * r
         g_a = 0.5 * (p_a + ap * alpha - p_a * r)
         g_b = -0.5 * (p_b + bp * beta - p_b * r)
+        d_mu = -(g_a + g_b) / s
         ls_inside = (log_sigma > bmrs.LOG_SIGMA_MIN) & (log_sigma < bmrs.LOG_SIGMA_MAX)
-        ctx.save_for_backward(
-            torch.stack([-(g_a + g_b) / s, (-1.0 - alpha * g_a - beta * g_b) * ls_inside])
-        )
-        return kl
+        d_ls = (-1.0 - alpha * g_a - beta * g_b) * ls_inside
+        # Far outside [a, b] (mu more than _TAIL sigmas beyond a bound) the terms above cancel.
+        # Such gates are rare: take their value and gradient from the tail-stable reference.
+        far = (alpha > _TAIL) | (beta < -_TAIL)
+        if bool(far.any()):
+            with torch.enable_grad():
+                leaf = post.detach().requires_grad_()
+                ref = bmrs.kl_divergence(leaf[0], leaf[1], a, b)
+                (g_ref,) = torch.autograd.grad(ref.sum(), leaf)
+            kl = torch.where(far, ref.detach(), kl)
+            d_mu = torch.where(far, g_ref[0], d_mu)
+            d_ls = torch.where(far, g_ref[1], d_ls)
+        ctx.save_for_backward(torch.stack([d_mu, d_ls]).to(dtype))
+        return kl.to(dtype)
 
     @staticmethod
     def backward(ctx, grad):

@@ -1,0 +1,228 @@
+"""Model files in and out: names, checkpoints, state dicts, pickled modules; atomic writes.
+
+A MODEL spec is one of
+  * a bundled name (``lenet5``, ``mlp``): a fresh reference network,
+  * ``torchvision:NAME``: a torchvision architecture with ``weights=None`` (nothing is downloaded),
+  * a path to a file saved by :func:`save_checkpoint` (architecture name + state dict + gate
+    sites: loads with ``weights_only=True``, runs no code from the file),
+  * a path to a plain state dict, given with an architecture (``arch=``),
+  * a path to a whole pickled ``nn.Module`` (``torch.save(model)``): unpickling can run code from
+    the file, so it needs ``trust=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import api
+from .errors import ModelLoadError
+from .gates import GateBank, GateSite
+
+CHECKPOINT_FORMAT = "bmrs-surgery/checkpoint/1"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # a GatedModel when the file carried gates
+    arch: str | None  # architecture spec that rebuilds it, when known
+    input_shape: tuple[int, ...] | None  # one example, when known
+
+    @property
+    def gated(self) -> bool:
+        return api.has_gates(self.model)
+
+
+def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """A fresh network for a bundled name or ``torchvision:NAME``, and its example input shape."""
+    from bmrs_surgery import models
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if arch.startswith("torchvision:"):
+        import torchvision
+
+        name = arch.split(":", 1)[1]
+        try:
+            net = torchvision.models.get_model(name, weights=None, **kwargs)
+        except ValueError:
+            raise ModelLoadError(f"unknown torchvision model {name!r}") from None
+        return net, (3, 224, 224)
+    if arch in models.list_models():
+        return models.get_model(arch, **kwargs), models.input_shape(arch)
+    raise ModelLoadError(
+        f"unknown model {arch!r}: give a file path, torchvision:NAME, or a bundled name "
+        f"({', '.join(models.list_models())})"
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    return os.sep in spec or spec.endswith((".pt", ".pth", ".bin", ".ckpt")) or Path(spec).exists()
+
+
+def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
+    """Resolve a MODEL spec (see module doc); every failure is a one-line ModelLoadError."""
+    if not _looks_like_path(spec):
+        net, shape = build_arch(spec)
+        return LoadedModel(net, spec, shape)
+    path = Path(spec)
+    if path.is_dir():
+        raise ModelLoadError(f"model file {spec} is a folder, not a file")
+    if not path.is_file():
+        raise ModelLoadError(f"model file {spec} does not exist")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"model file {spec} is empty")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the file's fault
+        if "Unsupported global" not in str(exc):
+            raise ModelLoadError(f"cannot read {spec}: not a PyTorch model file, or a damaged one") from None
+        if not trust:
+            raise ModelLoadError(
+                f"{spec} is a pickled nn.Module (or other Python objects): loading it runs code from "
+                "the file; pass --trust-model if you trust it"
+            ) from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001
+            raise ModelLoadError(f"cannot unpickle {spec}: {_first_line(exc2)}") from None
+    if isinstance(obj, nn.Module):
+        if not api.has_gates(obj) and _has_gate_hooks(obj):
+            raise ModelLoadError(
+                f"{spec} holds a gated network without its gates: save the GatedModel that "
+                "attach_gates returned, not its .model"
+            )
+        return LoadedModel(obj, None, _shape_or_none(getattr(obj, "bmrs_input_shape", None), spec))
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return _from_checkpoint(obj, spec)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if arch is None:
+            raise ModelLoadError(f"{spec} is a state dict: give its architecture with --arch NAME")
+        net, shape = build_arch(arch, _num_classes(obj))
+        _load_state(net, obj, spec)
+        return LoadedModel(net, arch, shape)
+    raise ModelLoadError(f"{spec} holds no model (a {type(obj).__name__}, not a module, state dict or checkpoint)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _has_gate_hooks(net: nn.Module) -> bool:
+    from .gates import Gate
+
+    return any(isinstance(h, Gate) for m in net.modules() for h in m._forward_hooks.values())
+
+
+def _shape_or_none(shape, spec: str) -> tuple[int, ...] | None:
+    """An example input shape from a file: a sequence of positive ints, or None."""
+    if shape is None:
+        return None
+    try:
+        out = tuple(shape)
+    except TypeError:
+        raise ModelLoadError(f"{spec}: damaged input shape {shape!r}") from None
+    if not out or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in out):
+        raise ModelLoadError(f"{spec}: damaged input shape {shape!r}")
+    return out
+
+
+def _num_classes(state: dict) -> int | None:
+    last = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    return int(last[-1].shape[0]) if last else None
+
+
+def _load_state(net: nn.Module, state: dict, spec: str) -> None:
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{spec} does not match its architecture: {_state_dict_problem(exc)}") from None
+
+
+def _state_dict_problem(exc: RuntimeError) -> str:
+    """The informative part of load_state_dict's multi-line error, on one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    details = [ln for ln in lines if not ln.startswith("Error(s) in loading state_dict")]
+    text = "; ".join(details) if details else (lines[0] if lines else type(exc).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _from_checkpoint(ck: dict, spec: str) -> LoadedModel:
+    arch = ck.get("arch")
+    if not isinstance(arch, str) or not arch:
+        raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (architecture {arch!r})")
+    num_classes = ck.get("num_classes")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (num_classes {num_classes!r})")
+    state = ck.get("state_dict")
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (no state dict)")
+    shape = _shape_or_none(ck.get("input_shape"), spec)
+    try:
+        net, _ = build_arch(arch, num_classes)
+        sites = [GateSite(**s) for s in ck.get("sites") or []]
+        if sites:
+            gated = api.attach_gates(net, sites=sites, noise=ck.get("noise") or "sample")
+            _load_state(gated, state, spec)
+            model: nn.Module = gated
+        else:
+            _load_state(net, state, spec)
+            model = net
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint ({_first_line(exc)})") from None
+    return LoadedModel(model, arch, shape)
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file through ``write(f)`` into a temporary file beside it, then rename it over."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, arch: str | None, input_shape=None) -> None:
+    """Save a (gated) model. With a known ``arch``: a weights-only checkpoint (state dict, gate
+    sites); without: the whole module pickled (loading it then needs trust)."""
+    data = checkpoint_bytes(model, arch, input_shape)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def checkpoint_bytes(model: nn.Module, arch: str | None, input_shape=None) -> bytes:
+    """What :func:`save_checkpoint` writes, in memory (so a caller can fail before touching disk)."""
+    buf = io.BytesIO()
+    if arch is None:
+        if input_shape is not None:
+            model.bmrs_input_shape = tuple(input_shape)
+        torch.save(model, buf)
+        return buf.getvalue()
+    bank: GateBank | None = api.gate_bank(model) if api.has_gates(model) else None
+    net = api.network(model) if bank is not None else model
+    last = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    ck = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "num_classes": getattr(last[-1], "out_features", None) if last else None,
+        "input_shape": list(input_shape) if input_shape else None,
+        "sites": [s.to_dict() for s in bank.sites] if bank is not None else [],
+        "noise": bank.noise if bank is not None else None,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    torch.save(ck, buf)
+    return buf.getvalue()

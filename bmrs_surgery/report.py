@@ -1,0 +1,138 @@
+"""report.json: what a compression run did, in a versioned schema, and scores.csv per structure."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+from . import api, bmrs
+from .accounting import compression, removable_per_module
+
+REPORT_SCHEMA = "bmrs-surgery/report/1"
+
+
+def _summary(values: torch.Tensor) -> dict:
+    v = values.double()
+    if v.numel() == 0:
+        return {}
+    return {
+        "min": float(v.min()),
+        "median": float(v.median()),
+        "mean": float(v.mean()),
+        "max": float(v.max()),
+        "n_nonnegative": int((v >= 0).sum()),
+    }
+
+
+def structure_table(gated, decision) -> list[dict]:
+    """One row per structure: site, index, posterior, E[theta], SNR, score and decision."""
+    bank = api.gate_bank(gated)
+    mu, ls = bank.mu.detach().double().cpu(), bank.log_sigma.detach().double().cpu()
+    e = bmrs.expected_theta(mu, ls, bank.a, bank.b)
+    s = bmrs.snr(mu, ls, bank.a, bank.b)
+    rows = []
+    for i, site in enumerate(bank.sites):
+        sl = bank.slice_of(i)
+        for j, k in enumerate(range(sl.start, sl.stop)):
+            rows.append(
+                {
+                    "site": site.name,
+                    "index": j,
+                    "mu": float(mu[k]),
+                    "log_sigma": float(ls[k]),
+                    "expected_theta": float(e[k]),
+                    "snr": float(s[k]),
+                    "score": float(decision.score[k]),
+                    "keep": bool(decision.keep[k]),
+                }
+            )
+    return rows
+
+
+def scores_csv(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["site"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def build_report(*, gated, decision, model_spec: str, data_spec: str | None, prior: str,
+                 precision_bits: int, fit_result=None, accuracy: dict | None = None,
+                 wall_time_s: float, outputs: dict) -> dict:
+    """The report.json document (plain data)."""
+    bank = api.gate_bank(gated)
+    net = api.network(gated)
+    per_module = removable_per_module(net, bank, decision.keep)
+    layers = []
+    for i, site in enumerate(bank.sites):
+        sl = bank.slice_of(i)
+        keep = decision.keep[sl]
+        removable = sum(per_module[m][0] for m in site.producers + site.norms if m in per_module)
+        layers.append(
+            {
+                "name": site.name,
+                "gate_after": site.module,
+                "structures_before": site.size,
+                "structures_after": int(keep.sum()),
+                "parameters_removable_in_layer": removable,
+                "dF": _summary(decision.score[sl]),
+            }
+        )
+    comp = compression(net, bank, decision.keep)
+    acc = accuracy or {}
+    return _finite({
+        "schema": REPORT_SCHEMA,
+        "model": model_spec,
+        "data": data_spec,
+        "criterion": decision.criterion,
+        "prior": prior,
+        "precision_bits": precision_bits if prior == "uniform" else None,
+        "decision_rule": "prune where dF >= 0",
+        "fit": fit_result.to_dict() if fit_result is not None else None,
+        "layers": layers,
+        "totals": {
+            "structures_before": bank.num_gates,
+            "structures_after": int(decision.keep.sum()),
+            "parameters": comp.total,
+            "parameters_removable": comp.removable,
+            "parameter_compression": comp.ratio,
+            "dF": _summary(decision.score),
+            "accuracy_before": acc.get("before"),
+            "accuracy_gated": acc.get("gated"),
+            "accuracy_after": acc.get("after"),
+            "accuracy_split": acc.get("split"),
+            "wall_time_s": wall_time_s,
+        },
+        "environment": {"torch": torch.__version__, "python": platform.python_version()},
+        "outputs": outputs,
+    })
+
+
+def _finite(obj):
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no NaN: an empty test
+    split gives accuracy NaN, a diverged fit NaN scores); tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def report_json(report: dict) -> bytes:
+    """The report as strict JSON (non-finite numbers become null), indented, newline-terminated."""
+    return (json.dumps(_finite(report), indent=2, allow_nan=False) + "\n").encode()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    from .loading import atomic_write
+
+    atomic_write(path, lambda f: f.write(data))

@@ -1,0 +1,53 @@
+"""The ``bmrs-compress`` command line: thin; parses options, calls the library, prints.
+
+``bmrs-compress MODEL ...`` runs the compression job (the ``compress`` command, the default);
+further commands are added as subcommands. Every user mistake ends in a one-line message on stderr
+and exit code 2; nothing is written to ``--out`` unless the whole job succeeds.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from bmrs_surgery.errors import BmrsError
+
+from .compress import compress
+
+
+class DefaultGroup(click.Group):
+    """A group whose first argument, when it is not a subcommand, goes to ``default_command``."""
+
+    default_command = "compress"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bmrs-surgery")
+def cli() -> None:
+    """Compress PyTorch networks with BMRS (Bayesian Model Reduction for Structured pruning).
+
+    \b
+    bmrs-compress MODEL --prior uniform --data digits --out runs/demo
+    bmrs-compress compress --help     (all options of the default command)
+    """
+
+
+cli.add_command(compress)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="bmrs-compress", standalone_mode=True)
+    except BmrsError as exc:  # raised outside a command's own handler
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Placement, parameter accounting, criteria and the prune API."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bmrs_surgery as bmrs
+from bmrs_surgery.accounting import compression
+from bmrs_surgery.errors import GatePlacementError
+from bmrs_surgery.models import get_model
+from bmrs_surgery.placement import find_gate_sites
+
+X = torch.randn(2, 1, 32, 32)
+
+
+def test_lenet5_sites_follow_activations_and_pools():
+    sites = find_gate_sites(get_model("lenet5"), X)
+    assert [(s.name, s.module, s.size, s.consumers, s.repeat) for s in sites] == [
+        ("0", "2", 6, ["3"], 1),
+        ("3", "5", 16, ["7"], 25),  # 16 channels x 5 x 5 flattened into Linear(400, 120)
+        ("7", "8", 120, ["9"], 1),
+        ("9", "10", 84, ["11"], 1),
+    ]
+
+
+def test_batchnorm_is_coupled_and_gate_goes_after_it():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 3))
+    (site,) = find_gate_sites(net, X)
+    assert site.module == "2" and site.norms == ["1"] and site.repeat == 900
+
+
+def test_ignored_layers_get_no_gate():
+    sites = find_gate_sites(get_model("mlp"), X, ignore=("1",))
+    assert [s.name for s in sites] == ["3"]
+
+
+def test_no_prunable_layer_and_wrong_input_are_errors():
+    with pytest.raises(GatePlacementError, match="no prunable layer"):
+        find_gate_sites(nn.Sequential(nn.Flatten(), nn.ReLU()), X)
+    with pytest.raises(GatePlacementError, match="shape"):
+        find_gate_sites(get_model("lenet5"), torch.randn(2, 3, 8, 8))
+
+
+def test_mlp_compression_counts_incoming_outgoing_and_gates():
+    g = bmrs.attach_gates(get_model("mlp"), X)
+    bank = g.bmrs_gates
+    keep = torch.ones(300, dtype=torch.bool)
+    keep[:5] = False  # 5 units of hidden layer 1
+    total = sum(p.numel() for p in g.model.parameters()) + 600
+    c = compression(g.model, bank, keep)
+    assert c.total == total
+    assert c.removable == 5 * (1024 + 1) + 5 * 150 + 5 * 2
+    keep[150:153] = False  # and 3 of hidden layer 2: the 5x3 weights between them count once
+    c = compression(g.model, bank, keep)
+    assert c.removable == 5 * (1024 + 1) + 5 * 150 + 3 * (150 + 1) + 3 * 10 - 5 * 3 + 8 * 2
+
+
+def test_lenet5_flatten_channel_counts_its_spatial_inputs():
+    g = bmrs.attach_gates(get_model("lenet5"), X)
+    keep = torch.ones(g.bmrs_gates.num_gates, dtype=torch.bool)
+    keep[6] = False  # first channel of conv "3"
+    c = compression(g.model, g.bmrs_gates, keep)
+    assert c.removable == (6 * 25 + 1) + 25 * 120 + 2
+
+
+def _bank_with(mu, sigma):
+    g = bmrs.attach_gates(get_model("mlp"), X)
+    n = g.bmrs_gates.num_gates
+    with torch.no_grad():
+        g.bmrs_gates.posterior[0] = torch.tensor(mu).repeat(n // len(mu) + 1)[:n]
+        g.bmrs_gates.posterior[1] = torch.log(torch.tensor(sigma)).repeat(n // len(sigma) + 1)[:n]
+    return g
+
+
+def test_bmrs_decisions_follow_the_sign_of_delta_f():
+    # reference table rows (bmrs-math.md): (-8, 3) and (-15, 3) are pruned by BMRS_U-8, not by BMRS_N;
+    # (-19, 1) has its mass at the bottom and is pruned by BMRS_N
+    g = _bank_with([-1.0, -3.0, -8.0, -15.0, -19.0], [0.5, 1.0, 3.0, 3.0, 1.0])
+    df_n = bmrs.scores(g, "normal")
+    assert df_n[:5].tolist() == pytest.approx([-719.20699, -142.42184, -7.0179480, -0.36173664, df_n[4].item()], rel=1e-4)
+    r = bmrs.prune(g, "normal")
+    assert r.keep[:5].tolist() == [True, True, True, True, False]
+    assert torch.equal(g.bmrs_gates.mask.bool(), r.keep)
+    r8 = bmrs.prune(g, "uniform", 8)
+    assert r8.keep[:4].tolist() == [True, True, False, False]  # dF_U8 -43.8, -4.55, +0.42, +0.23
+    assert r8.per_site["1"] == (int(r8.keep[:150].sum()), 150)
+    assert 0 < r8.compression < 1
+
+
+def test_baseline_criteria():
+    g = _bank_with([-1.0, -3.0, -8.0], [0.5, 1.0, 3.0])
+    snr = bmrs.decision(g, "snr")
+    assert snr.keep[:3].tolist() == [True, False, False]  # SNR 2.17, 0.85, 0.20
+    assert snr.score[:3].tolist() == pytest.approx([2.1703, 0.84773, 0.20255], rel=1e-4)
+    e = bmrs.decision(g, "expected")
+    assert e.keep[:3].tolist() == [True, False, False]  # E 0.398, 0.080, 0.011
+
+
+def test_l2_reaches_the_target_compression_with_the_fewest_structures():
+    g = bmrs.attach_gates(get_model("mlp"), X)
+    d = bmrs.decision(g, "l2", target_compression=0.3)
+    got = compression(g.model, g.bmrs_gates, d.keep).ratio
+    assert got >= 0.3
+    order = torch.argsort(d.score)
+    fewer = d.keep.clone()
+    fewer[order[int((~d.keep).sum()) - 1]] = True  # one structure less pruned misses the target
+    assert compression(g.model, g.bmrs_gates, fewer).ratio < 0.3
+    assert (d.score[~d.keep].max() <= d.score[d.keep].min())
+
+
+def test_prune_rejects_unknown_prior_and_criterion():
+    g = bmrs.attach_gates(get_model("mlp"), X)
+    with pytest.raises(ValueError, match="prior"):
+        bmrs.prune(g, "bogus")
+    with pytest.raises(ValueError, match="criterion"):
+        bmrs.decision(g, "bogus")
+
+
+def test_masks_are_replaced_not_accumulated():
+    g = _bank_with([-8.0], [3.0])
+    assert not bmrs.prune(g, "uniform", 8).keep.any()
+    with torch.no_grad():
+        g.bmrs_gates.posterior[0] = -1.0
+        g.bmrs_gates.posterior[1] = math.log(0.5)
+    assert bmrs.prune(g, "uniform", 8).keep.all()
