@@ -70,6 +70,30 @@ def log1mexp(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d > -_LN2, torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
 
 
+def _piecewise(mask, f_true, f_false, *args):
+    """``f_true(*args)`` where ``mask``, ``f_false(*args)`` elsewhere (broadcast).
+
+    Each function sees only its own elements, so neither runs where it would overflow (no NaN
+    gradients leak through an unused branch) and each special function is evaluated once per
+    element. Outputs may carry trailing dimensions beyond the mask's shape.
+    """
+    mask, *args = torch.broadcast_tensors(mask, *args)
+    if mask.dim() == 0:
+        return f_true(*args) if bool(mask) else f_false(*args)
+    if bool(mask.all()):
+        return f_true(*args)
+    if not bool(mask.any()):
+        return f_false(*args)
+    flat = mask.reshape(-1)
+    i_yes = flat.nonzero().squeeze(1)
+    i_no = (~flat).nonzero().squeeze(1)
+    yes = f_true(*(x.reshape(-1).index_select(0, i_yes) for x in args))
+    no = f_false(*(x.reshape(-1).index_select(0, i_no) for x in args))
+    out = yes.new_empty((flat.numel(),) + yes.shape[1:])
+    out = out.index_copy(0, i_yes, yes).index_copy(0, i_no, no)
+    return out.reshape(mask.shape + yes.shape[1:])
+
+
 class _Erfcx(torch.autograd.Function):
     """erfcx with an accurate derivative for large arguments.
 
@@ -86,9 +110,13 @@ class _Erfcx(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, y = ctx.saved_tensors
-        pos = x > 0
-        xp = torch.where(pos, x, torch.zeros_like(x))
-        d = torch.where(pos, -math.sqrt(2.0) * _g(math.sqrt(2.0) * xp), 2.0 * x * y - 2.0 / math.sqrt(math.pi))
+        d = _piecewise(
+            x > 0,
+            lambda x, y: -math.sqrt(2.0) * _g(math.sqrt(2.0) * x),
+            lambda x, y: 2.0 * x * y - 2.0 / math.sqrt(math.pi),
+            x,
+            y,
+        )
         return grad * d
 
 
@@ -102,12 +130,16 @@ def _log_ndtr(x: torch.Tensor) -> torch.Tensor:
 
     ``torch.special.log_ndtr``'s backward loses all accuracy below about -1e5 (it returns 0.4 at
     -1e9, inf at -1e10); in the lower tail use log Phi(x) = -x^2/2 + log(erfcx(-x/sqrt2)/2).
+    Without autograd the plain function is used (its value is accurate).
     """
-    tail = x < -5.0
-    xt = torch.where(tail, x, torch.full_like(x, -5.0))
-    xn = torch.where(tail, torch.zeros_like(x), x)
-    low = -0.5 * xt * xt + torch.log(0.5 * erfcx(-xt * _INV_SQRT2))
-    return torch.where(tail, low, log_ndtr(xn))
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return log_ndtr(x)
+    return _piecewise(
+        x < -5.0,
+        lambda t: -0.5 * t * t + torch.log(0.5 * erfcx(-t * _INV_SQRT2)),
+        log_ndtr,
+        x,
+    )
 
 
 def log_ndtr_diff(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -129,77 +161,28 @@ def _clamp_t(x, lo, hi):
     return torch.maximum(torch.minimum(x, hi), lo)
 
 
-def _frame(lo, hi):
-    """Reflect [lo, hi] so that it lies in [0, inf) or straddles 0: returns (l, h, tail).
+def _frame(lo, hi, width):
+    """Reflect [lo, hi] so that it lies in [0, inf) or straddles 0: returns (l, h, width, tail).
 
-    All quantities used here are symmetric under x -> -x, so they can be evaluated on (l, h).
-    ``tail`` marks l >= 0, where the nearest point to 0 is l itself.
+    The quantities used here are symmetric under x -> -x (up to the sign of odd moments), so
+    they can be evaluated on (l, h). ``tail`` marks l >= 0, where the point nearest 0 is l.
+    ``width`` = h - l, passed separately because it is known more accurately than h - l.
     """
-    lo, hi = torch.broadcast_tensors(lo, hi)
+    lo, hi, width = torch.broadcast_tensors(lo, hi, torch.as_tensor(width, dtype=lo.dtype, device=lo.device))
     flip = hi <= 0
     l = torch.where(flip, -hi, lo)
     h = torch.where(flip, -lo, hi)
-    return l, h, l >= 0
+    return l, h, width, l >= 0
 
 
 def _tail_e(l, h, width):
     """E = erfcx(l/sqrt2) - erfcx(h/sqrt2) exp(-d), d = (h^2 - l^2)/2, for 0 <= l < h.
 
     Phi(h) - Phi(l) = exp(-l^2/2) E / 2; written as a sum of two non-negative terms.
-    ``width`` = h - l, passed separately because it is known more accurately than h - l.
     """
     d = 0.5 * width * (l + h)
     eh = erfcx(h * _INV_SQRT2)
     return (erfcx(l * _INV_SQRT2) - eh) + eh * (-torch.expm1(-d)), d
-
-
-def _g(l):
-    """g(l) = sqrt(2/pi) - l erfcx(l/sqrt2) >= 0 (= sqrt(2/pi) (1 - l Mills(l))), for l >= 0."""
-    near = l < _SERIES_FROM
-    ln = torch.where(near, l, torch.zeros_like(l))
-    direct = _SQRT_2_OVER_PI - ln * torch.special.erfcx(ln * _INV_SQRT2)
-    lf = torch.where(near, torch.full_like(l, _SERIES_FROM), l)
-    return torch.where(near, direct, _SQRT_2_OVER_PI * _series(lf, _G_SERIES))
-
-
-def _log_r(lo, hi, width):
-    """log R where Phi(hi) - Phi(lo) = exp(-m^2/2) R and m is the point of [lo, hi] nearest 0."""
-    l, h, tail = _frame(lo, hi)
-    width = torch.broadcast_to(width, l.shape)
-    one = torch.ones_like(l)
-    lt = torch.where(tail, l, 0.0 * one)
-    ht = torch.where(tail, h, one)
-    wt = torch.where(tail, width, one)
-    e, _ = _tail_e(lt, ht, wt)
-    log_tail = torch.log(0.5 * e)
-    ls = torch.where(tail, -one, l)
-    hs = torch.where(tail, one, h)
-    return torch.where(tail, log_tail, log_ndtr_diff(ls, hs))
-
-
-def _entropy_part(lo, hi, width):
-    """log R + T with T = -m^2/2 + (lo phi(lo) - hi phi(hi)) / (2 Z).
-
-    The truncated normal's entropy (in standard units) is 0.5 log(2 pi e) + log R + T.
-    """
-    l, h, tail = _frame(lo, hi)
-    width = torch.broadcast_to(width, l.shape)
-    one = torch.ones_like(l)
-    # tail (0 <= l < h): T = [l g(l) - e^-d (2 d sqrt(2/pi) + l^2 g(h)) / h] / (2 E)
-    lt = torch.where(tail, l, 0.0 * one)
-    ht = torch.where(tail, h, one)
-    wt = torch.where(tail, width, one)
-    e, d = _tail_e(lt, ht, wt)
-    t_tail = 0.5 * (
-        lt * _g(lt) - torch.exp(-d) * (2.0 * d * _SQRT_2_OVER_PI + lt * lt * _g(ht)) / ht
-    ) / e
-    part_tail = torch.log(0.5 * e) + t_tail
-    # straddling 0 (l < 0 < h): m = 0 and log Z is of order one
-    ls = torch.where(tail, -one, l)
-    hs = torch.where(tail, one, h)
-    log_z = log_ndtr_diff(ls, hs)
-    t_mid = 0.5 * (ls * torch.exp(_log_phi(ls) - log_z) - hs * torch.exp(_log_phi(hs) - log_z))
-    return torch.where(tail, part_tail, log_z + t_mid)
 
 
 def _series(l, coeffs):
@@ -211,30 +194,75 @@ def _series(l, coeffs):
     return out
 
 
+def _g(l):
+    """g(l) = sqrt(2/pi) - l erfcx(l/sqrt2) >= 0 (= sqrt(2/pi) (1 - l Mills(l))), for l >= 0."""
+    return _piecewise(
+        l < _SERIES_FROM,
+        lambda t: _SQRT_2_OVER_PI - t * torch.special.erfcx(t * _INV_SQRT2),
+        lambda t: _SQRT_2_OVER_PI * _series(t, _G_SERIES),
+        l,
+    )
+
+
+def _log_r_tail(l, h, width):
+    return torch.log(0.5 * _tail_e(l, h, width)[0])
+
+
+def _log_r_mid(l, h, width):
+    return log_ndtr_diff(l, h)
+
+
+def _log_r(lo, hi, width):
+    """log R where Phi(hi) - Phi(lo) = exp(-m^2/2) R and m is the point of [lo, hi] nearest 0."""
+    l, h, width, tail = _frame(lo, hi, width)
+    return _piecewise(tail, _log_r_tail, _log_r_mid, l, h, width)
+
+
+def _entropy_tail(l, h, width):
+    # T = [l g(l) - e^-d (2 d sqrt(2/pi) + l^2 g(h)) / h] / (2 E), no cancellation for l >> 1
+    e, d = _tail_e(l, h, width)
+    t = 0.5 * (l * _g(l) - torch.exp(-d) * (2.0 * d * _SQRT_2_OVER_PI + l * l * _g(h)) / h) / e
+    return torch.log(0.5 * e) + t
+
+
+def _entropy_mid(l, h, width):
+    # straddling 0: m = 0 and log Z is of order one
+    log_z = log_ndtr_diff(l, h)
+    return log_z + 0.5 * (l * torch.exp(_log_phi(l) - log_z) - h * torch.exp(_log_phi(h) - log_z))
+
+
+def _entropy_part(lo, hi, width):
+    """log R + T with T = -m^2/2 + (lo phi(lo) - hi phi(hi)) / (2 Z).
+
+    The truncated normal's entropy (in standard units) is 0.5 log(2 pi e) + log R + T.
+    """
+    l, h, width, tail = _frame(lo, hi, width)
+    return _piecewise(tail, _entropy_tail, _entropy_mid, l, h, width)
+
+
+def _cumulants_far(l, h, width):
+    # far into one tail the other bound is (for gates) astronomically far: one-sided series
+    return torch.stack([_series(l, _VAR_SERIES), _series(l, _MU3_SERIES) * l], -1)
+
+
+def _cumulants_near(l, h, width):
+    # from the moments, with p = phi/Z formed relative to m (no overflow)
+    m = l.clamp(min=0.0)
+    log_r = _log_r(l, h, width)
+    p_l = torch.exp(-0.5 * (l - m) * (l + m) - 0.5 * _LOG_2PI - log_r)
+    p_h = torch.exp(-0.5 * (h - m) * (h + m) - 0.5 * _LOG_2PI - log_r)
+    mean = p_l - p_h
+    m2 = 1.0 + l * p_l - h * p_h
+    m3 = 2.0 * mean + l * l * p_l - h * h * p_h
+    return torch.stack([m2 - mean * mean, m3 - 3.0 * mean * m2 + 2.0 * mean**3], -1)
+
+
 def _truncated_cumulants(lo, hi, width):
     """Variance (>= 0) and third central moment of N(0, 1) truncated to [lo, hi]."""
-    l, h, tail = _frame(lo, hi)
-    width = torch.broadcast_to(width, l.shape)
-    flip = torch.broadcast_to(hi <= 0, l.shape)
-    far = tail & (l >= _SERIES_FROM)
-    # far into one tail the other bound is (for gates) astronomically far: one-sided series
-    lf = torch.where(far, l, torch.full_like(l, _SERIES_FROM))
-    var_far = _series(lf, _VAR_SERIES)
-    mu3_far = _series(lf, _MU3_SERIES) * lf
-    # otherwise from the moments, with p = phi/Z formed relative to m (no overflow)
-    ln = torch.where(far, torch.zeros_like(l), l)
-    hn = torch.where(far, torch.ones_like(h), h)
-    wn = torch.where(far, torch.ones_like(width), width)
-    m = torch.where(tail & ~far, ln, torch.zeros_like(ln))
-    log_r = _log_r(ln, hn, wn)
-    p_l = torch.exp(-0.5 * (ln - m) * (ln + m) - 0.5 * _LOG_2PI - log_r)
-    p_h = torch.exp(-0.5 * (hn - m) * (hn + m) - 0.5 * _LOG_2PI - log_r)
-    mean = p_l - p_h
-    m2 = 1.0 + ln * p_l - hn * p_h
-    m3 = 2.0 * mean + ln * ln * p_l - hn * hn * p_h
-    var = torch.where(far, var_far, m2 - mean * mean).clamp(min=0.0)
-    mu3 = torch.where(far, mu3_far, m3 - 3.0 * mean * m2 + 2.0 * mean**3)
-    return var, torch.where(flip, -mu3, mu3)
+    l, h, width, tail = _frame(lo, hi, width)
+    out = _piecewise(tail & (l >= _SERIES_FROM), _cumulants_far, _cumulants_near, l, h, width)
+    var, mu3 = out[..., 0].clamp(min=0.0), out[..., 1]
+    return var, torch.where(hi <= 0, -mu3, mu3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -63,8 +62,6 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
 def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
          batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, out,
          as_json, quiet):
-    import torch
-
     from bmrs_surgery import loading, report
     from bmrs_surgery.data import check_fits, load_data
     from bmrs_surgery.fit import FitConfig, accuracy, fit
