@@ -609,3 +609,13 @@ def test_uniform_interval_accepts_range_ends(bits):
 def test_delta_f_rejects_unknown_prior():
     with pytest.raises(ValueError):
         bmrs.delta_f(-3.0, 0.0, prior="bogus")
+
+
+def test_large_inputs_scored_in_blocks_equal_one_pass():
+    g = torch.Generator().manual_seed(5)
+    mu = torch.rand(300_000, generator=g, dtype=torch.float64) * 30 - 25
+    ls = torch.rand(300_000, generator=g, dtype=torch.float64) * 25 - 20
+    for prior in ("normal", "uniform"):
+        blocked = bmrs.delta_f(mu, ls, prior)
+        one_pass = bmrs.delta_f_normal(mu, ls) if prior == "normal" else bmrs.delta_f_uniform(mu, ls)
+        assert torch.equal(blocked, one_pass)
