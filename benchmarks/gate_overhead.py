@@ -64,10 +64,14 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     plain = get_model(args.model).to(device)
     steps = {"plain": make_step(plain, False, x, y, device)}
-    for noise in args.noise.split(","):
+    variants = [(n, True) for n in args.noise.split(",")]
+    if device.startswith("cuda"):
+        variants.append(("sample", False))  # the same gate math launched kernel by kernel
+    for noise, graphs in variants:
         g = bmrs.attach_gates(get_model(args.model).to(device), x, noise=noise)
+        g.bmrs_gates.cuda_graphs = graphs
         g.train()
-        steps[noise] = make_step(g, True, x, y, device)
+        steps[noise if graphs else f"{noise}-eager"] = make_step(g, True, x, y, device)
     for step in steps.values():  # warm-up
         time_steps(step, 20, device)
     times = {k: [] for k in steps}

@@ -458,14 +458,14 @@ def delta_f_normal(
     d_p = (mu - prior_mu) * (prior_var / total)  # mu_qt - mu_p
     d_q = (prior_mu - mu) * (var_q / total)  # mu_qt - mu
     ap, bp = a - prior_mu, b - prior_mu
-    v_p = _clamp_t(d_p, _f64(ap).expand_as(d_p), _f64(bp).expand_as(d_p))  # c - mu_p
+    v_p = d_p.clamp(ap, bp)  # c - mu_p
     v_q = _clamp_t(d_q, am, bm)  # c - mu
     # a - mu_qt and b - mu_qt, from whichever of mu, mu_p mu_qt is closer to
     near_p = prior_var <= var_q
     lo_qt = torch.where(near_p, ap - d_p, am - d_q) / s_qt
     hi_qt = torch.where(near_p, bp - d_p, bm - d_q) / s_qt
     log_r_qt = _log_r(lo_qt, hi_qt, (b - a) / s_qt)
-    log_z_p = log_ndtr_diff(_f64(ap / s_p), _f64(bp / s_p))
+    log_z_p = log_ndtr_diff(_f64(ap / s_p).to(mu.device), _f64(bp / s_p).to(mu.device))
     return (
         math.log(b - a)
         - log_z_p

@@ -112,9 +112,13 @@ class KLDivergence(torch.autograd.Function):
         # There q is a one-sided tail [t, inf) of the standard normal, t = distance / sigma, with
         # inverse Mills ratio lam = t + delta: KL = const + log(2 pi)/2 - log s + log lam
         # - t delta / 2, and t delta = 1 + g(t) comes from its asymptotic series (exact to double
-        # precision for t >= 25). No data-dependent branch: no device synchronisation.
+        # precision for t >= 25). On CUDA no data-dependent branch: no device synchronisation, and the
+        # whole function can be captured in a CUDA graph.
         far_a = alpha > _TAIL
         far = far_a | (beta < -_TAIL)
+        if not post.is_cuda and not bool(far.any()):  # on the CPU a branch costs no sync
+            ctx.save_for_backward(torch.stack([d_mu, d_ls]).to(dtype))
+            return kl.to(dtype)
         t = torch.where(far_a, alpha, -beta).clamp(min=_TAIL)
         inv2 = 1.0 / (t * t)
         g = inv2 * (-2.0 + inv2 * (10.0 + inv2 * (-74.0 + inv2 * (706.0 - 8162.0 * inv2))))

@@ -73,6 +73,37 @@ class GateBank(nn.Module):
         self.posterior = nn.Parameter(torch.stack([torch.full((n,), float(init_mu)), torch.full((n,), float(init_log_sigma))]))
         self.register_buffer("mask", torch.ones(n))
         self._cache: dict | None = None
+        self._graphs: dict = {}
+        self._pending_kl: torch.Tensor | None = None
+        self.cuda_graphs = True  # replay the gate math as CUDA graphs on CUDA devices
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_graphs"] = {}  # captured graphs belong to one process and one device
+        state["_cache"] = None
+        state["_pending_kl"] = None
+        return state
+
+    def _graphs_on(self, tensor: torch.Tensor) -> bool:
+        return self.cuda_graphs and tensor.is_cuda and torch.is_grad_enabled()
+
+    def _graphed(self, key, fn, *args):
+        """``fn(*args)``; on CUDA (training) as a CUDA graph captured once per key and shape.
+
+        The gate math is ~100 tiny kernels per step (sampling, KL, their backward): launched one
+        by one they would cost more than a small network's whole step. A captured graph launches
+        them at once, forward and backward. Buffers read inside ``fn`` (the mask) are read in
+        place, so mask updates reach the graph; moving the bank re-captures.
+        """
+        if not self._graphs_on(args[0]):
+            return fn(*args)
+        full_key = (key, tuple(a.shape for a in args), self.mask.data_ptr(), args[0].device)
+        graphed = self._graphs.get(full_key)
+        if graphed is None:
+            sample = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+            graphed = torch.cuda.make_graphed_callables(fn, sample)
+            self._graphs[full_key] = graphed
+        return graphed(*args)
 
     @property
     def mu(self) -> torch.Tensor:
@@ -117,7 +148,17 @@ class GateBank(nn.Module):
     def sample(self, shape) -> torch.Tensor:
         """theta * mask for uniforms of ``shape`` (last dim = all structures, or broadcastable)."""
         u = torch.rand(shape, device=self.posterior.device, dtype=self.posterior.dtype)
+        if self._graphs_on(self.posterior):
+            # one graph for the draw and the KL of the same step: kl() picks the KL up
+            theta, self._pending_kl = self._graphed("sample+kl", self._sample_kl_fn, self.posterior, u)
+            return theta
         return fused.sample_theta(self.posterior, self.mask, u, self.a, self.b)
+
+    def _sample_kl_fn(self, post: torch.Tensor, u: torch.Tensor):
+        return fused.sample_theta(post, self.mask, u, self.a, self.b), fused.kl_divergence(post, self.a, self.b)
+
+    def _kl_fn(self, post: torch.Tensor) -> torch.Tensor:
+        return fused.kl_divergence(post, self.a, self.b)
 
     def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per-site pieces of a (..., N) tensor, made by one split (one autograd node)."""
@@ -150,7 +191,9 @@ class GateBank(nn.Module):
 
     def kl(self, reduction: str = "mean") -> torch.Tensor:
         """KL(q || p) of all gates: ``"mean"`` over structures, or ``"sum"``."""
-        kl = fused.kl_divergence(self.posterior, self.a, self.b)
+        kl, self._pending_kl = self._pending_kl, None  # drawn with this step's sample (CUDA graphs)
+        if kl is None:
+            kl = self._graphed("kl", self._kl_fn, self.posterior)
         if reduction == "mean":
             return kl.mean()
         if reduction == "sum":
