@@ -326,7 +326,8 @@ def log_expected_theta(mu, log_sigma, a: float = LOWER, b: float = UPPER, power:
 
 def expected_theta(mu, log_sigma, a: float = LOWER, b: float = UPPER) -> torch.Tensor:
     """E[theta] in float64: the constant that replaces a kept gate at test time."""
-    return torch.exp(log_expected_theta(_f64(mu), _f64(log_sigma), a, b))
+    fn = lambda m, ls: torch.exp(log_expected_theta(_f64(m), _f64(ls), a, b))  # noqa: E731
+    return _in_chunks(fn, mu, log_sigma)
 
 
 def variance_theta(mu, log_sigma, a: float = LOWER, b: float = UPPER) -> torch.Tensor:
@@ -368,9 +369,12 @@ def _relative_variance(mu, sigma, a, b):
 
 def snr(mu, log_sigma, a: float = LOWER, b: float = UPPER) -> torch.Tensor:
     """Signal-to-noise ratio E[theta] / sqrt(Var[theta]) in float64 (finite, positive)."""
-    mu, log_sigma = _f64(mu), _f64(log_sigma)
-    sigma = torch.exp(clamp_log_sigma(log_sigma))
-    return torch.rsqrt(_relative_variance(mu, sigma, a, b))
+
+    def fn(m, ls):
+        sigma = torch.exp(clamp_log_sigma(_f64(ls)))
+        return torch.rsqrt(_relative_variance(_f64(m), sigma, a, b))
+
+    return _in_chunks(fn, mu, log_sigma)
 
 
 def sample_log_theta(mu, log_sigma, u, a: float = LOWER, b: float = UPPER) -> torch.Tensor:
