@@ -174,9 +174,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None) -> Fi
         result.history.append(record)
         if reporter:
             reporter.end_epoch(record)
-    if cfg.mode == "post-training" and cfg.epochs > 0 and result.prune is None:
-        result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
-    if cfg.mode == "continuous" and result.prune is None and cfg.epochs > 0:
+    if cfg.epochs > 0 and result.prune is None:  # no scoring happened yet: score once now
         result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
     result.seconds = time.perf_counter() - start
     return result
