@@ -159,15 +159,20 @@ def apply_decision(model: nn.Module, dec: _criteria.Decision) -> PruneResult:
     )
 
 
+def criterion_for(prior: str) -> str:
+    """The BMRS criterion of a reduced prior: "normal" -> bmrs_n, "uniform" -> bmrs_u."""
+    if prior not in ("normal", "uniform"):
+        raise ValueError(f"prior must be 'normal' or 'uniform', got {prior!r}")
+    return "bmrs_n" if prior == "normal" else "bmrs_u"
+
+
 def prune(
     model: nn.Module, prior: str = "normal", precision_bits: int = 8, criterion: str | None = None, **opts
 ) -> PruneResult:
     """Score every gate and mask the structures to drop: BMRS_N (``prior="normal"``) or BMRS_U
     (``prior="uniform"``, ``precision_bits``), or any ``criterion`` of :mod:`criteria`."""
     if criterion is None:
-        if prior not in ("normal", "uniform"):
-            raise ValueError(f"prior must be 'normal' or 'uniform', got {prior!r}")
-        criterion = "bmrs_n" if prior == "normal" else "bmrs_u"
+        criterion = criterion_for(prior)
     return apply_decision(model, decision(model, criterion, precision_bits=precision_bits, **opts))
 
 

@@ -10,7 +10,7 @@ pB = phi(B)/Z, r = A pA - B pB):
   KL:  gA = pA (1 + A^2 - r)/2,  gB = -pB (1 + B^2 - r)/2,
        dKL/dmu = -(gA + gB)/s,   dKL/dlog s = -1 - (A gA + B gB)
   sample x = mu + s Phi^-1(gamma), gamma = Phi(A) + u Z, with w(v) = (1-u) phi(A) v_A + u phi(B) v_B:
-       dx/dmu = 1 - w(1)/phi(e),  dx/dlog s = s e - w(A, B)/phi(e) * s ... (see code), e = Phi^-1(gamma)
+       dx/dmu = 1 - w(1, 1)/phi(e),  dx/dlog s = s (e - w(A, B)/phi(e)),  e = Phi^-1(gamma)
 Clamps (log s to [-20, 5], gamma to [1e-5, 1-1e-5], x to [a, b]) pass zero gradient outside.
 """
 

@@ -121,10 +121,6 @@ class GateBank(nn.Module):
     def slice_of(self, index: int) -> slice:
         return slice(self.offsets[index], self.offsets[index] + self.sites[index].size)
 
-    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split a flat per-structure tensor into one tensor per site name."""
-        return {s.name: flat[self.slice_of(i)] for i, s in enumerate(self.sites)}
-
     # -- forward-time values -----------------------------------------------------------------
     def begin_forward(self) -> None:
         """Share one draw among all gates until :meth:`end_forward` (called by GatedModel)."""

@@ -113,13 +113,13 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
         api.unmask(gated)
         acc["gated"] = accuracy(gated, data.test)
         api.gate_bank(gated).mask.copy_(mask)
-    result = api.prune(gated, prior, precision_bits)
+    decision = api.decision(gated, api.criterion_for(prior), precision_bits=precision_bits)
+    api.apply_decision(gated, decision)
     if data is not None:
         acc["after"] = accuracy(gated, data.test)
 
     # Everything is serialised in memory first: a failure up to here leaves --out untouched.
     outputs = {"gated_model": "gated.pt", "scores": "scores.csv", "report": "report.json"}
-    decision = api.decision(gated, "bmrs_n" if prior == "normal" else "bmrs_u", precision_bits=precision_bits)
     rows = report.structure_table(gated, decision)
     shape = loaded.input_shape or (data.input_shape if data is not None else None)
     checkpoint = loading.checkpoint_bytes(gated, loaded.arch, shape)
@@ -136,7 +136,7 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
     if as_json:
         click.echo(doc_bytes.decode(), nl=False)
     else:
-        _print_summary(json.loads(doc_bytes), out_path, result)
+        _print_summary(json.loads(doc_bytes), out_path)
 
 
 def _check_device(device: str) -> None:
@@ -161,7 +161,7 @@ def _check_device(device: str) -> None:
     raise BmrsError(f"--device {device}: unsupported or unavailable device (use cpu, cuda or cuda:N)")
 
 
-def _print_summary(doc: dict, out_path: Path, result) -> None:
+def _print_summary(doc: dict, out_path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
