@@ -2,7 +2,9 @@
 
 "Parameter compression" = share of trainable parameters that become removable: every weight that
 reads from or writes to a pruned structure (incoming and outgoing weights, biases, per-channel norm
-parameters), plus the pruned gates' two posterior parameters.
+parameters, parameters added to a pruned channel), plus the pruned gates' two posterior parameters.
+Every gate site lists the parameter dimensions its structures own (``slots``), so this holds for any
+network the dependency analysis covers.
 """
 
 from __future__ import annotations
@@ -25,46 +27,49 @@ class Compression:
         return self.removable / self.total if self.total else 0.0
 
 
-def _masks(model: nn.Module, bank: GateBank, keep: torch.Tensor):
-    """Per module: (output keep-mask, input keep-mask), None where the dimension is not gated."""
-    out_keep: dict[str, torch.Tensor] = {}
-    in_keep: dict[str, torch.Tensor] = {}
+def alive_masks(model: nn.Module, bank: GateBank, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For every parameter or buffer a structure owns: which of its entries survive ``keep``."""
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    keep = keep.bool().cpu()
+    alive: dict[str, torch.Tensor] = {}
     for i, site in enumerate(bank.sites):
-        k = keep[bank.slice_of(i)].bool().cpu()
-        for name in site.producers + site.norms:
-            out_keep[name] = k
-        for name in site.consumers:
-            in_keep[name] = k.repeat_interleave(site.repeat)
-    return out_keep, in_keep
+        k = torch.cat([keep[bank.slice_of(i)], torch.ones(1, dtype=torch.bool)])
+        for slot in site.slots:
+            t = tensors.get(slot["target"])
+            if t is None:
+                continue
+            idx = torch.as_tensor(slot["index"], dtype=torch.long)
+            along = k[torch.where(idx < 0, site.size, idx)]
+            shape = [1] * t.ndim
+            shape[slot["dim"]] = -1
+            mask = alive.get(slot["target"])
+            if mask is None:
+                mask = torch.ones(t.shape, dtype=torch.bool)
+            alive[slot["target"]] = mask & along.reshape(shape)
+    return alive
 
 
 def removable_per_module(model: nn.Module, bank: GateBank, keep: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """(removable, total) trainable parameters of each gated module under ``keep``."""
-    out_keep, in_keep = _masks(model, bank, keep)
-    result: dict[str, tuple[int, int]] = {}
-    modules = dict(model.named_modules())
-    for name in sorted(set(out_keep) | set(in_keep)):
-        mod = modules[name]
-        removable = total = 0
-        for pname, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            alive = torch.ones(p.shape, dtype=torch.bool)
-            if name in out_keep:
-                shape = [-1] + [1] * (p.ndim - 1)
-                alive &= out_keep[name].reshape(shape)
-            if name in in_keep and pname == "weight" and p.ndim >= 2:
-                shape = [1, -1] + [1] * (p.ndim - 2)
-                alive &= in_keep[name].reshape(shape)
-            removable += int((~alive).sum())
-            total += p.numel()
-        result[name] = (removable, total)
-    return result
+    """(removable, total) trainable parameters of each module a structure touches, under ``keep``."""
+    params = dict(model.named_parameters())
+    result: dict[str, list[int]] = {}
+    for target, mask in alive_masks(model, bank, keep).items():
+        p = params.get(target)
+        if p is None or not p.requires_grad:
+            continue
+        module = target.rpartition(".")[0]
+        r = result.setdefault(module, [0, 0])
+        r[0] += int((~mask).sum())
+    for module, r in result.items():
+        mod = model.get_submodule(module) if module else model
+        r[1] = sum(p.numel() for p in mod.parameters(recurse=False) if p.requires_grad) or r[0]
+    return {k: (v[0], v[1]) for k, v in result.items()}
 
 
 def compression(model: nn.Module, bank: GateBank, keep: torch.Tensor | None = None) -> Compression:
     """Parameter compression of network ``model`` plus its gates if the structures off in ``keep``
-    go (``model`` is the inner network: module names are those of the gate sites)."""
+    go (``model`` is the inner network: parameter names are those of the gate sites)."""
     keep = bank.mask if keep is None else keep
     total = sum(p.numel() for p in model.parameters() if p.requires_grad) + 2 * bank.num_gates
     removable = sum(r for r, _ in removable_per_module(model, bank, keep).values())

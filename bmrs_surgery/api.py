@@ -20,8 +20,9 @@ from torch import nn
 from . import criteria as _criteria
 from .accounting import compression
 from .errors import NoGatesError
+from .errors import GatePlacementError
 from .gates import Gate, GateBank, GateSite
-from .placement import find_gate_sites
+from .placement import analyse_model, sites_from_analysis
 
 KL_WEIGHTINGS = ("mean", "elbo")
 
@@ -29,10 +30,16 @@ KL_WEIGHTINGS = ("mean", "elbo")
 class GatedModel(nn.Module):
     """A network and the gate bank of its structures; forward runs the gated network."""
 
-    def __init__(self, model: nn.Module, bank: GateBank):
+    def __init__(self, model: nn.Module, bank: GateBank, analysis=None):
         super().__init__()
         self.model = model
         self.bmrs_gates = bank
+        object.__setattr__(self, "analysis", analysis)  # the dependency analysis (not saved)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["analysis"] = None
+        return state
 
     def forward(self, *args, **kwargs):
         self.bmrs_gates.begin_forward()
@@ -53,36 +60,70 @@ def attach_gates(
 
     Either give ``example_input`` (one batch; sites are found by running it) or ``sites``.
     """
-    if isinstance(model, GatedModel) or any(isinstance(h, Gate) for m in model.modules() for h in m._forward_hooks.values()):
+    if isinstance(model, GatedModel) or has_gate_hooks(model):
         raise ValueError("model already carries gates")
+    analysis = None
     if sites is None:
         if example_input is None:
             raise ValueError("attach_gates needs example_input or sites")
-        sites = find_gate_sites(model, example_input, ignore)
+        analysis = analyse_model(model, example_input, ignore)
+        sites = sites_from_analysis(analysis)
     param = next(model.parameters(), None)
     bank = GateBank(sites, noise=noise, init_log_sigma=init_log_sigma)
     if param is not None:
         bank.to(param.device)
     _hook(model, bank)
-    return GatedModel(model, bank)
+    return GatedModel(model, bank, analysis)
 
 
 def _hook(model: nn.Module, bank: GateBank) -> None:
     modules = dict(model.named_modules())
     for i, site in enumerate(bank.sites):
-        if site.module not in modules:
-            raise ValueError(f"gate site {site.name}: model has no module {site.module!r}")
-        modules[site.module].register_forward_hook(Gate(bank, i))
+        for t, tap in enumerate(site.taps):
+            if tap["module"] not in modules:
+                raise ValueError(f"gate site {site.name}: model has no module {tap['module']!r}")
+        for t, tap in enumerate(site.taps):
+            modules[tap["module"]].register_forward_pre_hook(Gate(bank, i, t))
+
+
+def has_gate_hooks(net: nn.Module) -> bool:
+    return any(isinstance(h, Gate) for m in net.modules() for h in m._forward_pre_hooks.values())
+
+
+def remove_gate_hooks(net: nn.Module) -> None:
+    for mod in net.modules():
+        for hid, hook in list(mod._forward_pre_hooks.items()):
+            if isinstance(hook, Gate):
+                del mod._forward_pre_hooks[hid]
 
 
 def detach_gates(gated: GatedModel) -> nn.Module:
     """Remove the gate hooks: the plain inner network again, weights untouched (masks ignored)."""
     gate_bank(gated)
-    for mod in gated.model.modules():
-        for hid, hook in list(mod._forward_hooks.items()):
-            if isinstance(hook, Gate):
-                del mod._forward_hooks[hid]
+    remove_gate_hooks(gated.model)
     return gated.model
+
+
+def analysis_of(gated: nn.Module, example_input: torch.Tensor | None = None):
+    """The dependency analysis behind a gated model's sites (re-run after loading, then checked)."""
+    inner = getattr(gated, "module", gated)
+    bank = gate_bank(inner)
+    if inner.analysis is None:
+        if example_input is None:
+            raise ValueError("this gated model was loaded from a file: give an example input to re-analyse it")
+        net = inner.model
+        hooks = {id(m): dict(m._forward_pre_hooks) for m in net.modules()}
+        remove_gate_hooks(net)
+        try:
+            analysis = analyse_model(net, example_input)
+        finally:
+            for m in net.modules():
+                m._forward_pre_hooks.update(hooks[id(m)])
+        sites = sites_from_analysis(analysis)
+        if [(s.name, s.size, s.taps) for s in sites] != [(s.name, s.size, s.taps) for s in bank.sites]:
+            raise GatePlacementError("the model's gates do not match its dependency graph (was it edited?)")
+        object.__setattr__(inner, "analysis", analysis)
+    return inner.analysis
 
 
 def gate_bank(model: nn.Module) -> GateBank:

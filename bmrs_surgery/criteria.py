@@ -56,15 +56,19 @@ def expected(bank: GateBank, threshold: float = 0.1) -> Decision:
 
 
 def incoming_l2(model: nn.Module, bank: GateBank) -> torch.Tensor:
-    """L2 norm of each structure's incoming weights (producer rows and bias), float64."""
-    modules = dict(model.named_modules())
+    """L2 norm of each structure's incoming weights (producer rows and biases), float64."""
+    params = dict(model.named_parameters())
     norms = []
     for site in bank.sites:
-        sq = torch.zeros(site.size, dtype=torch.float64)
-        for name in site.producers:
-            for p in modules[name].parameters(recurse=False):
-                sq += p.detach().double().cpu().reshape(site.size, -1).pow(2).sum(1)
-        norms.append(sq.sqrt())
+        sq = torch.zeros(site.size + 1, dtype=torch.float64)
+        for slot in site.slots:
+            if slot["role"] not in ("out", "param") or slot["target"] not in params:
+                continue
+            p = params[slot["target"]].detach().double().cpu().movedim(slot["dim"], 0)
+            rows = p.reshape(p.shape[0], -1).pow(2).sum(1)
+            idx = torch.as_tensor(slot["index"], dtype=torch.long)
+            sq.index_add_(0, torch.where(idx < 0, site.size, idx), rows)
+        norms.append(sq[:-1].sqrt())
     return torch.cat(norms)
 
 

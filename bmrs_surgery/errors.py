@@ -19,3 +19,7 @@ class GatePlacementError(BmrsError):
 
 class NoGatesError(BmrsError):
     """An operation that needs gates on a model that has none."""
+
+
+class GraphError(BmrsError):
+    """The model cannot be traced or analysed (names the module and why)."""

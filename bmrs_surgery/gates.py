@@ -27,24 +27,26 @@ NOISE_MODES = ("sample", "structure", "element")
 
 @dataclass
 class GateSite:
-    """One gated tensor: the output of ``module`` along ``axis`` (``size`` structures).
+    """One coupled group of ``size`` structures sharing one set of gate parameters.
 
-    ``producers`` are layers whose output dimension 0 indexes these structures, ``norms`` are
-    per-channel layers (BatchNorm) in between, and ``consumers`` are layers whose input dimension 1
-    reads them, ``repeat`` inputs per structure (a flatten after a convolution).
+    ``taps``: where the gate multiplies: the input of module ``module`` along ``axis``, with
+    ``index`` giving the structure of each input index (-1: not in this group, left alone).
+    ``slots``: the parameter dimensions the structures own (``target`` tensor, ``dim``, ``index``,
+    ``role`` out/in/norm/param), which accounting and surgery slice. ``producers``, ``norms`` and
+    ``consumers`` name the layers involved, for reports.
     """
 
     name: str
-    module: str
     size: int
-    axis: int = 1
+    kind: str = "channels"
+    taps: list[dict] = field(default_factory=list)
+    slots: list[dict] = field(default_factory=list)
     producers: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
-    repeat: int = 1
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
 
 
 class GateBank(nn.Module):
@@ -75,6 +77,7 @@ class GateBank(nn.Module):
         self._cache: dict | None = None
         self._graphs: dict = {}
         self._pending_kl: torch.Tensor | None = None
+        self._tap_cache: dict = {}
         self.cuda_graphs = True  # replay the gate math as CUDA graphs on CUDA devices
 
     def __getstate__(self):
@@ -82,6 +85,7 @@ class GateBank(nn.Module):
         state["_graphs"] = {}  # captured graphs belong to one process and one device
         state["_cache"] = None
         state["_pending_kl"] = None
+        state["_tap_cache"] = {}
         return state
 
     def _graphs_on(self, tensor: torch.Tensor) -> bool:
@@ -160,13 +164,26 @@ class GateBank(nn.Module):
         """Per-site pieces of a (..., N) tensor, made by one split (one autograd node)."""
         return torch.split(theta, [s.size for s in self.sites], dim=-1)
 
-    def theta_for(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """The gate values for site ``index`` shaped to broadcast against activation ``x``."""
+    def _tap_index(self, index: int, tap: int, device) -> torch.Tensor | None:
+        """Structure index per input index of a tap (None when it is the identity)."""
+        key = (index, tap, device)
+        cached = self._tap_cache.get(key)
+        if cached is None:
+            idx = torch.as_tensor(self.sites[index].taps[tap]["index"], dtype=torch.long)
+            size = self.sites[index].size
+            identity = idx.numel() == size and bool((idx == torch.arange(size)).all())
+            cached = (None if identity else torch.where(idx < 0, size, idx).to(device),)
+            self._tap_cache[key] = cached
+        return cached[0]
+
+    def theta_for(self, index: int, x: torch.Tensor, tap: int = 0) -> torch.Tensor:
+        """The gate values of site ``index`` at its tap ``tap``, shaped to broadcast against ``x``."""
         site = self.sites[index]
-        sl = self.slice_of(index)
-        axis = site.axis % x.ndim
+        axis = site.taps[tap]["axis"] % x.ndim
+        idx = self._tap_index(index, tap, x.device)
+        n = x.shape[axis]
         shape = [1] * x.ndim
-        shape[axis] = site.size
+        shape[axis] = n
         if not self.training:
             theta = self._cached("eval", lambda: self._split(self.expected()))[index]
         elif self.noise == "structure":
@@ -178,12 +195,21 @@ class GateBank(nn.Module):
         else:
             theta = None
         if theta is not None:
+            if idx is not None:
+                theta = torch.cat([theta, theta.new_ones(theta.shape[:-1] + (1,))], -1).index_select(-1, idx)
             return theta.reshape(shape).to(x.dtype)
         # element: one uniform per activation element, this site's parameters only
-        post = self.posterior[:, sl].reshape([2] + shape)
+        sl = self.slice_of(index)
+        post, mask = self.posterior[:, sl], self.mask[sl]
+        if idx is not None:
+            valid = (idx < site.size).reshape(shape)
+            safe = idx.clamp(max=site.size - 1)
+            post, mask = post.index_select(1, safe), mask.index_select(0, safe)
         u = torch.rand(x.shape, device=x.device, dtype=post.dtype)
-        mask = self.mask[sl].reshape(shape)
-        return fused.sample_theta(post, mask, u, self.a, self.b).to(x.dtype)
+        theta = fused.sample_theta(post.reshape([2] + shape), mask.reshape(shape), u, self.a, self.b)
+        if idx is not None:
+            theta = torch.where(valid, theta, torch.ones_like(theta))
+        return theta.to(x.dtype)
 
     def kl(self, reduction: str = "mean") -> torch.Tensor:
         """KL(q || p) of all gates: ``"mean"`` over structures, or ``"sum"``."""
@@ -198,20 +224,22 @@ class GateBank(nn.Module):
 
 
 class Gate:
-    """A forward hook that multiplies a module's output by its site's gate values.
+    """A forward pre-hook that multiplies a module's input by one group's gate values.
 
     A plain callable, not a module: its parameters live in the root's :class:`GateBank`.
     """
 
-    def __init__(self, bank: GateBank, index: int):
+    def __init__(self, bank: GateBank, index: int, tap: int = 0):
         self.bank = bank
         self.index = index
+        self.tap = tap
 
-    def __call__(self, module, inputs, output):  # forward-hook signature
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"gate {self.bank.sites[self.index].name}: module output is not a tensor")
-        return output * self.bank.theta_for(self.index, output)
+    def __call__(self, module, args):  # forward-pre-hook signature
+        x = args[0]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"gate {self.bank.sites[self.index].name}: module input is not a tensor")
+        return (x * self.bank.theta_for(self.index, x, self.tap),) + tuple(args[1:])
 
     def __repr__(self) -> str:
         s = self.bank.sites[self.index]
-        return f"Gate({s.name}: {s.size} structures on axis {s.axis})"
+        return f"Gate({s.name}: {s.size} structures at {s.taps[self.tap]['module']})"

@@ -26,7 +26,7 @@ from . import api
 from .errors import ModelLoadError
 from .gates import GateBank, GateSite
 
-CHECKPOINT_FORMAT = "bmrs-surgery/checkpoint/1"
+CHECKPOINT_FORMAT = "bmrs-surgery/checkpoint/2"
 
 
 @dataclass
@@ -116,9 +116,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _has_gate_hooks(net: nn.Module) -> bool:
-    from .gates import Gate
-
-    return any(isinstance(h, Gate) for m in net.modules() for h in m._forward_hooks.values())
+    return api.has_gate_hooks(net)
 
 
 def _shape_or_none(shape, spec: str) -> tuple[int, ...] | None:

@@ -78,7 +78,8 @@ def build_report(*, gated, decision, model_spec: str, data_spec: str | None, pri
         layers.append(
             {
                 "name": site.name,
-                "gate_after": site.module,
+                "kind": site.kind,
+                "gates_at": site.consumers,
                 "structures_before": site.size,
                 "structures_after": int(keep.sum()),
                 "parameters_removable_in_layer": removable,

@@ -8,27 +8,33 @@ from torch import nn
 
 import bmrs_surgery as bmrs
 from bmrs_surgery.accounting import compression
-from bmrs_surgery.errors import GatePlacementError
+from bmrs_surgery.errors import BmrsError, GatePlacementError
 from bmrs_surgery.models import get_model
 from bmrs_surgery.placement import find_gate_sites
 
 X = torch.randn(2, 1, 32, 32)
 
 
-def test_lenet5_sites_follow_activations_and_pools():
+def test_lenet5_sites_gate_the_inputs_of_the_next_layer():
     sites = find_gate_sites(get_model("lenet5"), X)
-    assert [(s.name, s.module, s.size, s.consumers, s.repeat) for s in sites] == [
-        ("0", "2", 6, ["3"], 1),
-        ("3", "5", 16, ["7"], 25),  # 16 channels x 5 x 5 flattened into Linear(400, 120)
-        ("7", "8", 120, ["9"], 1),
-        ("9", "10", 84, ["11"], 1),
+    assert [(s.name, s.size, s.producers, s.consumers) for s in sites] == [
+        ("0", 6, ["0"], ["3"]),
+        ("3", 16, ["3"], ["7"]),
+        ("7", 120, ["7"], ["9"]),
+        ("9", 84, ["9"], ["11"]),
     ]
+    flat = sites[1].taps[0]  # 16 channels x 5 x 5 flattened into Linear(400, 120)
+    assert flat["module"] == "7" and flat["axis"] == 1 and flat["index"] == [c for c in range(16) for _ in range(25)]
+    assert sites[1].kind == "flatten" and sites[0].kind == "channels"
 
 
-def test_batchnorm_is_coupled_and_gate_goes_after_it():
+def test_batchnorm_is_coupled_and_gate_reads_the_flattened_features():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 3))
     (site,) = find_gate_sites(net, X)
-    assert site.module == "2" and site.norms == ["1"] and site.repeat == 900
+    assert site.norms == ["1"] and site.consumers == ["4"] and len(site.taps[0]["index"]) == 3600
+    owned = {(s["target"], s["dim"]) for s in site.slots}
+    assert owned == {("0.weight", 0), ("0.bias", 0), ("1.weight", 0), ("1.bias", 0), ("1.running_mean", 0),
+                     ("1.running_var", 0), ("4.weight", 1)}
 
 
 def test_ignored_layers_get_no_gate():
@@ -37,10 +43,14 @@ def test_ignored_layers_get_no_gate():
 
 
 def test_no_prunable_layer_and_wrong_input_are_errors():
-    with pytest.raises(GatePlacementError, match="no prunable layer"):
+    with pytest.raises(GatePlacementError, match="no parameters"):
         find_gate_sites(nn.Sequential(nn.Flatten(), nn.ReLU()), X)
-    with pytest.raises(GatePlacementError, match="shape"):
+    with pytest.raises(GatePlacementError, match="no prunable structure"):
+        find_gate_sites(nn.Sequential(nn.Flatten(), nn.Linear(1024, 10)), X)
+    with pytest.raises(BmrsError, match="shape"):
         find_gate_sites(get_model("lenet5"), torch.randn(2, 3, 8, 8))
+    with pytest.raises(GatePlacementError, match="not a module"):
+        find_gate_sites(get_model("mlp"), X, ignore=("nope",))
 
 
 def test_mlp_compression_counts_incoming_outgoing_and_gates():

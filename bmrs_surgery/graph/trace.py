@@ -1,0 +1,113 @@
+"""torch.fx tracing with shapes, falling back to opaque leaves where fx cannot trace.
+
+A submodule whose forward fx cannot trace (data-dependent control flow, unsupported Python) is
+kept whole as a leaf call: the rest of the model is still analysed, and the channels the opaque
+module reads or writes are kept. Only when the top-level forward itself cannot be traced is the
+model rejected, with a message naming it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import networkx as nx
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import GraphError
+
+MAX_FALLBACKS = 64
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+        self.stack: list[str] = []
+        self.failed: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qual = self.path_of_module(m)
+        self.stack.append(qual)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:
+                self.failed = qual
+            raise
+        finally:
+            self.stack.pop()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
+    """Trace ``model`` (in eval mode); returns the graph module and the modules kept opaque."""
+    leaves: set[str] = set()
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(MAX_FALLBACKS):
+            tracer = _Tracer(leaves)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    graph = tracer.trace(model)
+                break
+            except Exception as exc:  # noqa: BLE001 - fx raises many kinds
+                where = tracer.failed
+                if not where or where in leaves:
+                    name = f"{where} ({type(model.get_submodule(where)).__name__})" if where else type(model).__name__
+                    raise GraphError(f"cannot trace {name}: {_first_line(exc)}") from None
+                leaves.add(where)
+        else:
+            raise GraphError(f"cannot trace {type(model).__name__}: too many untraceable modules")
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        model.train(was_training)
+    return gm, sorted(leaves)
+
+
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Annotate every node with its output shape (``node.meta['tensor_meta']``)."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as exc:  # noqa: BLE001 - the model rejected the example
+        raise GraphError(f"model failed on an input of shape {tuple(example.shape)}: {_first_line(exc)}") from None
+    finally:
+        gm.train(was_training)
+
+
+def node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def to_networkx(gm: fx.GraphModule, labels: dict | None = None) -> nx.DiGraph:
+    """The computation as a DiGraph: one node per fx node (op, target, kind, shape, channel axis),
+    one edge per tensor passed."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        shape = list(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        lab = (labels or {}).get(node.name)
+        axis = getattr(lab, "axis", None)
+        g.add_node(node.name, op=node.op, target=str(node.target) if node.op != "call_function"
+                   else getattr(node.target, "__name__", str(node.target)),
+                   kind=node_kind(gm, node), shape=shape, channel_axis=axis)
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name)
+    return g
