@@ -52,6 +52,7 @@ def attach_gates(
     example_input: torch.Tensor | None = None,
     *,
     sites: list[GateSite] | None = None,
+    analysis=None,
     ignore: tuple[str, ...] = (),
     noise: str = "sample",
     init_log_sigma: float = -5.0,
@@ -62,7 +63,8 @@ def attach_gates(
     """
     if isinstance(model, GatedModel) or has_gate_hooks(model):
         raise ValueError("model already carries gates")
-    analysis = None
+    if analysis is not None and sites is None:
+        sites = sites_from_analysis(analysis)
     if sites is None:
         if example_input is None:
             raise ValueError("attach_gates needs example_input or sites")

@@ -1,0 +1,178 @@
+"""The dry run behind ``bmrs-compress check``: every pipeline stage on random gates and masks.
+
+trace -> groups -> gates -> random posteriors and keep-masks -> surgery -> equivalence proof ->
+ONNX export -> ONNX Runtime parity. No data is needed; each stage reports "ok" or its error, and
+later stages are skipped once one fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import api
+from .errors import BmrsError
+from .placement import analyse_model
+from .surgery import parameter_count, shrink
+from .verify import failing_group, outputs, prove, random_inputs, compare
+
+STAGES = ("trace", "groups", "gates", "surgery", "verify", "onnx")
+
+
+@dataclass
+class CheckResult:
+    model: str
+    input_shape: tuple[int, ...]
+    stages: dict[str, str] = field(default_factory=dict)
+    groups: int = 0
+    structures: int = 0
+    structures_kept: int = 0
+    params_before: int = 0
+    params_after: int | None = None
+    max_abs_diff: float | None = None
+    onnx_max_abs_diff: float | None = None
+    output_scale: float | None = None
+    opaque: list = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(self.stages.get(s) == "ok" for s in self.stages) and bool(self.stages)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["input_shape"] = list(self.input_shape)
+        d["ok"] = self.ok
+        return d
+
+
+def _err(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, BmrsError) else text
+
+
+def random_masks(bank, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Prune ``ratio`` of every group's structures at random, keeping at least one per group."""
+    keep = torch.ones(bank.num_gates, dtype=torch.bool)
+    for i, site in enumerate(bank.sites):
+        sl = bank.slice_of(i)
+        n_drop = min(int(round(ratio * site.size)), site.size - 1)
+        drop = torch.randperm(site.size, generator=generator)[:n_drop]
+        k = torch.ones(site.size, dtype=torch.bool)
+        k[drop] = False
+        keep[sl] = k
+    return keep
+
+
+def randomized_copy(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A copy with random weights and norm statistics, so that a freshly built network (zero-initialised
+    heads, unit statistics, tiny layer scales) gives outputs large enough to prove anything."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            leaf = name.rpartition(".")[2]
+            if t.ndim >= 2:  # weights (Linear, Conv, attention projections) and embeddings
+                fan_in = t[0].numel()
+                t.copy_(torch.randn(t.shape, generator=generator) / fan_in ** 0.5)
+            elif leaf == "running_var" or (leaf == "weight" and t.ndim == 1) or "scale" in leaf:
+                t.copy_(torch.empty(t.shape).uniform_(0.5, 1.5, generator=generator))
+            else:
+                t.copy_(0.1 * torch.randn(t.shape, generator=generator))
+    return model
+
+
+def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "model", ratio: float = 0.3,
+                seed: int = 0, onnx: bool = True, real_inputs: list[torch.Tensor] | None = None,
+                ignore: tuple[str, ...] = (), tolerance: float = 1e-4, keep_weights: bool = False) -> CheckResult:
+    """Run every stage on ``model`` (never modified: it works on a copy)."""
+    res = CheckResult(name, tuple(input_shape))
+    res.params_before = parameter_count(model)
+    gen = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(model) if keep_weights else randomized_copy(model, gen)
+    example = torch.randn((1,) + tuple(input_shape[1:]), generator=gen)
+    model.eval()
+    t = time.perf_counter()
+    try:
+        analysis = analyse_model(model, example, ignore)
+    except BmrsError as exc:
+        msg = _err(exc)
+        stage = "groups" if "prunable" in msg else "trace"
+        res.stages["trace"] = "ok" if stage == "groups" else msg
+        if stage == "groups":
+            res.stages["groups"] = msg
+        return res
+    except Exception as exc:  # noqa: BLE001 - report, never crash
+        res.stages["trace"] = _err(exc)
+        return res
+    res.seconds["analysis"] = time.perf_counter() - t
+    res.stages["trace"] = "ok"
+    res.stages["groups"] = "ok"
+    res.groups = len(analysis.groups)
+    res.structures = sum(g.size for g in analysis.groups)
+    res.opaque = [f"{n}: {why}" for n, why in analysis.propagation.opaque][:20]
+    try:
+        gated = api.attach_gates(model, analysis=analysis)
+    except Exception as exc:  # noqa: BLE001
+        res.stages["gates"] = _err(exc)
+        return res
+    try:
+        bank = gated.bmrs_gates
+        with torch.no_grad():
+            # E[theta] between about 0.5 and 1: every kept structure is scaled, none is silenced
+            bank.posterior[0].copy_(torch.empty(bank.num_gates).uniform_(-0.7, 0.0, generator=gen))
+            bank.posterior[1].copy_(torch.empty(bank.num_gates).uniform_(-3.0, -1.0, generator=gen))
+            keep = random_masks(bank, ratio, gen)
+            bank.mask.copy_(keep.float())
+        res.structures_kept = int(keep.sum())
+        gated.eval()
+        inputs = random_inputs(input_shape, seed=seed) + list(real_inputs or [])
+        res.stages["gates"] = "ok"
+        t = time.perf_counter()
+        try:
+            pruned = shrink(analysis, bank, keep)
+        except Exception as exc:  # noqa: BLE001
+            res.stages["surgery"] = _err(exc)
+            return res
+        res.seconds["surgery"] = time.perf_counter() - t
+        res.stages["surgery"] = "ok"
+        res.params_after = parameter_count(pruned)
+        t = time.perf_counter()
+        reference = outputs(gated, inputs)
+        try:
+            proof = compare(reference, outputs(pruned, inputs), tolerance)
+        except Exception as exc:  # noqa: BLE001
+            proof = None
+            res.stages["verify"] = f"pruned model fails to run: {_err(exc)}"
+        if proof is not None:
+            res.max_abs_diff = proof.max_abs_diff
+            res.output_scale = proof.scale
+            if proof.ok:
+                res.stages["verify"] = "ok"
+            else:
+                res.stages["verify"] = f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
+        if res.stages["verify"] != "ok":
+            site = failing_group(analysis, bank, keep, gated, inputs, tolerance)
+            if site is not None:
+                res.stages["verify"] += f" (group {site.name}, {site.kind}, layers {', '.join(site.consumers[:3])})"
+            return res
+        res.seconds["verify"] = time.perf_counter() - t
+    finally:
+        api.detach_gates(gated)
+    if onnx:
+        from .export import onnx_parity
+
+        t = time.perf_counter()
+        try:
+            res.onnx_max_abs_diff = onnx_parity(pruned, input_shape, inputs[:1], tolerance)
+            res.stages["onnx"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            res.stages["onnx"] = _err(exc)
+        res.seconds["onnx"] = time.perf_counter() - t
+    return res

@@ -1,0 +1,90 @@
+"""ONNX export (opset 18, dynamic batch axis) and ONNX Runtime parity with torch."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+OPSET = 18
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") -> tuple[bytes, str]:
+    """The model as an ONNX file in memory, with a dynamic batch axis; returns (bytes, exporter used).
+
+    ``auto`` tries torch's dynamo exporter first and the TorchScript one if it fails.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}")
+    model = model.eval()
+    errors = []
+    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    for kind in order:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                if kind == "dynamo":
+                    prog = torch.onnx.export(
+                        model, (example,), dynamo=True, external_data=False, verbose=False,
+                        opset_version=OPSET, input_names=["input"], output_names=["output"],
+                        dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=True,
+                    )
+                    return prog.model_proto.SerializeToString(), kind
+                buf = io.BytesIO()
+                torch.onnx.export(
+                    model, (example,), buf, dynamo=False, opset_version=OPSET, input_names=["input"],
+                    output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                )
+                return buf.getvalue(), kind
+        except Exception as exc:  # noqa: BLE001 - exporters raise many kinds
+            errors.append(f"{kind}: {_first_line(exc)}")
+    raise ExportError("ONNX export failed (" + "; ".join(errors) + ")")
+
+
+def session(data: bytes | str, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_parity(model: nn.Module, input_shape, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> float:
+    """Export ``model``, run it in ONNX Runtime on ``inputs`` (and on a different batch size) and
+    return the max abs difference from torch; raises ExportError beyond ``tolerance`` x scale."""
+    example = inputs[0]
+    data, _ = onnx_bytes(model, example)
+    sess = session(data)
+    name = sess.get_inputs()[0].name
+    batches = list(inputs) + [torch.cat([example, example[:1]])]  # another batch size: dynamic axis
+    diff, scale = 0.0, 0.0
+    with torch.no_grad():
+        for x in batches:
+            ref = model(x)
+            ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+            got = sess.run(None, {name: x.numpy()})[0]
+            if got.shape != tuple(ref.shape):
+                raise ExportError(f"ONNX Runtime output shape {got.shape} != torch {tuple(ref.shape)}")
+            r = ref.float().numpy()
+            diff = max(diff, float(np.abs(got - r).max()))
+            scale = max(scale, float(np.abs(r).max()))
+    if not diff <= tolerance * (scale or 1.0):
+        raise ExportError(f"ONNX Runtime differs from torch by {diff:.3g} (> {tolerance:g} x output scale {scale:.3g})")
+    return diff

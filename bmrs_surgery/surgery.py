@@ -1,0 +1,171 @@
+"""Physical removal: shrink every coupled parameter, fold kept gates' E[theta], drop the gates.
+
+Input: the dependency :class:`~bmrs_surgery.graph.groups.Analysis` of a gated model, its gate
+bank and a keep-mask over all structures. Output: a plain ``torch.fx.GraphModule`` (torch ops and
+the model's own leaf layers, no bmrs code) computing what the gated model computes in eval mode:
+
+1. every tap's E[theta] (0 for pruned structures) is multiplied into the reading layer's input
+   columns, which is exact because those layers are linear in their input;
+2. every parameter dimension a structure owns is sliced to the kept indices, and the layers'
+   size attributes (``in_channels``, ``out_features``, ``num_features``, ``groups``...) follow;
+3. literal sizes in the graph (``view(B, N, 12, 64)``, ``chunk(2)``, ``expand(..., 768)``) are
+   rewritten to the kept counts, and the graph is recompiled.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .api import remove_gate_hooks
+from .gates import GateBank
+from .graph.groups import Analysis
+
+
+def group_keep(bank: GateBank, keep: torch.Tensor) -> dict[int, np.ndarray]:
+    keep = keep.bool().cpu()
+    return {i: keep[bank.slice_of(i)].numpy() for i in range(len(bank.sites))}
+
+
+def _copy_without_gates(gm: fx.GraphModule) -> fx.GraphModule:
+    saved = {id(m): dict(m._forward_pre_hooks) for m in gm.modules()}
+    remove_gate_hooks(gm)
+    try:
+        out = copy.deepcopy(gm)
+    finally:
+        for m in gm.modules():
+            m._forward_pre_hooks.update(saved[id(m)])
+    return out
+
+
+def _owner(root: nn.Module, target: str) -> tuple[nn.Module, str]:
+    module, _, name = target.rpartition(".")
+    return (root.get_submodule(module) if module else root), name
+
+
+def _replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(owner, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def fold_expected(gm: fx.GraphModule, analysis: Analysis, expected: dict[int, np.ndarray]) -> None:
+    """Multiply each tap's gate value into the input columns of the layer it scales."""
+    with torch.no_grad():
+        for g in analysis.groups:
+            e = np.append(np.asarray(expected[g.id], dtype=np.float64), 1.0)
+            for tap in g.taps:
+                mod = gm.get_submodule(tap.module)
+                f = torch.as_tensor(e[np.where(tap.index >= 0, tap.index, len(e) - 1)])
+                w = mod.weight
+                if isinstance(mod, nn.Linear):
+                    w.mul_(f.to(w.dtype).reshape(1, -1))
+                else:  # convolution: input channel c of group c // a is weight column c % a
+                    groups = mod.groups
+                    a = w.shape[1]
+                    b = w.shape[0] // groups
+                    per_out = f.to(w.dtype).reshape(groups, 1, a).expand(groups, b, a).reshape(w.shape[0], a)
+                    w.mul_(per_out.reshape(per_out.shape + (1,) * (w.ndim - 2)))
+
+
+def slice_parameters(gm: fx.GraphModule, analysis: Analysis, keep: dict[int, np.ndarray]) -> set[str]:
+    """Cut every owned parameter dimension down to its kept indices; returns the touched modules."""
+    touched: set[str] = set()
+    with torch.no_grad():
+        for slot in analysis.propagation.slots:
+            alive = analysis.kept(slot.ids, keep)
+            if alive.all():
+                continue
+            owner, name = _owner(gm, slot.target)
+            t = getattr(owner, name)
+            idx = torch.as_tensor(np.flatnonzero(alive), device=t.device)
+            _replace_tensor(owner, name, t.detach().index_select(slot.dim, idx).clone())
+            touched.add(slot.target.rpartition(".")[0])
+    return touched
+
+
+def update_sizes(gm: fx.GraphModule, touched: set[str]) -> None:
+    """Make the layers' size attributes agree with their new parameter shapes."""
+    for name in touched:
+        mod = gm.get_submodule(name) if name else gm
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            old_out, old_groups = mod.out_channels, mod.groups
+            new_out = mod.weight.shape[0]
+            if old_groups > 1 and mod.in_channels == old_groups:  # depthwise: one input per group
+                mod.groups = new_out // (old_out // old_groups)
+                mod.in_channels = mod.groups
+            else:
+                mod.in_channels = mod.weight.shape[1] * old_groups
+            mod.out_channels = new_out
+        elif isinstance(mod, nn.modules.batchnorm._NormBase):
+            t = mod.weight if mod.weight is not None else mod.running_mean
+            mod.num_features = t.shape[0]
+        elif isinstance(mod, nn.GroupNorm):
+            mod.num_channels = mod.num_groups = mod.weight.shape[0]
+        elif isinstance(mod, nn.Embedding):
+            mod.embedding_dim = mod.weight.shape[1]
+        elif isinstance(mod, nn.PReLU):
+            mod.num_parameters = mod.weight.shape[0]
+
+
+def _size_args(node: fx.Node) -> tuple[int, list]:
+    """(first arg position holding sizes, sizes as a list) for view/reshape/expand nodes."""
+    if node.op == "call_function":
+        return 1, list(node.args[1])
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        return 1, list(rest[0])
+    return -1, list(rest)
+
+
+def rewrite_literals(gm: fx.GraphModule, analysis: Analysis, keep: dict[int, np.ndarray]) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for rw in analysis.propagation.rewrites:
+        node = nodes[rw.node]
+        counts = [int(analysis.kept(ids, keep).sum()) for ids in rw.ids]
+        if rw.kind == "shape":
+            pos, sizes = _size_args(node)
+            sizes[rw.index] = counts[0]
+            args = list(node.args)
+            if pos == -1:
+                node.args = (args[0], *sizes)
+            else:
+                args[pos] = tuple(sizes)
+                node.args = tuple(args)
+        elif rw.kind == "split":
+            x = node.args[0]
+            node.op = "call_function"
+            node.target = torch.split
+            node.args = (x, counts)
+            node.kwargs = {"dim": rw.index}
+    gm.graph.lint()
+    gm.recompile()
+
+
+def shrink(analysis: Analysis, bank: GateBank, keep: torch.Tensor | None = None) -> fx.GraphModule:
+    """The pruned plain network for ``keep`` (default: the bank's mask)."""
+    keep = bank.mask if keep is None else keep
+    keep_by = group_keep(bank, keep)
+    with torch.no_grad():
+        e = (bank.expected().detach().double().cpu() * keep.double().cpu()).numpy()
+    expected = {i: e[bank.slice_of(i)] for i in range(len(bank.sites))}
+    gm = _copy_without_gates(analysis.gm)
+    gm.eval()
+    fold_expected(gm, analysis, expected)
+    touched = slice_parameters(gm, analysis, keep_by)
+    update_sizes(gm, touched)
+    rewrite_literals(gm, analysis, keep_by)
+    return gm
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
