@@ -63,13 +63,13 @@ def attach_gates(
     """
     if isinstance(model, GatedModel) or has_gate_hooks(model):
         raise ValueError("model already carries gates")
-    if analysis is not None and sites is None:
-        sites = sites_from_analysis(analysis)
-    if sites is None:
+    if sites is None and analysis is None:
         if example_input is None:
             raise ValueError("attach_gates needs example_input or sites")
         analysis = analyse_model(model, example_input, ignore)
-        sites = sites_from_analysis(analysis)
+    if analysis is not None:
+        sites = sites_from_analysis(analysis) if sites is None else sites
+        model = analysis.network
     param = next(model.parameters(), None)
     bank = GateBank(sites, noise=noise, init_log_sigma=init_log_sigma)
     if param is not None:

@@ -17,6 +17,7 @@ from torch import nn
 from . import api
 from .errors import BmrsError
 from .placement import analyse_model
+from .plan import plan_keep
 from .surgery import parameter_count, shrink
 from .verify import failing_group, outputs, prove, random_inputs, compare
 
@@ -90,7 +91,8 @@ def randomized_copy(model: nn.Module, generator: torch.Generator) -> nn.Module:
 
 def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "model", ratio: float = 0.3,
                 seed: int = 0, onnx: bool = True, real_inputs: list[torch.Tensor] | None = None,
-                ignore: tuple[str, ...] = (), tolerance: float = 1e-4, keep_weights: bool = False) -> CheckResult:
+                ignore: tuple[str, ...] = (), tolerance: float = 1e-4, keep_weights: bool = False,
+                round_to: int | None = None) -> CheckResult:
     """Run every stage on ``model`` (never modified: it works on a copy)."""
     res = CheckResult(name, tuple(input_shape))
     res.params_before = parameter_count(model)
@@ -128,7 +130,7 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
             # E[theta] between about 0.5 and 1: every kept structure is scaled, none is silenced
             bank.posterior[0].copy_(torch.empty(bank.num_gates).uniform_(-0.7, 0.0, generator=gen))
             bank.posterior[1].copy_(torch.empty(bank.num_gates).uniform_(-3.0, -1.0, generator=gen))
-            keep = random_masks(bank, ratio, gen)
+            keep = plan_keep(bank, random_masks(bank, ratio, gen), round_to=round_to)
             bank.mask.copy_(keep.float())
         res.structures_kept = int(keep.sum())
         gated.eval()

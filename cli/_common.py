@@ -73,3 +73,40 @@ def write_outputs(path: Path, files: dict[str, bytes]) -> Path:
             shutil.rmtree(missing[-1], ignore_errors=True)
         raise BmrsError(f"--out {path}: cannot write {name} ({exc.strerror or exc})") from None
     return path
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"1,3,224,224"`` -> (1, 3, 224, 224); a one-line error for anything else."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise BmrsError(f"--input-shape {text!r}: expected comma-separated positive integers, e.g. 1,3,224,224") from None
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise BmrsError(f"--input-shape {text!r}: expected at least a batch and one more dimension, all positive")
+    return shape
+
+
+input_shape_option = click.option(
+    "--input-shape", metavar="B,C,H,W", help="Shape of one input batch, e.g. 1,3,224,224 [default: the model's own, if known].")
+
+
+def load_network(spec: str, input_shape: str | None, arch: str | None, trust: bool):
+    """(plain network, input shape with batch axis) for the graph commands; a gated file gives its
+    network without the gates."""
+    import copy
+
+    from bmrs_surgery import api, loading
+
+    loaded = loading.load_model(spec, arch=arch, trust=trust)
+    net = loaded.model
+    if loaded.gated:
+        net = copy.deepcopy(api.network(net))
+        api.remove_gate_hooks(net)
+    shape = parse_shape(input_shape)
+    if shape is None:
+        if loaded.input_shape is None:
+            raise BmrsError(f"{spec}: input shape unknown; give --input-shape, e.g. 1,3,224,224")
+        shape = (1,) + tuple(loaded.input_shape)
+    return net, shape

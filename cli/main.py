@@ -13,7 +13,9 @@ import click
 
 from bmrs_surgery.errors import BmrsError
 
+from .check_cmd import check
 from .compress import compress
+from .inspect_cmd import inspect
 
 
 class DefaultGroup(click.Group):
@@ -34,11 +36,15 @@ def cli() -> None:
 
     \b
     bmrs-compress MODEL --prior uniform --data digits --out runs/demo
+    bmrs-compress inspect torchvision:resnet18          (coupled groups)
+    bmrs-compress check torchvision:resnet18            (dry run of every stage)
     bmrs-compress compress --help     (all options of the default command)
     """
 
 
 cli.add_command(compress)
+cli.add_command(inspect)
+cli.add_command(check)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,11 +6,17 @@ from typing import Callable
 
 from torch import nn
 
+from .blocks import dense_block, depthwise_separable, resnet_block, shuffle_block, transformer_block
 from .paper import lenet5, mlp
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], str]] = {
     "mlp": (mlp, (1, 32, 32), "paper MLP for 32x32 inputs: 1024-150-150-10, Tanh"),
     "lenet5": (lenet5, (1, 32, 32), "paper LeNet5 for 32x32 single-channel inputs"),
+    "resnet_block": (resnet_block, (3, 16, 16), "ResNet basic blocks, one with a downsample shortcut"),
+    "dense_block": (dense_block, (3, 16, 16), "DenseNet-style concatenation and transition"),
+    "depthwise_separable": (depthwise_separable, (3, 16, 16), "depthwise-separable, inverted residual, grouped conv"),
+    "shuffle_block": (shuffle_block, (3, 16, 16), "ShuffleNetV2 units: channel split, concat, shuffle"),
+    "transformer_block": (transformer_block, (3, 16, 16), "ViT blocks: written-out and nn.MultiheadAttention"),
 }
 
 

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from ..errors import GatePlacementError
 from .propagate import Propagation, propagate
+from .lower import lower_attention
 from .trace import propagate_shapes, symbolic_trace, to_networkx
 from .unionfind import Solution
 
@@ -89,7 +90,13 @@ class Analysis:
     groups: list[Group]
     opaque_modules: list[str]
     timings: dict[str, float]
+    lowered: list[str] = field(default_factory=list)  # attention modules written out in ``gm``
     _graph: nx.DiGraph | None = None
+
+    @property
+    def network(self) -> nn.Module:
+        """The module to gate and fit: the model itself, or ``gm`` when attention was written out."""
+        return self.gm if self.lowered else self.model
 
     @property
     def graph(self) -> nx.DiGraph:
@@ -194,6 +201,7 @@ def analyse(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (
     """Trace, propagate channels, solve and group: everything later stages need."""
     t0 = time.perf_counter()
     gm, opaque = symbolic_trace(model)
+    lowered = lower_attention(gm)
     t1 = time.perf_counter()
     propagate_shapes(gm, example)
     t2 = time.perf_counter()
@@ -208,4 +216,4 @@ def analyse(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (
     groups = build_groups(prop, sol)
     t3 = time.perf_counter()
     return Analysis(model, gm, tuple(example.shape), prop, sol, groups, opaque,
-                    {"trace_s": t1 - t0, "shapes_s": t2 - t1, "groups_s": t3 - t2})
+                    {"trace_s": t1 - t0, "shapes_s": t2 - t1, "groups_s": t3 - t2}, lowered)

@@ -8,6 +8,8 @@ model rejected, with a message naming it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 
 import networkx as nx
@@ -21,9 +23,9 @@ MAX_FALLBACKS = 64
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaves: set[str]):
+    def __init__(self, leaves: set[str] | None = None):
         super().__init__()
-        self.leaves = leaves
+        self.leaves = leaves or set()
         self.stack: list[str] = []
         self.failed: str | None = None
 
@@ -60,6 +62,7 @@ def symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     graph = tracer.trace(model)
+                graph._tracer_cls = None  # a saved graph module re-traces with plain fx: loads without us
                 break
             except Exception as exc:  # noqa: BLE001 - fx raises many kinds
                 where = tracer.failed
@@ -79,11 +82,22 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Annotate every node with its output shape (``node.meta['tensor_meta']``)."""
     was_training = gm.training
     gm.eval()
+    prop = ShapeProp(gm)
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
+            prop.propagate(example)
     except Exception as exc:  # noqa: BLE001 - the model rejected the example
-        raise GraphError(f"model failed on an input of shape {tuple(example.shape)}: {_first_line(exc)}") from None
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        where = ""
+        failed = [n for n in gm.graph.nodes if n not in prop.env] if hasattr(prop, "env") else []
+        if failed:
+            n = failed[0]
+            where = f" at {n.target if n.op == 'call_module' else n.name} ({node_kind(gm, n)})"
+        raise GraphError(
+            f"model failed on an input of shape {tuple(example.shape)}{where}: {_first_line(cause)}"
+        ) from None
     finally:
         gm.train(was_training)
 

@@ -1,0 +1,67 @@
+"""``bmrs-compress check MODEL``: a dry run of every stage with random gates, no data needed."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from bmrs_surgery.errors import BmrsError
+
+from ._common import fail, input_shape_option, load_network
+
+
+@click.command()
+@click.argument("model")
+@input_shape_option
+@click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), default=0.3, show_default=True,
+              help="Share of every group's structures removed at random.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--keep-weights", is_flag=True,
+              help="Check with the model's own weights (default: a copy with random weights and norm statistics).")
+@click.option("--round-to", type=click.IntRange(min=1), default=None,
+              help="Keep a multiple of N channels in every group (hardware-friendly widths).")
+@click.option("--no-onnx", is_flag=True, help="Skip ONNX export and the ONNX Runtime comparison.")
+@click.option("--ignore", multiple=True, metavar="LAYER", help="Layer whose outputs are never pruned (repeatable).")
+@click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
+@click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check(model, input_shape, ratio, seed, keep_weights, round_to, no_onnx, ignore, arch, trust_model, as_json):
+    """Trace, group, gate, prune at random, shrink, prove equivalence and export MODEL.
+
+    Each stage reports ok or its error; exit code 0 only when every stage passes (1 otherwise,
+    2 for a usage mistake such as a missing file).
+    """
+    try:
+        net, shape = load_network(model, input_shape, arch, trust_model)
+        from bmrs_surgery.check import check_model
+
+        res = check_model(net, shape, name=model, ratio=ratio, seed=seed, onnx=not no_onnx,
+                          ignore=tuple(ignore), keep_weights=keep_weights, round_to=round_to)
+    except BmrsError as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        _print(res, no_onnx)
+    raise SystemExit(0 if res.ok else 1)
+
+
+def _print(res, no_onnx: bool) -> None:
+    from rich.console import Console
+
+    console = Console()
+    stages = ["trace", "groups", "gates", "surgery", "verify"] + ([] if no_onnx else ["onnx"])
+    for stage in stages:
+        status = res.stages.get(stage)
+        mark = "[green]ok[/]" if status == "ok" else "[yellow]skipped[/]" if status is None else f"[red]{status}[/]"
+        console.print(f"{stage:8s} {mark}", highlight=False)
+    after = "n/a" if res.params_after is None else f"{res.params_after:,}"
+    console.print(f"{res.groups} groups, {res.structures_kept}/{res.structures} structures kept; "
+                  f"parameters {res.params_before:,} -> {after}", highlight=False)
+    if res.max_abs_diff is not None:
+        console.print(f"max abs diff {res.max_abs_diff:.3g} (output scale {res.output_scale:.3g})"
+                      + (f"; ONNX Runtime {res.onnx_max_abs_diff:.3g}" if res.onnx_max_abs_diff is not None else ""),
+                      highlight=False)
+    console.print("PASS" if res.ok else "FAIL", style="bold green" if res.ok else "bold red")

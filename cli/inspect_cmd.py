@@ -1,0 +1,130 @@
+"""``bmrs-compress inspect MODEL``: the traced graph and its coupled groups."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import click
+
+from bmrs_surgery.errors import BmrsError
+
+from ._common import fail, input_shape_option, load_network
+
+FORMATS = ("text", "json", "dot", "graphml")
+
+
+@click.command()
+@click.argument("model")
+@input_shape_option
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to FILE instead of stdout.")
+@click.option("--ignore", multiple=True, metavar="LAYER", help="Layer whose outputs are never pruned (repeatable).")
+@click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
+@click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
+def inspect(model, input_shape, fmt, output, ignore, arch, trust_model):
+    """Trace MODEL and show its dependency graph and coupled groups (id, kind, structures,
+    channels, member layers, where the gates go)."""
+    try:
+        import torch
+
+        from bmrs_surgery.placement import analyse_model
+
+        net, shape = load_network(model, input_shape, arch, trust_model)
+        analysis = analyse_model(net, torch.zeros(shape), tuple(ignore))
+        text = render(analysis, model, shape, fmt)
+        if output:
+            from bmrs_surgery.loading import atomic_write
+
+            try:
+                atomic_write(output, lambda f: f.write(text.encode()))
+            except OSError as exc:
+                raise BmrsError(f"--output {output}: cannot write ({exc.strerror or exc})") from None
+        else:
+            click.echo(text, nl=not text.endswith("\n"))
+    except BmrsError as exc:
+        fail(str(exc))
+
+
+def document(analysis, model: str, shape) -> dict:
+    return {
+        "model": model,
+        "input_shape": list(shape),
+        "nodes": analysis.gm.graph.nodes.__len__(),
+        "groups": analysis.summary(),
+        "structures": sum(g.size for g in analysis.groups),
+        "opaque": [{"node": n, "why": why} for n, why in analysis.propagation.opaque],
+        "untraceable_modules": analysis.opaque_modules,
+        "seconds": analysis.timings,
+    }
+
+
+def render(analysis, model: str, shape, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(document(analysis, model, shape), indent=2) + "\n"
+    if fmt == "dot":
+        return to_dot(analysis)
+    if fmt == "graphml":
+        return to_graphml(analysis)
+    return to_text(analysis, model, shape)
+
+
+def to_text(analysis, model: str, shape) -> str:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    doc = document(analysis, model, shape)
+    table = Table(title=f"{model}: {len(doc['groups'])} coupled groups, {doc['structures']} prunable structures")
+    for col in ("id", "kind", "structures", "channels", "members", "gates at"):
+        table.add_column(col, justify="right" if col in ("id", "structures", "channels") else "left")
+    for g in doc["groups"]:
+        members = escape(", ".join(f"{m['name']}[{m['role']}]" for m in g["members"]))
+        table.add_row(str(g["id"]), g["kind"], str(g["structures"]), str(g["channels"]), members,
+                      ", ".join(g["gates"]))
+    buf = io.StringIO()
+    console = Console(file=buf, width=160, force_terminal=False)
+    console.print(table)
+    console.print(f"graph: {doc['nodes']} nodes; input {tuple(shape)}")
+    if doc["opaque"]:
+        console.print(f"channels kept by {len(doc['opaque'])} operations, e.g. "
+                      + "; ".join(f"{o['node']} ({o['why']})" for o in doc["opaque"][:3]))
+    if doc["untraceable_modules"]:
+        console.print("traced as opaque leaves: " + ", ".join(doc["untraceable_modules"]))
+    return buf.getvalue()
+
+
+def _node_groups(analysis) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for g in analysis.groups:
+        for t in g.taps:
+            out.setdefault(t.node, []).append(g.id)
+    return out
+
+
+def to_dot(analysis) -> str:
+    graph = analysis.graph
+    lines = ["digraph model {", "  rankdir=TB;", '  node [shape=box, fontsize=10, fontname="Helvetica"];']
+    for name, data in graph.nodes(data=True):
+        label = f"{name}\\n{data['kind']}"
+        if data.get("shape"):
+            label += "\\n" + "x".join(str(d) for d in data["shape"])
+        if data.get("groups"):
+            label += "\\ngates: " + ",".join(f"g{g}" for g in data["groups"])
+        style = ', style=filled, fillcolor="#cfe8ff"' if data.get("groups") else ""
+        lines.append(f'  "{name}" [label="{label}"{style}];')
+    for a, b in graph.edges():
+        lines.append(f'  "{a}" -> "{b}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_graphml(analysis) -> str:
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for name, data in analysis.graph.nodes(data=True):
+        clean = {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in data.items() if v is not None}
+        g.add_node(name, **clean)
+    g.add_edges_from(analysis.graph.edges())
+    return "\n".join(nx.generate_graphml(g)) + "\n"
