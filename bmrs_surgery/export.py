@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import warnings
 
 import numpy as np
@@ -22,6 +24,21 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+@contextlib.contextmanager
+def _quiet_logs():
+    """torch.export and the ONNX exporter log failures and progress at ERROR/INFO: keep them quiet."""
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._dynamo", "torch.onnx", "torch._export",
+                                              "onnxscript", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
 def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") -> tuple[bytes, str]:
     """The model as an ONNX file in memory, with a dynamic batch axis; returns (bytes, exporter used).
 
@@ -34,7 +51,7 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") 
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     for kind in order:
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():
                 warnings.simplefilter("ignore")
                 if kind == "dynamo":
                     prog = torch.onnx.export(

@@ -13,6 +13,7 @@ import click
 
 from bmrs_surgery.errors import BmrsError
 
+from .bench_cmd import bench
 from .check_cmd import check
 from .compress import compress
 from .inspect_cmd import inspect
@@ -45,6 +46,7 @@ def cli() -> None:
 cli.add_command(compress)
 cli.add_command(inspect)
 cli.add_command(check)
+cli.add_command(bench)
 
 
 def main(argv: list[str] | None = None) -> None:

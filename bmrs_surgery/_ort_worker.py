@@ -1,0 +1,67 @@
+"""ONNX Runtime timing worker, run as a script (``python _ort_worker.py MODEL THREADS``).
+
+It imports only onnxruntime and numpy, never torch: timings are taken in a process without
+torch's thread pools. It holds one session and answers JSON requests on stdin, one per line:
+``{"batch": 8, "warmup": 3, "runs": 10}`` -> ``{"times_ms": [...], "peak_rss_mb": ...}``.
+"""
+
+import json
+import resource
+import sys
+import time
+
+
+def _rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+
+
+def main() -> None:
+    path, threads = sys.argv[1], int(sys.argv[2])
+    import numpy as np
+    import onnxruntime as ort
+
+    base = _rss_mb()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
+        print(json.dumps({"error": str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}),
+              flush=True)
+        return
+    inp = sess.get_inputs()[0]
+    info = {
+        "ready": True, "input": inp.name, "input_shape": [d if isinstance(d, int) else None for d in inp.shape],
+        "provider": sess.get_providers()[0], "onnxruntime": ort.__version__,
+        "threads": threads, "optimization": "ORT_ENABLE_ALL", "base_rss_mb": base,
+    }
+    print(json.dumps(info), flush=True)
+    rng = np.random.default_rng(0)
+    for line in sys.stdin:
+        req = json.loads(line)
+        shape = [req["batch"]] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
+        if req.get("shape"):
+            shape = [req["batch"]] + list(req["shape"][1:])
+        x = rng.standard_normal(shape).astype(np.float32)
+        try:
+            for _ in range(req.get("warmup", 0)):
+                sess.run(None, {inp.name: x})
+            times = []
+            for _ in range(req["runs"]):
+                t = time.perf_counter()
+                sess.run(None, {inp.name: x})
+                times.append((time.perf_counter() - t) * 1000.0)
+        except Exception as exc:  # noqa: BLE001
+            print(json.dumps({"error": str(exc).strip().splitlines()[0]}), flush=True)
+            continue
+        print(json.dumps({"times_ms": times, "peak_rss_mb": _rss_mb(), "base_rss_mb": base}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""``bmrs-compress bench A [B]``: ONNX Runtime latency, throughput, size and memory; B/A ratios."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import click
+
+from bmrs_surgery.errors import BmrsError
+
+from ._common import fail, input_shape_option, parse_shape
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise BmrsError(f"--batch-sizes {text!r}: expected comma-separated positive integers") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise BmrsError(f"--batch-sizes {text!r}: expected comma-separated positive integers")
+    return sizes
+
+
+def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str) -> Path:
+    """An .onnx path for ``spec``: itself, or a model exported on the fly."""
+    if spec.endswith(".onnx"):
+        return Path(spec)
+    import torch
+
+    from bmrs_surgery import api, loading
+    from bmrs_surgery.export import ExportError, onnx_bytes
+
+    from ._common import load_network
+
+    net, shape = load_network(spec, input_shape, arch, trust)
+    if api.has_gates(net):
+        net = api.network(net)
+    try:
+        data, _ = onnx_bytes(net.eval(), torch.randn((2,) + tuple(shape[1:])))
+    except ExportError as exc:
+        raise BmrsError(f"{spec}: {exc}") from None
+    path = tmp / f"{tag}.onnx"
+    path.write_bytes(data)
+    return path
+
+
+@click.command()
+@click.argument("model_a")
+@click.argument("model_b", required=False)
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime intra-op threads (0: ONNX Runtime's default, all cores).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs per batch size.")
+@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs per batch size.")
+@input_shape_option
+@click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
+@click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch, trust_model, as_json):
+    """Benchmark MODEL_A (and MODEL_B, interleaved) in ONNX Runtime on the CPU.
+
+    Models are .onnx files, or .pt models / bundled names exported on the fly. Reports per batch
+    size the median, p90 and min latency, throughput, file size and peak memory, and with B the
+    ratio B/A.
+    """
+    try:
+        from bmrs_surgery.bench import benchmark
+
+        sizes = _batch_sizes(batch_sizes)
+        shape = parse_shape(input_shape)
+        with tempfile.TemporaryDirectory(prefix="bmrs-bench-") as tmp:
+            paths = [_as_onnx(m, input_shape, arch, trust_model, Path(tmp), f"model{i}")
+                     for i, m in enumerate([model_a] + ([model_b] if model_b else []))]
+            result = benchmark(paths, sizes, threads=threads, warmup=warmup, runs=runs,
+                               shape=list(shape) if shape else None)
+        for m, spec in zip(result["models"], [model_a, model_b]):
+            m["model"] = spec
+    except BmrsError as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print(result)
+
+
+def _print(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result["session"]
+    table = Table(title=f"ONNX Runtime {s['onnxruntime']} ({s['provider']}, threads {s['intra_op_threads']}, "
+                        f"{s['graph_optimization']})")
+    for col in ("model", "batch", "median ms", "p90 ms", "min ms", "items/s", "file MB", "peak RSS MB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in result["models"]:
+        for b in m["batches"]:
+            table.add_row(m["model"], str(b["batch"]), f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}",
+                          f"{b['min_ms']:.3f}", f"{b['throughput_per_s']:.1f}", f"{m['file_size_bytes'] / 1e6:.2f}",
+                          f"{b['peak_rss_mb']:.0f}")
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    for r in result.get("ratios_vs_first", []):
+        console.print("B/A median latency: " + ", ".join(
+            f"batch {b['batch']}: {b['median_ratio']:.3f}" for b in r["batches"]), highlight=False)
