@@ -35,6 +35,7 @@ class GatedModel(nn.Module):
         self.model = model
         self.bmrs_gates = bank
         object.__setattr__(self, "analysis", analysis)  # the dependency analysis (not saved)
+        self.input_shape: tuple[int, ...] | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -75,7 +76,10 @@ def attach_gates(
     if param is not None:
         bank.to(param.device)
     _hook(model, bank)
-    return GatedModel(model, bank, analysis)
+    gated = GatedModel(model, bank, analysis)
+    if analysis is not None:
+        gated.input_shape = tuple(analysis.example_shape[1:])  # one example, for later surgery
+    return gated
 
 
 def _hook(model: nn.Module, bank: GateBank) -> None:

@@ -83,20 +83,24 @@ def session(data: bytes | str, threads: int | None = None):
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def onnx_parity(model: nn.Module, input_shape, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> float:
-    """Export ``model``, run it in ONNX Runtime on ``inputs`` (and on a different batch size) and
-    return the max abs difference from torch; raises ExportError beyond ``tolerance`` x scale."""
-    example = inputs[0]
-    data, _ = onnx_bytes(model, example)
+def ort_parity(model: nn.Module, data: bytes, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> float:
+    """Run ONNX model ``data`` in ONNX Runtime on ``inputs`` (and on one more batch size, to
+    exercise the dynamic axis) against torch ``model``; the max abs difference, or ExportError
+    beyond ``tolerance`` x the output scale."""
     sess = session(data)
     name = sess.get_inputs()[0].name
-    batches = list(inputs) + [torch.cat([example, example[:1]])]  # another batch size: dynamic axis
+    example = inputs[0]
+    batches = list(inputs) + [torch.cat([example, example[:1]])]
     diff, scale = 0.0, 0.0
+    model = model.eval()
     with torch.no_grad():
         for x in batches:
             ref = model(x)
             ref = ref[0] if isinstance(ref, (tuple, list)) else ref
-            got = sess.run(None, {name: x.numpy()})[0]
+            try:
+                got = sess.run(None, {name: x.float().numpy()})[0]
+            except Exception as exc:  # noqa: BLE001
+                raise ExportError(f"ONNX Runtime failed on batch {tuple(x.shape)}: {_first_line(exc)}") from None
             if got.shape != tuple(ref.shape):
                 raise ExportError(f"ONNX Runtime output shape {got.shape} != torch {tuple(ref.shape)}")
             r = ref.float().numpy()
@@ -105,3 +109,9 @@ def onnx_parity(model: nn.Module, input_shape, inputs: list[torch.Tensor], toler
     if not diff <= tolerance * (scale or 1.0):
         raise ExportError(f"ONNX Runtime differs from torch by {diff:.3g} (> {tolerance:g} x output scale {scale:.3g})")
     return diff
+
+
+def onnx_parity(model: nn.Module, input_shape, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> float:
+    """Export ``model`` and check ONNX Runtime against torch (see :func:`ort_parity`)."""
+    data, _ = onnx_bytes(model, inputs[0])
+    return ort_parity(model, data, inputs, tolerance)

@@ -167,7 +167,16 @@ def _from_checkpoint(ck: dict, spec: str) -> LoadedModel:
     try:
         net, _ = build_arch(arch, num_classes)
         sites = [GateSite(**s) for s in ck.get("sites") or []]
-        if sites:
+        if sites and ck.get("traced"):
+            if shape is None:
+                raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (traced network, no input shape)")
+            from .placement import analyse_model
+
+            analysis = analyse_model(net, torch.zeros((1,) + tuple(shape)))
+            gated = api.attach_gates(net, sites=sites, analysis=analysis, noise=ck.get("noise") or "sample")
+            _load_state(gated, state, spec)
+            model = gated
+        elif sites:
             gated = api.attach_gates(net, sites=sites, noise=ck.get("noise") or "sample")
             _load_state(gated, state, spec)
             model: nn.Module = gated
@@ -183,6 +192,9 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     """Write a file through ``write(f)`` into a temporary file beside it, then rename it over."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -219,6 +231,8 @@ def checkpoint_bytes(model: nn.Module, arch: str | None, input_shape=None) -> by
         "num_classes": getattr(last[-1], "out_features", None) if last else None,
         "input_shape": list(input_shape) if input_shape else None,
         "sites": [s.to_dict() for s in bank.sites] if bank is not None else [],
+        # the gated network is the traced graph (attention written out): rebuild it that way
+        "traced": isinstance(net, torch.fx.GraphModule),
         "noise": bank.noise if bank is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }

@@ -13,8 +13,9 @@ import torch
 
 from . import api, bmrs
 from .accounting import compression, removable_per_module
+from .plan import channels_per_structure
 
-REPORT_SCHEMA = "bmrs-surgery/report/1"
+REPORT_SCHEMA = "bmrs-surgery/report/2"
 
 
 def _summary(values: torch.Tensor) -> dict:
@@ -65,7 +66,7 @@ def scores_csv(rows: list[dict]) -> bytes:
 
 def build_report(*, gated, decision, model_spec: str, data_spec: str | None, prior: str,
                  precision_bits: int, fit_result=None, accuracy: dict | None = None,
-                 wall_time_s: float, outputs: dict) -> dict:
+                 wall_time_s: float, outputs: dict, deployment=None, sweep: dict | None = None) -> dict:
     """The report.json document (plain data)."""
     bank = api.gate_bank(gated)
     net = api.network(gated)
@@ -75,9 +76,12 @@ def build_report(*, gated, decision, model_spec: str, data_spec: str | None, pri
         sl = bank.slice_of(i)
         keep = decision.keep[sl]
         removable = sum(per_module[m][0] for m in site.producers + site.norms if m in per_module)
+        per = channels_per_structure(site)
         layers.append(
             {
                 "name": site.name,
+                "channels_before": site.size * per,
+                "channels_after": int(keep.sum()) * per,
                 "kind": site.kind,
                 "gates_at": site.consumers,
                 "structures_before": site.size,
@@ -108,12 +112,30 @@ def build_report(*, gated, decision, model_spec: str, data_spec: str | None, pri
             "accuracy_before": acc.get("before"),
             "accuracy_gated": acc.get("gated"),
             "accuracy_after": acc.get("after"),
+            "accuracy_pruned": acc.get("pruned"),
             "accuracy_split": acc.get("split"),
             "wall_time_s": wall_time_s,
         },
+        "surgery": _deployment(deployment),
+        "sweep": sweep,
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
         "outputs": outputs,
     })
+
+
+def _deployment(dep) -> dict | None:
+    if dep is None:
+        return None
+    from .export import OPSET
+
+    return {
+        "proof": dep.proof.to_dict(),
+        "counts": dep.counts,
+        "onnx": {"opset": OPSET, "exporter": dep.exporter, "dynamic_batch": True,
+                 "onnxruntime_max_abs_diff": dep.onnx_max_abs_diff,
+                 "size_bytes_original": len(dep.onnx_original), "size_bytes_pruned": len(dep.onnx)},
+        "benchmark": dep.bench,
+    }
 
 
 def _finite(obj):

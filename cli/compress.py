@@ -42,16 +42,23 @@ from ._common import fail, out_dir_option, prepare_out_dir, write_outputs
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
 @click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
+@click.option("--round-to", type=click.IntRange(min=1), default=None,
+              help="Keep a multiple of N channels in every group (hardware-friendly widths).")
+@click.option("--bench-batch-sizes", default="1,8,32", show_default=True,
+              help="ONNX Runtime benchmark of original vs pruned at these batch sizes ('' to skip).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime intra-op threads for the benchmark (0: all cores).")
 @out_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of a summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
-             batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, out,
-             as_json, quiet):
-    """Fit BMRS gates on MODEL (or use its fitted gates), prune where dF >= 0, write the results.
+             batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, round_to,
+             bench_batch_sizes, threads, out, as_json, quiet):
+    """Fit BMRS gates on MODEL (or use its fitted gates), prune where dF >= 0, remove the pruned
+    structures for real, prove the result, export and benchmark it.
 
-    MODEL is a bundled name (lenet5, mlp), torchvision:NAME, or a saved model file. Writes
-    gated.pt, scores.csv and report.json into --out.
+    MODEL is a bundled name (lenet5, mlp, ...), torchvision:NAME, or a saved model file. Writes
+    into --out: pruned.pt, pruned.onnx, gated.pt, scores.csv, report.json and report.html.
     """
     try:
         _run(**locals())
@@ -60,13 +67,23 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
 
 
 def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
-         batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, out,
-         as_json, quiet):
-    from bmrs_surgery import loading, report
+         batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, round_to,
+         bench_batch_sizes, threads, out, as_json, quiet):
+    import io
+
+    import torch
+
+    from bmrs_surgery import loading, report, report_html
+    from bmrs_surgery.criteria import Decision
+    from bmrs_surgery.deploy import deploy
+    from bmrs_surgery.plan import plan_keep
+
+    from .bench_cmd import _batch_sizes
     from bmrs_surgery.data import check_fits, load_data
     from bmrs_surgery.fit import FitConfig, accuracy, fit
 
     start = time.perf_counter()
+    sizes = _batch_sizes(bench_batch_sizes) if bench_batch_sizes.strip() else None
     prepare_out_dir(out, create=False)
     _check_device(device)
     loaded = loading.load_model(model, arch=arch, trust=trust_model)
@@ -114,24 +131,39 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
         acc["gated"] = accuracy(gated, data.test)
         api.gate_bank(gated).mask.copy_(mask)
     decision = api.decision(gated, api.criterion_for(prior), precision_bits=precision_bits)
+    bank = api.gate_bank(gated)
+    keep = plan_keep(bank, decision.keep, decision.score, round_to)  # no group emptied; rounding
+    decision = Decision(decision.criterion, decision.score, keep)
     api.apply_decision(gated, decision)
     if data is not None:
         acc["after"] = accuracy(gated, data.test)
+    shape = loaded.input_shape or getattr(gated, "input_shape", None) or (data.input_shape if data is not None else None)
+    if shape is None:
+        raise BmrsError(f"{model}: input shape unknown (give --data, or save the model with its input shape)")
+    real = [data.test.tensors[0][:64]] if data is not None else None
+    dep = deploy(gated, keep, (1,) + tuple(shape), real, sizes, threads=threads)
+    if data is not None:
+        acc["pruned"] = accuracy(dep.pruned, data.test)
 
     # Everything is serialised in memory first: a failure up to here leaves --out untouched.
-    outputs = {"gated_model": "gated.pt", "scores": "scores.csv", "report": "report.json"}
+    outputs = {"pruned_model": "pruned.pt", "onnx": "pruned.onnx", "gated_model": "gated.pt",
+               "scores": "scores.csv", "report": "report.json", "html": "report.html"}
     rows = report.structure_table(gated, decision)
-    shape = loaded.input_shape or (data.input_shape if data is not None else None)
+    buf = io.BytesIO()
+    torch.save(dep.pruned, buf)
     checkpoint = loading.checkpoint_bytes(gated, loaded.arch, shape)
     scores = report.scores_csv(rows)
     doc = report.build_report(
         gated=gated, decision=decision, model_spec=model, data_spec=data_spec, prior=prior,
         precision_bits=precision_bits, fit_result=fit_result, accuracy=acc,
-        wall_time_s=time.perf_counter() - start, outputs=outputs,
+        wall_time_s=time.perf_counter() - start, outputs=outputs, deployment=dep,
     )
     doc_bytes = report.report_json(doc)
+    html_bytes = report_html.render(report._finite(doc), rows)
     out_path = write_outputs(out, {
+        outputs["pruned_model"]: buf.getvalue(), outputs["onnx"]: dep.onnx,
         outputs["gated_model"]: checkpoint, outputs["scores"]: scores, outputs["report"]: doc_bytes,
+        outputs["html"]: html_bytes,
     })
     if as_json:
         click.echo(doc_bytes.decode(), nl=False)
@@ -179,7 +211,22 @@ def _print_summary(doc: dict, out_path: Path) -> None:
     if doc["data"] is not None:
         console.print(f"test accuracy: before {_fmt(t['accuracy_before'], '.4f')}, "
                       f"gated {_fmt(t['accuracy_gated'], '.4f')}, after pruning {_fmt(t['accuracy_after'], '.4f')}")
-    console.print(f"wall time {t['wall_time_s']:.1f} s; report: {out_path / 'report.json'}")
+    sur = doc.get("surgery")
+    if sur:
+        c = sur["counts"]
+        console.print(f"pruned network: parameters {c['params_before']:,} -> {c['params_after']:,} "
+                      f"({c['params_ratio']:.3f}x), MACs {c['macs_before']:,} -> {c['macs_after']:,} "
+                      f"({c['macs_ratio']:.3f}x); proof max abs diff {sur['proof']['max_abs_diff']:.2g}, "
+                      f"ONNX Runtime {sur['onnx']['onnxruntime_max_abs_diff']:.2g}", highlight=False)
+        if t.get("accuracy_pruned") is not None:
+            console.print(f"pruned network test accuracy: {t['accuracy_pruned']:.4f}")
+        bench = sur.get("benchmark")
+        if bench:
+            a, b = bench["models"]
+            console.print("ONNX Runtime latency pruned/original: " + ", ".join(
+                f"batch {x['batch']}: {y['median_ms']:.3f}/{x['median_ms']:.3f} ms = {y['median_ms'] / x['median_ms']:.2f}x"
+                for x, y in zip(a["batches"], b["batches"])), highlight=False)
+    console.print(f"wall time {t['wall_time_s']:.1f} s; report: {out_path / 'report.html'}")
 
 
 def _fmt(value, spec: str) -> str:

@@ -29,7 +29,7 @@ from bmrs_surgery.loading import CHECKPOINT_FORMAT
 from bmrs_surgery.models import get_model
 from bmrs_surgery.report import REPORT_SCHEMA
 
-FAST = ["--data", "digits", "--epochs", "1", "--finetune-epochs", "0", "-q"]
+FAST = ["--data", "digits", "--epochs", "1", "--finetune-epochs", "0", "-q", "--bench-batch-sizes", ""]
 LENET5_STRUCTURES = 6 + 16 + 120 + 84
 FASHION_DIR = Path(os.environ.get("BMRS_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 HAVE_FASHION = (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file()
@@ -82,7 +82,7 @@ def read_scores(folder: Path) -> list[dict]:
 def trained(tmp_path_factory) -> tuple[Path, object]:
     """lenet5 fitted on digits for one epoch (BMRS_U), written to a fresh folder."""
     out = tmp_path_factory.mktemp("run") / "first"
-    result = ok(invoke("lenet5", *FAST, "--prior", "uniform", "--out", out))
+    result = ok(invoke("lenet5", *FAST, "--prior", "uniform", "--out", out, "--bench-batch-sizes", "1,4"))
     return out, result
 
 
@@ -118,16 +118,17 @@ def files(tmp_path_factory, trained) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_happy_path_writes_three_files(trained):
+def test_happy_path_writes_all_outputs(trained):
     out, result = trained
-    assert sorted(p.name for p in out.iterdir()) == ["gated.pt", "report.json", "scores.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gated.pt", "pruned.onnx", "pruned.pt", "report.html", "report.json", "scores.csv"]
     assert "parameter compression" in result.stdout
     assert result.stderr == ""
 
 
 def test_report_json_schema(trained):
     rep = read_report(trained[0])
-    assert rep["schema"] == REPORT_SCHEMA == "bmrs-surgery/report/1"
+    assert rep["schema"] == REPORT_SCHEMA == "bmrs-surgery/report/2"
     assert rep["model"] == "lenet5" and rep["data"] == "digits" and rep["prior"] == "uniform"
     assert rep["criterion"] == "bmrs_u8" and rep["precision_bits"] == 8
     layers = rep["layers"]
@@ -145,7 +146,17 @@ def test_report_json_schema(trained):
     assert t["accuracy_split"] == "test"
     assert isinstance(t["wall_time_s"], float) and t["wall_time_s"] > 0
     assert rep["fit"]["config"]["epochs"] == 1 and len(rep["fit"]["history"]) == 1
-    assert rep["outputs"] == {"gated_model": "gated.pt", "scores": "scores.csv", "report": "report.json"}
+    assert rep["outputs"] == {"pruned_model": "pruned.pt", "onnx": "pruned.onnx", "gated_model": "gated.pt",
+                              "scores": "scores.csv", "report": "report.json", "html": "report.html"}
+    sur = rep["surgery"]
+    assert sur["proof"]["ok"] and sur["proof"]["max_abs_diff"] <= 1e-4 * sur["proof"]["output_scale"]
+    c = sur["counts"]
+    assert c["params_after"] <= c["params_before"] and c["macs_after"] <= c["macs_before"]
+    assert sur["onnx"]["opset"] >= 17 and sur["onnx"]["onnxruntime_max_abs_diff"] < 1e-4
+    bench = sur["benchmark"]
+    assert [b["batch"] for b in bench["models"][1]["batches"]] == [1, 4]
+    assert bench["session"]["graph_optimization"] == "ORT_ENABLE_ALL"
+    assert t["accuracy_pruned"] == pytest.approx(t["accuracy_after"], abs=0.01)
 
 
 def test_scores_csv_one_row_per_structure(trained):
@@ -154,8 +165,30 @@ def test_scores_csv_one_row_per_structure(trained):
     assert set(rows[0]) == {"site", "index", "mu", "log_sigma", "expected_theta", "snr", "score", "keep"}
     kept = sum(r["keep"] == "True" for r in rows)
     assert kept == read_report(trained[0])["totals"]["structures_after"]
-    for r in rows:  # the decision rule: prune where dF >= 0
-        assert (r["keep"] == "True") == (float(r["score"]) < 0)
+    for site in {r["site"] for r in rows}:  # the decision rule: prune where dF >= 0 ...
+        mine = [r for r in rows if r["site"] == site]
+        if any(float(r["score"]) < 0 for r in mine):
+            assert all((r["keep"] == "True") == (float(r["score"]) < 0) for r in mine)
+        else:  # ... except that a group never loses its last structure (its best one stays)
+            assert sum(r["keep"] == "True" for r in mine) == 1
+
+
+def test_pruned_outputs_load_and_compute_the_gated_network(trained):
+    import onnxruntime as ort
+
+    out = trained[0]
+    pruned = torch.load(out / "pruned.pt", weights_only=False)
+    assert not any(type(m).__module__.startswith("bmrs_surgery") for m in pruned.modules())
+    gated = torch.load(out / "gated.pt", weights_only=True)
+    x = torch.randn(5, 1, 32, 32)
+    sess = ort.InferenceSession(str(out / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, pruned(x).numpy(), atol=1e-5)
+    page = (out / "report.html").read_text()
+    assert page.count("<img") >= 3 and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "ONNX Runtime latency, batch 4" in page
 
 
 def test_gated_checkpoint_is_weights_only(trained):
@@ -173,15 +206,17 @@ def test_json_flag_prints_report(tmp_path):
 
 
 def test_existing_empty_out_folder_is_used(tmp_path):
-    ok(invoke("lenet5", "--data", "digits", "--epochs", "0", "--finetune-epochs", "0", "-q", "--out", tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gated.pt", "report.json", "scores.csv"]
+    ok(invoke("lenet5", "--data", "digits", "--epochs", "0", "--finetune-epochs", "0", "-q", "--out", tmp_path,
+              "--bench-batch-sizes", ""))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gated.pt", "pruned.onnx", "pruned.pt", "report.html", "report.json", "scores.csv"]
     assert read_report(tmp_path)["fit"] is None
 
 
 def test_state_dict_with_arch(files, tmp_path):
     out = tmp_path / "sd"
     ok(invoke(files["state_dict.pt"], "--arch", "lenet5", "--data", "digits", "--epochs", "0",
-              "--finetune-epochs", "0", "-q", "--out", out))
+              "--finetune-epochs", "0", "-q", "--out", out, "--bench-batch-sizes", ""))
     assert read_report(out)["totals"]["structures_before"] == LENET5_STRUCTURES
 
 

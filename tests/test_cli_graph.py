@@ -93,3 +93,26 @@ def test_console_script_check_exit_code():
                        capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
     assert "PASS" in r.stdout
+
+
+def test_compress_transformer_with_library_attention_then_rescore_saved_gates(tmp_path):
+    import numpy as np
+
+    from test_cli import read_report
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((60, 3, 16, 16)).astype(np.float32), y=np.arange(60) % 10)
+    out = tmp_path / "run"
+    ok(invoke("transformer_block", "--data", data, "--epochs", "1", "--finetune-epochs", "0", "-q",
+              "--bench-batch-sizes", "", "--prior", "uniform", "--out", out))
+    rep = read_report(out)
+    assert [lay["kind"] for lay in rep["layers"]] == ["heads", "channels", "heads", "channels"]
+    assert rep["surgery"]["proof"]["ok"]
+    ck = torch.load(out / "gated.pt", weights_only=True)
+    assert ck["traced"] is True  # nn.MultiheadAttention was written out: the gates sit in the graph
+    again = tmp_path / "again"
+    ok(invoke(out / "gated.pt", "--prior", "uniform", "--out", again, "-q", "--bench-batch-sizes", ""))
+    assert read_report(again)["totals"]["structures_after"] == rep["totals"]["structures_after"]
+    pruned = torch.load(again / "pruned.pt", weights_only=False)
+    assert pruned(torch.randn(2, 3, 16, 16)).shape == (2, 10)

@@ -1,0 +1,114 @@
+"""After the decision: surgery, proof, ONNX export, ONNX Runtime parity, counting, benchmark.
+
+``deploy(gated, keep, input_shape)`` turns a gated model and its keep-mask into a
+:class:`Deployment`: the pruned plain network, its ONNX file, the proof that both compute what the
+gated model computes, parameter and MAC counts (Torch-Pruning's ``count_ops_and_params``, which
+counts multiply-accumulates of convolutions, linear layers and attention matmuls), and an ONNX
+Runtime comparison of original and pruned network. Nothing here writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import api
+from .errors import BmrsError
+from .export import ExportError, onnx_bytes, ort_parity
+from .surgery import parameter_count, shrink
+from .verify import Proof, failing_group, prove, random_inputs
+
+
+class SurgeryError(BmrsError):
+    """The pruned network does not compute what the gated one did (names the group)."""
+
+
+@dataclass
+class Deployment:
+    pruned: nn.Module
+    original: nn.Module
+    proof: Proof
+    onnx: bytes
+    onnx_original: bytes
+    exporter: str
+    onnx_max_abs_diff: float
+    counts: dict
+    bench: dict | None
+
+
+def plain_network(gated: nn.Module) -> nn.Module:
+    """A copy of the gated network without its gates (the network before pruning)."""
+    net = copy.deepcopy(api.network(gated))
+    api.remove_gate_hooks(net)
+    return net.eval()
+
+
+def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs, parameters) for one example, by Torch-Pruning's counter."""
+    import torch_pruning as tp
+
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model.eval(), example)
+    return int(macs), int(params)
+
+
+def deploy(gated: nn.Module, keep: torch.Tensor, input_shape: tuple[int, ...],
+           real_inputs: list[torch.Tensor] | None = None, bench_batch_sizes: tuple[int, ...] | None = (1, 8, 32),
+           bench_runs: int = 20, threads: int = 0, tolerance: float = 1e-4) -> Deployment:
+    bank = api.gate_bank(gated)
+    example = torch.randn((1,) + tuple(input_shape[1:]))
+    analysis = api.analysis_of(gated, example)
+    with torch.no_grad():
+        bank.mask.copy_(keep.to(bank.mask))
+    gated.eval()
+    pruned = shrink(analysis, bank, keep)
+    inputs = random_inputs(input_shape) + [x for x in (real_inputs or []) if x.numel()]
+    try:
+        proof = prove(gated, pruned, inputs, tolerance)
+    except Exception as exc:  # noqa: BLE001 - the pruned network does not even run
+        proof = Proof(float("inf"), 1.0, tolerance, len(inputs))
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    else:
+        cause = f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
+    if not proof.ok:
+        site = failing_group(analysis, bank, keep, gated, inputs, tolerance)
+        where = f" in group {site.name} ({site.kind}; layers {', '.join(site.consumers[:3])})" if site else ""
+        raise SurgeryError(f"surgery changed the network's output{where}: {cause}; nothing written")
+    original = plain_network(gated)
+    batch2 = torch.randn((2,) + tuple(input_shape[1:]))
+    try:
+        data, exporter = onnx_bytes(pruned, batch2)
+        data_orig, _ = onnx_bytes(original, batch2, exporter)
+        onnx_diff = ort_parity(pruned, data, inputs, tolerance)
+    except ExportError as exc:
+        raise BmrsError(str(exc)) from None
+    macs_before, params_before = count(original, example)
+    macs_after, params_after = count(pruned, example)
+    counts = {
+        "counter": "torch_pruning.utils.count_ops_and_params",
+        "params_before": params_before, "params_after": params_after,
+        "macs_before": macs_before, "macs_after": macs_after,
+        "params_ratio": params_after / params_before if params_before else None,
+        "macs_ratio": macs_after / macs_before if macs_before else None,
+        "parameters_counted_by_torch": [parameter_count(original), parameter_count(pruned)],
+    }
+    bench = None
+    if bench_batch_sizes:
+        from .bench import benchmark
+
+        with tempfile.TemporaryDirectory(prefix="bmrs-deploy-") as tmp:
+            a, b = Path(tmp) / "original.onnx", Path(tmp) / "pruned.onnx"
+            a.write_bytes(data_orig)
+            b.write_bytes(data)
+            bench = benchmark([a, b], bench_batch_sizes, threads=threads, warmup=3, runs=bench_runs, rounds=5)
+        bench["models"][0]["model"], bench["models"][1]["model"] = "original", "pruned"
+        for m in bench["models"]:
+            m.pop("path", None)
+        for r in bench.get("ratios_vs_first", []):
+            r.pop("path", None)
+    return Deployment(pruned, original, proof, data, data_orig, exporter, onnx_diff, counts, bench)

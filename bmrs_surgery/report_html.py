@@ -1,0 +1,155 @@
+"""report.html: one self-contained page (inline CSS, plots as embedded PNGs, no scripts, no CDN)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _figures(doc: dict, rows: list[dict]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    kept = [r for r in rows if r["keep"]]
+    dropped = [r for r in rows if not r["keep"]]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bins = [i / 40 for i in range(41)]
+    ax.hist([r["expected_theta"] for r in kept], bins=bins, alpha=0.75, label=f"kept ({len(kept)})", color="#2b7bba")
+    ax.hist([r["expected_theta"] for r in dropped], bins=bins, alpha=0.75, label=f"pruned ({len(dropped)})", color="#d95f02")
+    ax.set_xlabel("E[theta]")
+    ax.set_ylabel("structures")
+    ax.legend()
+    ax.set_title("Gate means")
+    figs["expected_theta"] = _png(fig)
+
+    scores = [r["score"] for r in rows if r["score"] is not None and math.isfinite(r["score"])]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    if scores:
+        ax.hist(scores, bins=50, color="#555555")
+    ax.axvline(0.0, color="#d95f02", linestyle="--", label="prune where dF >= 0")
+    ax.set_xlabel(f"dF ({doc['criterion']})")
+    ax.set_ylabel("structures")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Change in evidence per structure")
+    figs["dF"] = _png(fig)
+
+    layers = doc["layers"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers)), 3.4))
+    xs = range(len(layers))
+    ax.bar([x - 0.2 for x in xs], [lay["channels_before"] for lay in layers], width=0.4, label="before", color="#bbbbbb")
+    ax.bar([x + 0.2 for x in xs], [lay["channels_after"] for lay in layers], width=0.4, label="after", color="#2b7bba")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([lay["name"] for lay in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("channels")
+    ax.legend()
+    ax.set_title("Widths per group")
+    figs["widths"] = _png(fig)
+
+    sweep = doc.get("sweep")
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for crit, pts in sweep["curves"].items():
+            ax.plot([p["compression"] * 100 for p in pts], [p["accuracy"] * 100 for p in pts], marker="o", label=crit)
+        stop = sweep.get("bmrs_stop")
+        if stop:
+            ax.axvline(stop["compression"] * 100, color="#d95f02", linestyle="--", label="BMRS stops here")
+        ax.set_xlabel("parameter compression (%)")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=8)
+        ax.set_title("Accuracy against compression")
+        figs["sweep"] = _png(fig)
+    return figs
+
+
+def _fmt(v, spec=",") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and spec == ",":
+        return f"{v:.4g}"
+    return format(v, spec)
+
+
+def _table(header: list[str], body: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+CSS = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1000px;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.4em 0}
+.small{color:#666;font-size:.85em}"""
+
+
+def render(doc: dict, rows: list[dict]) -> bytes:
+    figs = _figures(doc, rows)
+    t = doc["totals"]
+    surgery = doc.get("surgery") or {}
+    counts = surgery.get("counts") or {}
+    summary = [
+        ["parameters", _fmt(counts.get("params_before", t["parameters"])), _fmt(counts.get("params_after")),
+         _fmt(counts.get("params_ratio"), ".3f") if counts else "n/a"],
+        ["MACs", _fmt(counts.get("macs_before")), _fmt(counts.get("macs_after")),
+         _fmt(counts.get("macs_ratio"), ".3f") if counts else "n/a"],
+        ["accuracy", _fmt(t.get("accuracy_before"), ".4f") if t.get("accuracy_before") is not None else "n/a",
+         _fmt(t.get("accuracy_pruned", t.get("accuracy_after")), ".4f")
+         if t.get("accuracy_pruned", t.get("accuracy_after")) is not None else "n/a", ""],
+    ]
+    bench = surgery.get("benchmark")
+    if bench:
+        a, b = bench["models"]
+        for x, y in zip(a["batches"], b["batches"]):
+            summary.append([f"ONNX Runtime latency, batch {x['batch']} (ms, median)", f"{x['median_ms']:.3f}",
+                            f"{y['median_ms']:.3f}", f"{y['median_ms'] / x['median_ms']:.3f}"])
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>bmrs-surgery report: {html.escape(str(doc['model']))}</title><style>{CSS}</style></head><body>",
+        f"<h1>BMRS compression of {html.escape(str(doc['model']))}</h1>",
+        f"<p>criterion <b>{html.escape(doc['criterion'])}</b> ({html.escape(doc['decision_rule'])}); "
+        f"data {html.escape(str(doc['data']))}; parameter compression as the paper counts it: "
+        f"<b>{t['parameter_compression'] * 100:.2f}%</b>; {t['structures_after']} of {t['structures_before']} structures kept.</p>",
+        "<h2>Summary</h2>", _table(["", "before", "after", "after / before"], summary),
+    ]
+    if surgery:
+        p = surgery["proof"]
+        o = surgery["onnx"]
+        parts.append(f"<p class='small'>Equivalence proof: max |pruned - gated| = {p['max_abs_diff']:.3g} over "
+                     f"{p['inputs']} input batches (output scale {p['output_scale']:.3g}, tolerance "
+                     f"{p['tolerance']:g} x scale). ONNX opset {o['opset']} ({o['exporter']} exporter), ONNX Runtime "
+                     f"vs torch: {o['onnxruntime_max_abs_diff']:.3g}.</p>")
+        if bench:
+            s = bench["session"]
+            parts.append(f"<p class='small'>ONNX Runtime {s['onnxruntime']}, {s['provider']}, intra-op threads "
+                         f"{s['intra_op_threads']}, {s['graph_optimization']}; {s['runs']} runs per batch size, "
+                         f"original and pruned interleaved in {s['rounds_interleaved']} rounds.</p>")
+    parts += [
+        "<h2>Widths per group</h2>",
+        _table(["group", "kind", "channels before", "channels after", "structures before", "structures after"],
+               [[lay["name"], lay.get("kind", ""), lay["channels_before"], lay["channels_after"],
+                 lay["structures_before"], lay["structures_after"]] for lay in doc["layers"]]),
+        f"<img alt='widths per group' src='{figs['widths']}'>",
+        "<h2>Gates</h2>",
+        f"<img alt='histogram of E[theta]' src='{figs['expected_theta']}'>",
+        f"<img alt='histogram of dF' src='{figs['dF']}'>",
+    ]
+    if "sweep" in figs:
+        parts += ["<h2>Accuracy against compression</h2>", f"<img alt='sweep' src='{figs['sweep']}'>"]
+    parts.append(f"<p class='small'>schema {html.escape(doc['schema'])}; wall time {t['wall_time_s']:.1f} s.</p>")
+    parts.append("</body></html>\n")
+    return "".join(parts).encode()
