@@ -153,3 +153,35 @@ def render(doc: dict, rows: list[dict]) -> bytes:
     parts.append(f"<p class='small'>schema {html.escape(doc['schema'])}; wall time {t['wall_time_s']:.1f} s.</p>")
     parts.append("</body></html>\n")
     return "".join(parts).encode()
+
+
+def sweep_page(result: dict) -> bytes:
+    """A self-contained page with the sweep's curves, knees and BMRS's stopping point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for crit, pts in result["curves"].items():
+        ax.plot([p["compression"] * 100 for p in pts], [p["accuracy"] * 100 for p in pts], marker="o", ms=3, label=crit)
+    stop = result.get("bmrs_stop")
+    if stop:
+        ax.axvline(stop["compression"] * 100, color="#d95f02", linestyle="--", label=f"{stop['criterion']} stops")
+    ax.set_xlabel("parameter compression (%)")
+    ax.set_ylabel(f"{result['split']} accuracy (%)")
+    ax.legend(fontsize=8)
+    img = _png(fig)
+    rows = []
+    for crit, k in result["knees"].items():
+        if k:
+            rows.append([f"knee of {crit}", f"{k['compression'] * 100:.1f}", f"{k['accuracy'] * 100:.1f}"])
+    if stop:
+        rows.append([f"BMRS stop ({stop['criterion']})", f"{stop['compression'] * 100:.1f}", f"{stop['accuracy'] * 100:.1f}"])
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>bmrs-surgery sweep</title><style>{CSS}</style>"
+            f"</head><body><h1>Sweep: {html.escape(str(result.get('model')))} on {html.escape(str(result.get('data')))}</h1>"
+            f"<img alt='accuracy against compression' src='{img}'>"
+            + _table(["point", "compression %", "accuracy %"], rows)
+            + f"<p class='small'>{result['levels']} levels per criterion; fine-tuning epochs per level: "
+              f"{result['finetune_epochs']}.</p></body></html>\n")
+    return page.encode()

@@ -17,6 +17,7 @@ from .bench_cmd import bench
 from .check_cmd import check
 from .compress import compress
 from .inspect_cmd import inspect
+from .sweep_cmd import sweep
 
 
 class DefaultGroup(click.Group):
@@ -47,6 +48,7 @@ cli.add_command(compress)
 cli.add_command(inspect)
 cli.add_command(check)
 cli.add_command(bench)
+cli.add_command(sweep)
 
 
 def main(argv: list[str] | None = None) -> None:
