@@ -101,8 +101,9 @@ def main() -> None:
                     f"| {s['trace_s']:.3f} / {s['shapes_s']:.3f} / {s['groups_s']:.3f} "
                     f"| {r['tp_build']['median_s']:.3f} ({r['tp_build']['min_s']:.3f}) "
                     f"| {r['tp_build_groups']['median_s']:.3f} ({r['tp_build_groups']['min_s']:.3f}) "
-                    "".join(f"| {r[k]['median']:.2f} ({r[k]['min']:.2f}) " for k in ("ratio_vs_tp_build", "ratio_vs_tp_build_groups"))
-                    f"| {r['ours_groups']} ({r['ours_structures']} structures) / "
+                    + "".join(f"| {r[k]['median']:.2f} ({r[k]['min']:.2f}) "
+                              for k in ("ratio_vs_tp_build", "ratio_vs_tp_build_groups"))
+                    + f"| {r['ours_groups']} ({r['ours_structures']} structures) / "
                     f"{r['tp_groups']} ({r['tp_channels']} channels) |")
     table = "\n".join(rows)
     print(table)

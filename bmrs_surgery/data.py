@@ -30,7 +30,7 @@ from .errors import DataError
 
 __all__ = ["DATASETS", "DataSplits", "check_fits", "load_data"]
 
-DATASETS = ("fashion-mnist", "digits")
+DATASETS = ("fashion-mnist", "fashion-mnist-sample", "digits")
 
 FASHION_MNIST_ENV = "BMRS_FASHION_MNIST_DIR"
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -99,6 +99,8 @@ def load_data(
     name = raw.strip().lower().replace("_", "-")
     if name in ("fashion-mnist", "fashionmnist"):
         splits = _load_fashion_mnist(float(val_fraction), seed)
+    elif name == "fashion-mnist-sample":
+        splits = _load_fashion_sample(float(val_fraction), seed)
     elif name == "digits":
         splits = _load_digits(float(val_fraction), seed)
     elif raw.strip().lower().endswith(".npz"):
@@ -264,6 +266,21 @@ def _load_fashion_mnist(val_fraction: float, seed: int) -> DataSplits:
         num_classes=10,
         input_shape=tuple(x_train.shape[1:]),
     )
+
+
+def _load_fashion_sample(val_fraction: float, seed: int) -> DataSplits:
+    """6000 training and 2000 test images of Fashion-MNIST shipped with the package (for the demo)."""
+    from bmrs_surgery import models
+
+    path = Path(models.__file__).resolve().parent / "data" / "fashion_mnist_sample.npz"
+    if not path.is_file():
+        raise DataError(f"the bundled Fashion-MNIST sample is missing ({path}): reinstall bmrs-surgery")
+    with np.load(path) as z:
+        x_train, y_train = _resize_normalise(z["x_train"]), torch.from_numpy(z["y_train"].astype(np.int64))
+        x_test, y_test = _resize_normalise(z["x_test"]), torch.from_numpy(z["y_test"].astype(np.int64))
+    (xt, yt), (xv, yv) = _split_train_val(x_train, y_train, val_fraction, seed)
+    return DataSplits(name="fashion-mnist-sample", train=_dataset(xt, yt), val=_dataset(xv, yv),
+                      test=_dataset(x_test, y_test), num_classes=10, input_shape=tuple(x_train.shape[1:]))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -9,9 +10,22 @@ from torch import nn
 from .blocks import dense_block, depthwise_separable, resnet_block, shuffle_block, transformer_block
 from .paper import lenet5, mlp
 
+_HERE = Path(__file__).resolve().parent
+
+
+def lenet5_fmnist(**kwargs) -> nn.Module:
+    """LeNet5 trained on Fashion-MNIST (benchmarks/train_bundled.py), shipped with the package."""
+    import torch
+
+    model = lenet5(**kwargs)
+    ck = torch.load(_HERE / "lenet5_fmnist.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["state_dict"])
+    return model.eval()
+
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], str]] = {
     "mlp": (mlp, (1, 32, 32), "paper MLP for 32x32 inputs: 1024-150-150-10, Tanh"),
     "lenet5": (lenet5, (1, 32, 32), "paper LeNet5 for 32x32 single-channel inputs"),
+    "lenet5-fmnist": (lenet5_fmnist, (1, 32, 32), "paper LeNet5 trained on Fashion-MNIST (bundled weights)"),
     "resnet_block": (resnet_block, (3, 16, 16), "ResNet basic blocks, one with a downsample shortcut"),
     "dense_block": (dense_block, (3, 16, 16), "DenseNet-style concatenation and transition"),
     "depthwise_separable": (depthwise_separable, (3, 16, 16), "depthwise-separable, inverted residual, grouped conv"),

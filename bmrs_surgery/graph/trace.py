@@ -79,7 +79,30 @@ def symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Annotate every node with its output shape (``node.meta['tensor_meta']``)."""
+    """Annotate every node with its output shape (``node.meta['tensor_meta']``).
+
+    Shapes come from fake tensors first (no arithmetic, a fraction of a forward pass); a model
+    that needs real values (data-dependent control flow in an opaque module) gets a real forward.
+    """
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            was_training = gm.training
+            gm.eval()
+            try:
+                ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(example)
+            finally:
+                gm.train(was_training)
+        return
+    except Exception:  # noqa: BLE001 - fall back to real values, which also give the real error
+        for node in gm.graph.nodes:
+            node.meta.pop("tensor_meta", None)
+    _propagate_real(gm, example)
+
+
+def _propagate_real(gm: fx.GraphModule, example: torch.Tensor) -> None:
     was_training = gm.training
     gm.eval()
     prop = ShapeProp(gm)
