@@ -42,6 +42,8 @@ from ._common import fail, out_dir_option, prepare_out_dir, write_outputs
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
 @click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
+@click.option("--sweep", "sweep_levels", type=click.IntRange(min=0, max=100), default=0, show_default=True,
+              help="Also sweep compression at K levels per criterion (needs --data) and plot it in report.html.")
 @click.option("--round-to", type=click.IntRange(min=1), default=None,
               help="Keep a multiple of N channels in every group (hardware-friendly widths).")
 @click.option("--bench-batch-sizes", default="1,8,32", show_default=True,
@@ -52,8 +54,8 @@ from ._common import fail, out_dir_option, prepare_out_dir, write_outputs
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of a summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
-             batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, round_to,
-             bench_batch_sizes, threads, out, as_json, quiet):
+             batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, sweep_levels,
+             round_to, bench_batch_sizes, threads, out, as_json, quiet):
     """Fit BMRS gates on MODEL (or use its fitted gates), prune where dF >= 0, remove the pruned
     structures for real, prove the result, export and benchmark it.
 
@@ -67,8 +69,8 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
 
 
 def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
-         batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, round_to,
-         bench_batch_sizes, threads, out, as_json, quiet):
+         batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, sweep_levels,
+         round_to, bench_batch_sizes, threads, out, as_json, quiet):
     import io
 
     import torch
@@ -130,6 +132,13 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
         api.unmask(gated)
         acc["gated"] = accuracy(gated, data.test)
         api.gate_bank(gated).mask.copy_(mask)
+    sweep_result = None
+    if sweep_levels:
+        if data is None:
+            raise DataError("--sweep needs --data")
+        from bmrs_surgery.sweep import sweep as run_sweep
+
+        sweep_result = run_sweep(gated, data, levels=sweep_levels, precision_bits=precision_bits)
     decision = api.decision(gated, api.criterion_for(prior), precision_bits=precision_bits)
     bank = api.gate_bank(gated)
     keep = plan_keep(bank, decision.keep, decision.score, round_to)  # no group emptied; rounding
@@ -156,7 +165,7 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
     doc = report.build_report(
         gated=gated, decision=decision, model_spec=model, data_spec=data_spec, prior=prior,
         precision_bits=precision_bits, fit_result=fit_result, accuracy=acc,
-        wall_time_s=time.perf_counter() - start, outputs=outputs, deployment=dep,
+        wall_time_s=time.perf_counter() - start, outputs=outputs, deployment=dep, sweep=sweep_result,
     )
     doc_bytes = report.report_json(doc)
     html_bytes = report_html.render(report._finite(doc), rows)

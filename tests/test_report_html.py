@@ -19,7 +19,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     out = tmp_path / "run"
     ok(invoke("lenet5", "--data", "digits", "--epochs", "1", "--finetune-epochs", "0", "-q",
-              "--prior", "uniform", "--bench-batch-sizes", "1", "--out", out))
+              "--prior", "uniform", "--bench-batch-sizes", "1", "--sweep", "3", "--out", out))
     shot = tmp_path / "shot.png"
     r = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -33,6 +33,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     gray = img[..., :3].mean(axis=2)
     rows_with_ink = (gray < 0.5).any(axis=1).mean()
     assert rows_with_ink > 0.3, "page looks empty"  # text, tables and four plots
+    page = (out / "report.html").read_text()
+    assert page.count("<img") == 4 and "Accuracy against compression" in page
     # the plots are drawn: coloured (blue bars / histogram) pixels are present
     blue = (img[..., 2] > 0.6) & (img[..., 0] < 0.3)
     assert blue.sum() > 2000
