@@ -169,3 +169,16 @@ def shrink(analysis: Analysis, bank: GateBank, keep: torch.Tensor | None = None)
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def pruned_network(gated: nn.Module, example_input: torch.Tensor | None = None) -> fx.GraphModule:
+    """The plain smaller network for a gated model's current masks (E[theta] folded in, no gates).
+
+    ``example_input`` is only needed for a gated model loaded from a file (to re-trace it).
+    """
+    from . import api
+
+    bank = api.gate_bank(gated)
+    if example_input is None and getattr(getattr(gated, "module", gated), "input_shape", None):
+        example_input = torch.zeros((1,) + tuple(getattr(gated, "module", gated).input_shape))
+    return shrink(api.analysis_of(gated, example_input), bank)
