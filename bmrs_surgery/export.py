@@ -71,6 +71,34 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") 
     raise ExportError("ONNX export failed (" + "; ".join(errors) + ")")
 
 
+PROTOBUF_LIMIT = 2**31 - 2**26  # one ONNX file (protobuf) must stay under 2 GB: leave room for the graph
+
+
+def needs_external_data(model: nn.Module) -> bool:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT // 2
+
+
+def onnx_file(model: nn.Module, example: torch.Tensor, path) -> str:
+    """Export to ``path``; weights go to ``path.data`` beside it when the model is too large for
+    one protobuf (ONNX's 2 GB limit). Returns the exporter used."""
+    if not needs_external_data(model):
+        data, kind = onnx_bytes(model, example)
+        with open(path, "wb") as f:
+            f.write(data)
+        return kind
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.eval(), (example,), str(path), dynamo=True, external_data=True, verbose=False,
+                opset_version=OPSET, input_names=["input"], output_names=["output"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=False,
+            )
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"ONNX export failed (dynamo, external data: {_first_line(exc)})") from None
+    return "dynamo"
+
+
 def session(data: bytes | str, threads: int | None = None):
     import onnxruntime as ort
 
@@ -83,7 +111,7 @@ def session(data: bytes | str, threads: int | None = None):
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_parity(model: nn.Module, data: bytes, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> float:
+def ort_parity(model: nn.Module, data: bytes | str, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> float:
     """Run ONNX model ``data`` in ONNX Runtime on ``inputs`` (and on one more batch size, to
     exercise the dynamic axis) against torch ``model``; the max abs difference, or ExportError
     beyond ``tolerance`` x the output scale."""
@@ -113,5 +141,13 @@ def ort_parity(model: nn.Module, data: bytes, inputs: list[torch.Tensor], tolera
 
 def onnx_parity(model: nn.Module, input_shape, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> float:
     """Export ``model`` and check ONNX Runtime against torch (see :func:`ort_parity`)."""
-    data, _ = onnx_bytes(model, inputs[0])
-    return ort_parity(model, data, inputs, tolerance)
+    if not needs_external_data(model):
+        data, _ = onnx_bytes(model, inputs[0])
+        return ort_parity(model, data, inputs, tolerance)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="bmrs-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx_file(model, inputs[0], path)
+        return ort_parity(model, str(path), inputs, tolerance)

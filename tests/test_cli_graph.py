@@ -75,6 +75,7 @@ class Untraceable(nn.Module):
     (["inspect", "<untraceable>", "--trust-model", "--input-shape", "1,4"], ["cannot trace Untraceable"]),
     (["inspect", "<linear>", "--trust-model", "--input-shape", "1,4"], ["no prunable structure"]),
     (["check", "<state>", "--input-shape", "1,4"], ["state dict", "--arch"]),
+    (["inspect", "<linear>", "--trust-model"], ["input shape unknown", "--input-shape"]),
 ])
 def test_graph_commands_bad_input_is_one_line_exit_2(tmp_path, args, fragments):
     files = {"<untraceable>": Untraceable(), "<linear>": nn.Linear(4, 3), "<state>": nn.Linear(4, 3).state_dict()}
