@@ -122,77 +122,80 @@ class Analysis:
         return [g.to_dict() for g in self.groups]
 
 
-def _group_of_classes(prop: Propagation, sol: Solution) -> tuple[list[np.ndarray], np.ndarray]:
-    """Prunable classes, grouped by the set of parameter dimensions and gates they touch."""
-    n = sol.root.shape[0]
-    sink_cls = [sol.classes(s.ids) for s in prop.sinks]
+def _unique_small(values: np.ndarray) -> np.ndarray:
+    """np.unique for the common case of one repeated value (most slots belong to one group)."""
+    if values.size == 0:
+        return values
+    first = values[0]
+    if (values == first).all():
+        return values[:1]
+    return np.unique(values)
+
+
+def _group_of_classes(slot_cls: list[np.ndarray], sink_cls: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """Prunable classes (read by a sink, not blocked), grouped by the set of parameter dimensions
+    and gates they touch (a hash of that set per class)."""
     if not sink_cls:
-        return [], np.zeros(0, dtype=np.int64)
+        return []
     valid = np.zeros(n, dtype=bool)
     allc = np.concatenate(sink_cls)
     valid[allc[allc >= 0]] = True
-    keys = []
-    members = []
-    for i, arr in enumerate([sol.classes(s.ids) for s in prop.slots] + sink_cls):
-        c = np.unique(arr[arr >= 0])
-        keys.append(np.full(c.shape, i, dtype=np.int64))
-        members.append(c)
-    cls = np.concatenate(members)
-    key = np.concatenate(keys)
+    arrays = slot_cls + sink_cls
+    cls = np.concatenate(arrays)
+    key = np.repeat(np.arange(len(arrays), dtype=np.int64), [len(a) for a in arrays])
+    keep = cls >= 0
+    cls, key = cls[keep], key[keep]
+    # two hashes of each class's multiset of slots: integer-valued float sums (exact below 2**53)
     rng = np.random.default_rng(0)
-    rnd = rng.integers(1, 2**62, size=len(keys), dtype=np.int64).astype(np.uint64)
-    h = np.zeros(n, dtype=np.uint64)
-    np.add.at(h, cls, rnd[key])
+    h = np.stack([np.bincount(cls, weights=rng.integers(1, 2**20, size=len(arrays)).astype(np.float64)[key],
+                              minlength=n) for _ in range(2)], axis=1)
     cand = np.flatnonzero(valid)
     if cand.size == 0:
-        return [], cand
-    order = np.argsort(h[cand], kind="stable")
-    hs = h[cand][order]
-    cuts = np.flatnonzero(np.diff(hs)) + 1
-    groups = [np.sort(cand[order][s]) for s in np.split(np.arange(len(cand)), cuts)]
+        return []
+    hc = h[cand]
+    order = np.lexsort((hc[:, 1], hc[:, 0]))
+    hs = hc[order]
+    cuts = np.flatnonzero(np.any(np.diff(hs, axis=0) != 0, axis=1)) + 1
+    groups = [np.sort(part) for part in np.split(cand[order], cuts)]
     groups.sort(key=lambda g: int(g[0]))
-    return groups, cand
+    return groups
 
 
 def build_groups(prop: Propagation, sol: Solution) -> list[Group]:
-    class_groups, _ = _group_of_classes(prop, sol)
     n = sol.root.shape[0]
+    slot_cls = [sol.classes(s.ids) for s in prop.slots]
+    sink_cls = [sol.classes(s.ids) for s in prop.sinks]
+    class_groups = _group_of_classes(slot_cls, sink_cls, n)
     gid_of = np.full(n + 1, -1, dtype=np.int64)
     idx_of = np.full(n + 1, -1, dtype=np.int64)
     groups: list[Group] = []
     for gi, classes in enumerate(class_groups):
         gid_of[classes] = gi
         idx_of[classes] = np.arange(len(classes))
-        tags = set()
-        for c in classes[:1]:
-            tags |= sol.tags.get(int(c), set())
         groups.append(Group(gi, "", [], classes))
 
-    def per_group(ids):
-        c = sol.classes(ids)
+    def per_group(c):
         c = np.where(c >= 0, c, n)
-        g = gid_of[c]
-        return g, idx_of[c]
+        return gid_of[c], idx_of[c]
 
-    for s in prop.slots:
-        g, idx = per_group(s.ids)
-        for gi in np.unique(g[g >= 0]):
+    for s, c in zip(prop.slots, slot_cls):
+        g, idx = per_group(c)
+        for gi in _unique_small(g[g >= 0]):
             groups[gi].slots.append(GroupSlot(s.target, s.dim, np.where(g == gi, idx, -1), s.role, s.module))
-    for s in prop.sinks:
-        g, idx = per_group(s.ids)
-        for gi in np.unique(g[g >= 0]):
+    for s, c in zip(prop.sinks, sink_cls):
+        g, idx = per_group(c)
+        for gi in _unique_small(g[g >= 0]):
             groups[gi].taps.append(Tap(s.module, s.axis, np.where(g == gi, idx, -1), s.node))
-    for grp in groups:
-        tags = set()
-        for c in grp.classes:
-            tags |= sol.tags.get(int(c), set())
-        if any(np.bincount(t.index[t.index >= 0]).max() > 1 for t in grp.taps if (t.index >= 0).any()) and \
-                not tags & {"heads", "interleave", "grouped"}:
+    group_tags: list[set[str]] = [set() for _ in groups]
+    for root, t in sol.tags.items():
+        if gid_of[root] >= 0:
+            group_tags[gid_of[root]] |= t
+    for grp, tags in zip(groups, group_tags):
+        if not tags & {"heads", "interleave", "grouped"} and any(
+                (t.index >= 0).sum() > len(_unique_small(t.index[t.index >= 0])) for t in grp.taps):
             tags.add("flatten")
         grp.tags = sorted(KIND_NAMES.get(t, t) for t in tags)
-        kind = next((k for k in KIND_ORDER if k in tags), None)
-        if kind is None:
-            kind = "channels"
+        kind = next((k for k in KIND_ORDER if k in tags), "channels")
         grp.kind = KIND_NAMES.get(kind, kind)
     return groups
 

@@ -79,26 +79,10 @@ def symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Annotate every node with its output shape (``node.meta['tensor_meta']``).
-
-    Shapes come from fake tensors first (no arithmetic, a fraction of a forward pass); a model
-    that needs real values (data-dependent control flow in an opaque module) gets a real forward.
-    """
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            was_training = gm.training
-            gm.eval()
-            try:
-                ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(example)
-            finally:
-                gm.train(was_training)
-        return
-    except Exception:  # noqa: BLE001 - fall back to real values, which also give the real error
-        for node in gm.graph.nodes:
-            node.meta.pop("tensor_meta", None)
+    """Annotate every node with its output shape (``node.meta['tensor_meta']``) by one forward
+    pass at the example's shape (batch 1 is enough). Measured on 2 cores, a real forward costs
+    less than fake tensors for convolutional networks (ResNet-50: 35 ms against 105 ms) and
+    somewhat more for transformers (ViT-B/16: 200 ms against 110 ms); it also runs every model."""
     _propagate_real(gm, example)
 
 
@@ -107,7 +91,7 @@ def _propagate_real(gm: fx.GraphModule, example: torch.Tensor) -> None:
     gm.eval()
     prop = ShapeProp(gm)
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
+        with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
             prop.propagate(example)
     except Exception as exc:  # noqa: BLE001 - the model rejected the example
         cause = exc
