@@ -98,16 +98,26 @@ def main() -> None:
             "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
             "machine": platform.machine(), "batch": args.batch}
     RESULTS.mkdir(exist_ok=True)
+    old = RESULTS / "latency_vs_macs.json"
+    if old.exists():  # keep rows of models not re-measured in this run (each row has its command)
+        measured = {r["model"] for r in rows}
+        for r in rows:
+            r["command"] = meta["command"]
+        earlier = [r for r in json.loads(old.read_text())["rows"] if r["model"] not in measured]
+        rows = earlier + rows
+    else:
+        for r in rows:
+            r["command"] = meta["command"]
     (RESULTS / "latency_vs_macs.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# ONNX Runtime latency vs MACs (pruned / original)", "",
-             f"`{meta['command']}` on {meta['cpus']} CPU cores, {meta['date']}, batch {args.batch}, "
+             f"{meta['cpus']} CPU cores, {meta['date']}, batch {args.batch}, "
              f"onnxruntime {rows[0]['session']['onnxruntime']}, graph optimisation ORT_ENABLE_ALL, interleaved.", "",
-             "| model | params before -> after | MACs ratio | latency original ms | latency pruned ms | latency ratio | latency / MACs ratio | target (<= 1.25) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | params before -> after | MACs ratio | latency original ms | latency pruned ms | latency ratio | latency / MACs ratio | target (<= 1.25) | command |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params_before']:,} -> {r['params_after']:,} | {r['macs_ratio']:.3f} | "
                      f"{r['latency_ms_original']:.3f} | {r['latency_ms_pruned']:.3f} | {r['latency_ratio']:.3f} | "
-                     f"{r['latency_over_macs']:.2f} | {'met' if r['target_met'] else 'missed'} |")
+                     f"{r['latency_over_macs']:.2f} | {'met' if r['target_met'] else 'missed'} | `{r['command']}` |")
     (RESULTS / "latency_vs_macs.md").write_text("\n".join(lines) + "\n")
 
 
