@@ -20,3 +20,37 @@ def test_readme_python_example_runs_and_prunes(tmp_path, monkeypatch, capsys):
     compression = float(re.search(r"compression ([\d.]+)%", out).group(1))
     assert compression > 50.0
     assert (tmp_path / "gated.pt").stat().st_size > 0
+
+
+def test_every_package_is_listed_for_installation():
+    """A subpackage missing from pyproject's list works in an editable install and is absent from
+    a wheel: list them all."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    found = {".".join(p.relative_to(root).parent.parts) for p in (root / "bmrs_surgery").rglob("__init__.py")}
+    assert found <= listed, found - listed
+    assert {"bmrs_surgery.cli", "bmrs_surgery.models"} <= listed
+    assert "*.pt" in cfg["package-data"]["bmrs_surgery.models"]
+
+
+def test_readme_first_command_runs_the_whole_job(tmp_path, monkeypatch):
+    """The set-up command's job part, exactly as written (output folder moved under tmp)."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from bmrs_surgery.cli.main import cli
+
+    text = README.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("pip install") and "bmrs-compress" in ln)
+    args = shlex.split(line.split("&&", 1)[1])
+    assert args[0] == "bmrs-compress"
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args[1:], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "runs/demo/report.html" in result.output.replace("\n", "")
+    for name in ("pruned.pt", "pruned.onnx", "report.html", "report.json"):
+        assert (tmp_path / "runs" / "demo" / name).is_file()

@@ -1,0 +1,1 @@
+"""Dependency analysis: tracing, channel propagation, coupled groups."""
