@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from test_cli import assert_one_line_error, invoke, ok
+from test_graph import Untraceable
 
 
 def test_inspect_json_lists_groups_with_members_and_kinds():
@@ -56,15 +57,6 @@ def test_check_reports_failing_stage_with_exit_1_and_no_traceback():
     doc = json.loads(r.stdout)
     assert doc["ok"] is False and "shape (1, 3, 32, 32)" in doc["stages"]["trace"]
     assert "Traceback" not in r.stdout + r.stderr
-
-
-class Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(x) if x.sum() > 0 else x
 
 
 @pytest.mark.parametrize("args,fragments", [

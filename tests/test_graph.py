@@ -175,17 +175,20 @@ def test_untraceable_submodule_becomes_an_opaque_leaf_and_the_rest_is_pruned():
     assert res.ok, res.stages
 
 
+class Untraceable(nn.Module):
+    """Data-dependent control flow in the top-level forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else x
+
+
 def test_untraceable_top_level_names_the_model():
-    class Top(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.fc(x) if x.sum() > 0 else x
-
-    with pytest.raises(GraphError, match="cannot trace Top"):
-        analyse(Top(), torch.randn(1, 4))
+    with pytest.raises(GraphError, match="cannot trace Untraceable"):
+        analyse(Untraceable(), torch.randn(1, 4))
 
 
 def test_reshape_groups_pairs_dims():

@@ -844,30 +844,16 @@ def _fetch_attr(gm: nn.Module, target: str):
 
 
 def _register():
-    R = Propagator.FUNCTION_RULES
-    for n in UNARY:
-        R[n] = Propagator.f_unary
-    for n in BINARY:
-        R[n] = Propagator.f_binary
-    for n in RESHAPE:
-        R[n] = Propagator.f_reshape
-    R["flatten"] = Propagator.f_flatten
-    for n in PERMUTE:
-        R[n] = Propagator.f_permute
-    for n in REDUCE:
-        R[n] = Propagator.f_reduce
-    for n in SOFTMAX:
-        R[n] = Propagator.f_softmax
-    for n in SPLIT:
-        R[n] = Propagator.f_split
-    for n in POOL_FUNCS:
-        R[n] = Propagator.f_pool
-    R.update({
-        "cat": Propagator.f_cat, "concat": Propagator.f_cat, "concatenate": Propagator.f_cat,
-        "stack": Propagator.f_stack, "expand": Propagator.f_expand, "matmul": Propagator.f_matmul,
-        "bmm": Propagator.f_matmul, "scaled_dot_product_attention": Propagator.f_sdpa,
-        "linear": Propagator.f_linear, "layer_norm": Propagator.f_layer_norm, "einsum": Propagator.f_einsum,
-        "unbind": Propagator.f_unbind, "pad": Propagator.f_pad,
+    P = Propagator
+    table = [(UNARY, P.f_unary), (BINARY, P.f_binary), (RESHAPE, P.f_reshape), (PERMUTE, P.f_permute),
+             (REDUCE, P.f_reduce), (SOFTMAX, P.f_softmax), (SPLIT, P.f_split), (POOL_FUNCS, P.f_pool)]
+    for names, rule in table:
+        P.FUNCTION_RULES.update(dict.fromkeys(names, rule))
+    P.FUNCTION_RULES.update({
+        "flatten": P.f_flatten, "cat": P.f_cat, "concat": P.f_cat, "concatenate": P.f_cat, "stack": P.f_stack,
+        "expand": P.f_expand, "matmul": P.f_matmul, "bmm": P.f_matmul, "scaled_dot_product_attention": P.f_sdpa,
+        "linear": P.f_linear, "layer_norm": P.f_layer_norm, "einsum": P.f_einsum, "unbind": P.f_unbind,
+        "pad": P.f_pad,
     })
 
 
