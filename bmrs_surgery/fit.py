@@ -81,6 +81,14 @@ class FitResult:
         }
 
 
+def _criteria_decision(gated, cfg: FitConfig, keep: torch.Tensor):
+    """The decision a resumed fit had made (its scores recomputed from the restored posteriors)."""
+    from .criteria import Decision
+
+    dec = api.decision(gated, api.criterion_for(cfg.prior), precision_bits=cfg.precision_bits)
+    return Decision(dec.criterion, dec.score, keep.bool())
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator | None):
     """Index tensors of a shuffled (or, without a generator, ordered) pass over ``n`` items."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -120,22 +128,52 @@ def make_optimizer(gated: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=cfg.lr)
 
 
-def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None) -> FitResult:
-    """Train ``gated`` (a GatedModel) on ``data.train``; mask structures by ``cfg.mode``."""
+def training_state(gated: nn.Module, opt: torch.optim.Optimizer, result: FitResult, gen: torch.Generator,
+                   epoch: int) -> dict:
+    """Everything needed to continue a fit after ``epoch`` completed epochs, bit for bit on CPU."""
+    return {
+        "epochs_done": epoch,
+        "model": {k: v.detach().cpu().clone() for k, v in gated.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "history": [asdict(h) for h in result.history],
+        "batch_generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "prune_keep": result.prune.keep.clone() if result.prune is not None else None,
+    }
+
+
+def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, checkpoint=None,
+        resume: dict | None = None) -> FitResult:
+    """Train ``gated`` (a GatedModel) on ``data.train``; mask structures by ``cfg.mode``.
+
+    ``checkpoint(state)``, if given, is called after every epoch with :func:`training_state`;
+    ``resume`` (such a state) continues from where it was taken.
+    """
     cfg.validate()
     api.gate_bank(gated)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    gated.to(device)
     x_train, y_train = (t.to(device) for t in data.train.tensors)
     n = len(y_train)
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
-    opt = make_optimizer(gated, cfg)
     result = FitResult(cfg)
+    first = 0
+    if resume is not None:
+        gated.load_state_dict(resume["model"])
+        result.history = [EpochRecord(**h) for h in resume["history"]]
+        gen.set_state(resume["batch_generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        first = int(resume["epochs_done"])
+    gated.to(device)
+    opt = make_optimizer(gated, cfg)
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        if resume.get("prune_keep") is not None:
+            result.prune = api.apply_decision(gated, _criteria_decision(gated, cfg, resume["prune_keep"]))
     start = time.perf_counter()
     total_epochs = cfg.epochs + cfg.finetune_epochs
-    for epoch in range(total_epochs):
+    for epoch in range(first, total_epochs):
         phase = "fit" if epoch < cfg.epochs else "finetune"
         if epoch == cfg.epochs and cfg.mode == "post-training" and cfg.epochs > 0:
             result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
@@ -174,6 +212,8 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None) -> Fi
         result.history.append(record)
         if reporter:
             reporter.end_epoch(record)
+        if checkpoint is not None:
+            checkpoint(training_state(gated, opt, result, gen, epoch + 1))
     if cfg.epochs > 0 and result.prune is None:  # no scoring happened yet: score once now
         result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
     result.seconds = time.perf_counter() - start

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,60 @@ from bmrs_surgery import api
 from bmrs_surgery.errors import BmrsError, DataError
 
 from ._common import fail, out_dir_option, prepare_out_dir, write_outputs
+
+RESUME_FILE = ".bmrs-resume.pt"
+RESUME_FORMAT = "bmrs-surgery/resume/1"
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+class ResumeWriter:
+    """After every epoch, the training state, written atomically to ``--out/.bmrs-resume.pt``: an
+    interrupted run leaves the last complete epoch (and any earlier complete outputs) intact."""
+
+    def __init__(self, out: Path, job: dict):
+        self.out, self.job = out, job
+
+    def __call__(self, state: dict) -> None:
+        import io
+
+        import torch
+
+        from bmrs_surgery.loading import atomic_write
+
+        prepare_out_dir(self.out, create=True)
+        buf = io.BytesIO()
+        torch.save({"format": RESUME_FORMAT, "job": self.job, "state": state}, buf)
+        atomic_write(self.out / RESUME_FILE, lambda f: f.write(buf.getvalue()))
+
+
+def read_resume_state(out: Path, job: dict) -> dict:
+    import torch
+
+    path = out / RESUME_FILE
+    if not path.is_file():
+        raise BmrsError(f"--resume: no saved state in {out} (nothing was interrupted there)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        raise BmrsError(f"--resume: {path} is damaged; run again without --resume") from None
+    if not isinstance(saved, dict) or saved.get("format") != RESUME_FORMAT:
+        raise BmrsError(f"--resume: {path} is not a bmrs-surgery resume state")
+    if saved.get("job") != job:
+        diff = sorted(k for k in set(job) | set(saved.get("job") or {}) if (saved.get("job") or {}).get(k) != job.get(k))
+        raise BmrsError(f"--resume: the saved state belongs to a different job (differs in {', '.join(diff)})")
+    return saved["state"]
+
+
+def _epochs_saved(out: Path) -> int | None:
+    try:
+        import torch
+
+        return int(torch.load(out / RESUME_FILE, weights_only=True)["state"]["epochs_done"])
+    except Exception:  # noqa: BLE001
+        return None
 
 
 @click.command()
@@ -51,26 +107,37 @@ from ._common import fail, out_dir_option, prepare_out_dir, write_outputs
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ONNX Runtime intra-op threads for the benchmark (0: all cores).")
 @out_dir_option
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted fit from the state saved after its last complete epoch in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of a summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
              batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, sweep_levels,
-             round_to, bench_batch_sizes, threads, out, as_json, quiet):
+             round_to, bench_batch_sizes, threads, out, resume, as_json, quiet):
     """Fit BMRS gates on MODEL (or use its fitted gates), prune where dF >= 0, remove the pruned
     structures for real, prove the result, export and benchmark it.
 
     MODEL is a bundled name (lenet5, mlp, ...), torchvision:NAME, or a saved model file. Writes
     into --out: pruned.pt, pruned.onnx, gated.pt, scores.csv, report.json and report.html.
     """
+    options = dict(locals())
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends the run like Ctrl-C
     try:
-        _run(**locals())
+        _run(**options)
     except BmrsError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        done = _epochs_saved(out)
+        where = f" after epoch {done}" if done else ""
+        click.echo(f"Interrupted{where}: no outputs written; continue with the same command and --resume", err=True)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
          batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, sweep_levels,
-         round_to, bench_batch_sizes, threads, out, as_json, quiet):
+         round_to, bench_batch_sizes, threads, out, resume, as_json, quiet):
     import io
 
     import torch
@@ -116,17 +183,23 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
             prune_every=prune_every, finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr,
             gate_lr=gate_lr, kl_weighting=kl_weighting, device=device, seed=seed,
         )
+        job = {"model": model, "data": data_spec, "arch": arch, "noise": noise, **cfg.__dict__}
+        job.pop("device")
+        state = read_resume_state(out, job) if resume else None
         reporter = None
         if not quiet and not as_json:
             from bmrs_surgery.progress import RichReporter
 
             reporter = RichReporter()
+        saver = ResumeWriter(out, job)
         if reporter:
             with reporter:
-                fit_result = fit(gated, data, cfg, reporter)
+                fit_result = fit(gated, data, cfg, reporter, checkpoint=saver, resume=state)
         else:
-            fit_result = fit(gated, data, cfg)
+            fit_result = fit(gated, data, cfg, checkpoint=saver, resume=state)
         gated.to("cpu")
+    elif resume:
+        raise BmrsError("--resume: this job fits nothing (no --epochs, no fine-tuning), so there is nothing to resume")
     if data is not None:
         mask = api.gate_bank(gated).mask.clone()
         api.unmask(gated)
@@ -174,6 +247,7 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
         outputs["gated_model"]: checkpoint, outputs["scores"]: scores, outputs["report"]: doc_bytes,
         outputs["html"]: html_bytes,
     })
+    (out / RESUME_FILE).unlink(missing_ok=True)  # the job is complete: nothing left to resume
     if as_json:
         click.echo(doc_bytes.decode(), nl=False)
     else:

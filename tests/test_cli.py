@@ -93,6 +93,7 @@ def files(tmp_path_factory, trained) -> dict[str, Path]:
     paths = {name: d / name for name in (
         "empty.pt", "random.pt", "half.pt", "state_dict.pt", "whole.pt", "inner.pt",
         "bad_shape.npz", "many_classes.npz", "tiny.npz", "ck_arch.pt", "ck_sites.pt", "afile",
+        "nan.npz", "neg_labels.npz", "no_examples.npz", "linear.pt",
     )}
     paths["empty.pt"].write_bytes(b"")
     paths["random.pt"].write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
@@ -110,6 +111,13 @@ def files(tmp_path_factory, trained) -> dict[str, Path]:
     torch.save({**ck, "arch": 5}, paths["ck_arch.pt"])
     torch.save({**ck, "sites": [dict(s, module="nope") for s in ck["sites"]]}, paths["ck_sites.pt"])
     paths["afile"].write_text("not a folder\n")
+    x = rng.random((40, 1, 32, 32), dtype=np.float32)
+    with_nan = x.copy()
+    with_nan[3, 0, 5, 5] = np.nan
+    np.savez(paths["nan.npz"], x=with_nan, y=np.arange(40) % 10)
+    np.savez(paths["neg_labels.npz"], x=x, y=np.arange(40) % 10 - 1)
+    np.savez(paths["no_examples.npz"], x=x[:0], y=np.zeros(0, dtype=np.int64))
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 10)), paths["linear.pt"])
     return paths
 
 
@@ -321,6 +329,11 @@ BAD_INPUTS = {
     "missing npz": (["lenet5", "--data", "<tmp>/nothing.npz"], "not found"),
     "npz shape does not fit": (["lenet5", "--data", "<bad_shape.npz>"], "does not fit"),
     "npz too many classes": (["lenet5", "--data", "<many_classes.npz>"], "12 classes"),
+    "NaN in data": (["lenet5", "--data", "<nan.npz>"], "NaN"),
+    "labels out of range": (["lenet5", "--data", "<neg_labels.npz>"], "negative labels"),
+    "empty dataset": (["lenet5", "--data", "<no_examples.npz>"], "empty dataset"),
+    "no prunable layer": (["<linear.pt>", "--trust-model", "--data", "digits"], "no prunable structure"),
+    "wrong input shape": (["torchvision:resnet18", "--data", "digits"], "does not fit"),
     "ungated model without data": (["lenet5"], "--data"),
     "unknown device": (["lenet5", *FAST, "--device", "tpu"], "--device"),
     "out is a file": (["lenet5", *FAST, "--out", "<afile>"], "is a file"),
@@ -388,6 +401,16 @@ def test_option_parsing_errors(args, option, tmp_path):
 def test_missing_out_is_a_usage_error():
     result = invoke("lenet5", "--data", "digits")
     assert result.exit_code == 2 and "--out" in result.stderr
+
+
+def test_read_only_out_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """As a non-root user sees a folder without write permission (root ignores the mode bits)."""
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == parent else real(p, mode, **kw))
+    assert_one_line_error(invoke("lenet5", *FAST, "--out", parent / "run"), "not writable")
+    assert list(parent.iterdir()) == []
 
 
 def test_write_failure_leaves_no_folder(trained, tmp_path, monkeypatch):
