@@ -56,14 +56,39 @@ def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tu
         return net, (3, 224, 224)
     if arch in models.list_models():
         return models.get_model(arch, **kwargs), models.input_shape(arch)
+    if ":" in arch:  # module:factory, the user's own code, named explicitly
+        return _from_factory(arch, kwargs), None
     raise ModelLoadError(
         f"unknown model {arch!r}: give a file path, torchvision:NAME, or a bundled name "
         f"({', '.join(models.list_models())})"
     )
 
 
+def _from_factory(arch: str, kwargs: dict) -> nn.Module:
+    """``package.module:factory`` -> ``factory()`` (with ``num_classes`` when the factory takes it)."""
+    import importlib
+    import inspect
+
+    module_name, _, attr = arch.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the spec's fault
+        raise ModelLoadError(f"--arch {arch}: cannot import {module_name} ({_first_line(exc)})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelLoadError(f"--arch {arch}: {module_name} has no callable {attr!r}")
+    try:
+        params = inspect.signature(factory).parameters
+        net = factory(**{k: v for k, v in kwargs.items() if k in params})
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"--arch {arch}: {attr}() failed ({_first_line(exc)})") from None
+    if not isinstance(net, nn.Module):
+        raise ModelLoadError(f"--arch {arch}: {attr}() returned a {type(net).__name__}, not an nn.Module")
+    return net
+
+
 def _looks_like_path(spec: str) -> bool:
-    return os.sep in spec or spec.endswith((".pt", ".pth", ".bin", ".ckpt")) or Path(spec).exists()
+    return os.sep in spec or spec.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors")) or Path(spec).exists()
 
 
 def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
@@ -78,6 +103,8 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
         raise ModelLoadError(f"model file {spec} does not exist")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"model file {spec} is empty")
+    if path.suffix == ".safetensors":
+        return _from_safetensors(path, spec, arch)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is the file's fault
@@ -104,10 +131,25 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
             raise ModelLoadError(f"{spec} is a state dict: give its architecture with --arch NAME")
-        net, shape = build_arch(arch, _num_classes(obj))
+        net, shape = _arch_for_state(arch, obj)
         _load_state(net, obj, spec)
         return LoadedModel(net, arch, shape)
     raise ModelLoadError(f"{spec} holds no model (a {type(obj).__name__}, not a module, state dict or checkpoint)")
+
+
+def _from_safetensors(path: Path, spec: str, arch: str | None) -> LoadedModel:
+    """Weights in the safetensors format (no code, no pickle) plus an architecture."""
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read {spec}: not a safetensors file, or a damaged one ({_first_line(exc)})") from None
+    if arch is None:
+        raise ModelLoadError(f"{spec} holds weights only: give its architecture with --arch NAME")
+    net, shape = _arch_for_state(arch, state)
+    _load_state(net, state, spec)
+    return LoadedModel(net, arch, shape)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -132,9 +174,22 @@ def _shape_or_none(shape, spec: str) -> tuple[int, ...] | None:
     return out
 
 
-def _num_classes(state: dict) -> int | None:
-    last = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+def _num_classes(state: dict, order: list[str] | None = None) -> int | None:
+    """Output classes of a state dict: rows of its last 2-D weight (in the network's own key order
+    when given: safetensors files sort their keys)."""
+    keys = [k for k in (order or state) if k in state]
+    last = [state[k] for k in keys if k.endswith("weight") and state[k].ndim == 2]
     return int(last[-1].shape[0]) if last else None
+
+
+def _arch_for_state(arch: str, state: dict):
+    """The architecture built for ``state``'s number of classes."""
+    net, shape = build_arch(arch)
+    n = _num_classes(state, list(net.state_dict()))
+    out = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if n is not None and out and out[-1].out_features != n:
+        net, shape = build_arch(arch, n)
+    return net, shape
 
 
 def _load_state(net: nn.Module, state: dict, spec: str) -> None:
