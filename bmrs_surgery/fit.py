@@ -128,6 +128,15 @@ def make_optimizer(gated: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=cfg.lr)
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def training_state(gated: nn.Module, opt: torch.optim.Optimizer, result: FitResult, gen: torch.Generator,
                    epoch: int) -> dict:
     """Everything needed to continue a fit after ``epoch`` completed epochs, bit for bit on CPU."""
@@ -151,8 +160,9 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
     """
     cfg.validate()
     api.gate_bank(gated)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    rank, world = distributed_rank()
+    torch.manual_seed(cfg.seed)  # every rank draws the same noise for the global batch ...
+    gen = torch.Generator().manual_seed(cfg.seed)  # ... and makes the same shuffle
     device = torch.device(cfg.device)
     x_train, y_train = (t.to(device) for t in data.train.tensors)
     n = len(y_train)
@@ -166,6 +176,11 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
         torch.set_rng_state(resume["torch_rng"])
         first = int(resume["epochs_done"])
     gated.to(device)
+    net = gated
+    if world > 1:  # gradients (weights and gate posteriors) averaged over ranks: same parameters everywhere
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(gated, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(gated, cfg)
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
@@ -183,10 +198,16 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             reporter.start_epoch(epoch, total_epochs, phase, steps)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
         for step, idx in enumerate(batches(n, cfg.batch_size, gen)):
+            total = len(idx)
+            if world > 1:  # this rank's share of the global batch, and its rows of the gate noise
+                api.gate_bank(gated).rows = (rank, world, total)
+                idx = idx[rank::world]
             x, y = x_train[idx.to(device)], y_train[idx.to(device)]
-            out = gated(x)
-            task = F.cross_entropy(out, y)
+            out = net(x)
+            # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world
+            task = F.cross_entropy(out, y, reduction="sum") * (world / total)
             kl = api.kl_term(gated, n, cfg.kl_weighting)
             loss = task + _kl_factor(cfg, epoch, step, steps) * kl
             opt.zero_grad(set_to_none=True)
@@ -194,6 +215,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             opt.step()
             loss_sum += loss.detach()
             correct += (out.detach().argmax(1) == y).sum()
+            seen += len(y)
             if reporter and (step % REPORT_EVERY == REPORT_EVERY - 1 or step == steps - 1):
                 reporter.step(step + 1, float(loss_sum) / (step + 1))
         if cfg.mode == "continuous" and phase == "fit" and (epoch + 1) % cfg.prune_every == 0:
@@ -204,7 +226,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             phase=phase,
             loss=float(loss_sum) / steps,
             kl=float(api.kl_term(gated, n, cfg.kl_weighting).detach()),
-            train_accuracy=int(correct) / n,
+            train_accuracy=int(correct) / max(seen, 1),
             val_accuracy=accuracy(gated, data.val, cfg.device),
             kept_fraction=float(bank.mask.mean()),
             seconds=time.perf_counter() - t0,
@@ -214,6 +236,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             reporter.end_epoch(record)
         if checkpoint is not None:
             checkpoint(training_state(gated, opt, result, gen, epoch + 1))
+    api.gate_bank(gated).rows = None
     if cfg.epochs > 0 and result.prune is None:  # no scoring happened yet: score once now
         result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
     result.seconds = time.perf_counter() - start

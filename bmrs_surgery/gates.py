@@ -78,6 +78,7 @@ class GateBank(nn.Module):
         self._graphs: dict = {}
         self._pending_kl: torch.Tensor | None = None
         self._tap_cache: dict = {}
+        self.rows: tuple[int, int, int] | None = None  # (rank, world, global batch) under DDP
         self.cuda_graphs = True  # replay the gate math as CUDA graphs on CUDA devices
 
     def __getstate__(self):
@@ -86,6 +87,7 @@ class GateBank(nn.Module):
         state["_cache"] = None
         state["_pending_kl"] = None
         state["_tap_cache"] = {}
+        state["rows"] = None
         return state
 
     def _graphs_on(self, tensor: torch.Tensor) -> bool:
@@ -154,6 +156,15 @@ class GateBank(nn.Module):
             return theta
         return fused.sample_theta(self.posterior, self.mask, u, self.a, self.b)
 
+    def _sample_rows(self, batch: int) -> torch.Tensor:
+        """One draw per example and structure. Under data parallelism (``rows`` set) every rank
+        draws for the whole global batch and keeps its own examples' rows, so N processes draw
+        exactly what one process would."""
+        if self.rows is None:
+            return self.sample((batch, self.num_gates))
+        rank, world, total = self.rows
+        return self.sample((total, self.num_gates))[rank::world]
+
     def _sample_kl_fn(self, post: torch.Tensor, u: torch.Tensor):
         return fused.sample_theta(post, self.mask, u, self.a, self.b), fused.kl_divergence(post, self.a, self.b)
 
@@ -191,7 +202,7 @@ class GateBank(nn.Module):
         elif self.noise == "sample":
             batch = x.shape[0]
             shape[0] = batch
-            theta = self._cached(("sample", batch), lambda: self._split(self.sample((batch, self.num_gates))))[index]
+            theta = self._cached(("sample", batch), lambda: self._split(self._sample_rows(batch)))[index]
         else:
             theta = None
         if theta is not None:

@@ -19,6 +19,33 @@ RESUME_FILE = ".bmrs-resume.pt"
 RESUME_FORMAT = "bmrs-surgery/resume/1"
 
 
+def _init_distributed(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU) and
+    return this rank's device."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
+
+
+def _end_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -123,6 +150,7 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
     options = dict(locals())
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends the run like Ctrl-C
     try:
+        options["device"] = _init_distributed(device)
         _run(**options)
     except BmrsError as exc:
         fail(str(exc))
@@ -133,6 +161,7 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _end_distributed()
 
 
 def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
@@ -149,12 +178,13 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
 
     from .bench_cmd import _batch_sizes
     from bmrs_surgery.data import check_fits, load_data
-    from bmrs_surgery.fit import FitConfig, accuracy, fit
+    from bmrs_surgery.fit import FitConfig, accuracy, distributed_rank, fit
 
     start = time.perf_counter()
     sizes = _batch_sizes(bench_batch_sizes) if bench_batch_sizes.strip() else None
     prepare_out_dir(out, create=False)
     _check_device(device)
+    torch.manual_seed(seed)  # --seed fixes everything, the initial weights of a fresh network included
     loaded = loading.load_model(model, arch=arch, trust=trust_model)
     data = load_data(data_spec, seed=seed) if data_spec else None
     if not loaded.gated and data is None:
@@ -186,12 +216,13 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
         job = {"model": model, "data": data_spec, "arch": arch, "noise": noise, **cfg.__dict__}
         job.pop("device")
         state = read_resume_state(out, job) if resume else None
+        rank, _ = distributed_rank()
         reporter = None
-        if not quiet and not as_json:
+        if not quiet and not as_json and rank == 0:
             from bmrs_surgery.progress import RichReporter
 
             reporter = RichReporter()
-        saver = ResumeWriter(out, job)
+        saver = ResumeWriter(out, job) if rank == 0 else None  # one writer: rank 0
         if reporter:
             with reporter:
                 fit_result = fit(gated, data, cfg, reporter, checkpoint=saver, resume=state)
@@ -200,6 +231,8 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
         gated.to("cpu")
     elif resume:
         raise BmrsError("--resume: this job fits nothing (no --epochs, no fine-tuning), so there is nothing to resume")
+    if distributed_rank()[0] != 0:
+        return  # every rank holds the same fitted model; rank 0 scores, prunes and writes
     if data is not None:
         mask = api.gate_bank(gated).mask.clone()
         api.unmask(gated)

@@ -51,7 +51,8 @@ class Conv:
 
 @dataclass(frozen=True)
 class Residual:
-    """act(body(x) + shortcut(x)); body = conv3x3(stride)-BN-act-conv3x3-BN; shortcut = identity
+    """act(body(x) + shortcut(x)); body "basic" = conv3x3(stride)-BN-act-conv3x3-BN, "inverted" =
+    conv1x1-BN-act-depthwise conv3x3(stride)-BN-act-conv1x1-BN (MobileNetV2); shortcut = identity
     or a strided 1x1 conv (+ BN)."""
 
     mid: int
@@ -61,6 +62,7 @@ class Residual:
     bn: bool = True
     act: str = "relu"
     post_act: bool = True
+    body: str = "basic"  # basic | inverted
 
 
 @dataclass(frozen=True)
@@ -268,10 +270,12 @@ def _chain(cin: int, convs) -> nn.Sequential:
 class ResidualBlock(nn.Module):
     def __init__(self, cin: int, p: Residual):
         super().__init__()
-        self.body = nn.Sequential(
-            _conv(cin, Conv(p.mid, 3, p.stride, bn=p.bn, act=p.act)),
-            _conv(p.mid, Conv(p.cout, 3, 1, bn=p.bn, act=None)),
-        )
+        if p.body == "basic":
+            convs = [Conv(p.mid, 3, p.stride, bn=p.bn, act=p.act), Conv(p.cout, 3, 1, bn=p.bn, act=None)]
+        else:
+            convs = [Conv(p.mid, 1, 1, bn=p.bn, act=p.act), Conv(p.mid, 3, p.stride, p.mid, bn=p.bn, act=p.act),
+                     Conv(p.cout, 1, 1, bn=p.bn, act=None)]
+        self.body = _chain(cin, convs)
         self.shortcut = None if p.shortcut == "identity" else _conv(cin, Conv(p.cout, 1, p.stride, bn=p.bn, act=None))
         self.act = _act(p.act) if p.post_act else nn.Identity()
 
@@ -505,7 +509,7 @@ def describe(net: ImageNet | TokenNet) -> str:
         if isinstance(p, Conv):
             return conv(p)
         if isinstance(p, Residual):
-            return f"res({p.mid}->{p.cout},s{p.stride},{p.shortcut}{',bn' if p.bn else ''},{p.act})"
+            return f"res{'' if p.body == 'basic' else '-inv'}({p.mid}->{p.cout},s{p.stride},{p.shortcut}{',bn' if p.bn else ''},{p.act})"
         if isinstance(p, Dense):
             return f"dense(+{p.growth},k{p.k}{',pre' if p.pre else ''})"
         if isinstance(p, Inception):
@@ -591,7 +595,8 @@ def residuals(draw, cin: int, s: int) -> Residual:
     else:
         stride = draw(st.sampled_from([1, 2])) if s >= 4 else 1
         cout = draw(WIDTH)
-    return Residual(draw(WIDTH), cout, stride, shortcut, draw(st.booleans()), draw(ACT), draw(st.booleans()))
+    return Residual(draw(WIDTH), cout, stride, shortcut, draw(st.booleans()), draw(ACT), draw(st.booleans()),
+                    draw(st.sampled_from(["basic", "inverted"])))
 
 
 @st.composite
@@ -788,12 +793,15 @@ def test_generator_covers_every_block_kind():
         seen.update(type(p).__name__ for p in net.blocks)
         for p in net.blocks:
             if isinstance(p, Conv):
-                seen.add("grouped" if 1 < p.groups < 1_000 and p.groups != p.cout else "conv")
+                seen.add("grouped" if p.groups > 1 else "conv")
             if isinstance(p, Split) and p.shuffle:
                 seen.add("shuffle")
             if isinstance(p, Attention) and p.sdpa:
                 seen.add("sdpa")
+            if isinstance(p, Residual):
+                seen.add(f"residual-{p.body}-{p.shortcut}")
 
     collect()
     assert {"Conv", "Residual", "Dense", "Inception", "Split", "SE", "Pool", "Attention", "MHA", "MLP", "Embed",
-            "grouped", "shuffle", "sdpa"} <= seen, seen
+            "grouped", "shuffle", "sdpa",
+            "residual-basic-identity", "residual-basic-conv", "residual-inverted-identity", "residual-inverted-conv"} <= seen, seen
