@@ -56,6 +56,9 @@ def run(name: str, fit_steps: int, batch: int) -> dict:
     row = {"model": name}
     net = torchvision.models.get_model(name, weights=None)
     example = torch.randn(1, 3, 224, 224)
+    from bmrs_surgery.graph.groups import analyse
+
+    analyse(net, example)  # warm-up: first-call imports and allocator growth are not the analysis
     t = time.perf_counter()
     gated = bmrs.attach_gates(net, example)
     row["analysis_s"] = time.perf_counter() - t

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -737,7 +737,6 @@ def failure_message(case: Case, res) -> str:
 
 
 def _assert_passes(case: Case) -> None:
-    note(describe(case.net))
     model = build(case.net, case.seed)
     before = copy.deepcopy(model.state_dict())
     model, res = run_case(case, model=model)
