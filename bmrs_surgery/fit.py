@@ -42,6 +42,7 @@ class FitConfig:
     kl_warmup_epochs: int = 0
     device: str = "cpu"
     seed: int = 0
+    amp: bool = False  # bf16 autocast for the network; the gate math stays in float32/float64
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -205,9 +206,10 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
                 api.gate_bank(gated).rows = (rank, world, total)
                 idx = idx[rank::world]
             x, y = x_train[idx.to(device)], y_train[idx.to(device)]
-            out = net(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                out = net(x)
             # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world
-            task = F.cross_entropy(out, y, reduction="sum") * (world / total)
+            task = F.cross_entropy(out.float(), y, reduction="sum") * (world / total)
             kl = api.kl_term(gated, n, cfg.kl_weighting)
             loss = task + _kl_factor(cfg, epoch, step, steps) * kl
             opt.zero_grad(set_to_none=True)

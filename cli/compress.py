@@ -123,6 +123,7 @@ def _epochs_saved(out: Path) -> int | None:
               show_default=True, help="One gate sample per example, per step, or per activation element.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--amp", is_flag=True, help="bf16 autocast for the network while fitting (gate math stays float32).")
 @click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
 @click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
 @click.option("--sweep", "sweep_levels", type=click.IntRange(min=0, max=100), default=0, show_default=True,
@@ -139,7 +140,7 @@ def _epochs_saved(out: Path) -> int | None:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of a summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
-             batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, sweep_levels,
+             batch_size, lr, gate_lr, kl_weighting, noise, seed, device, amp, arch, trust_model, sweep_levels,
              round_to, bench_batch_sizes, threads, out, resume, as_json, quiet):
     """Fit BMRS gates on MODEL (or use its fitted gates), prune where dF >= 0, remove the pruned
     structures for real, prove the result, export and benchmark it.
@@ -165,7 +166,7 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
 
 
 def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
-         batch_size, lr, gate_lr, kl_weighting, noise, seed, device, arch, trust_model, sweep_levels,
+         batch_size, lr, gate_lr, kl_weighting, noise, seed, device, amp, arch, trust_model, sweep_levels,
          round_to, bench_batch_sizes, threads, out, resume, as_json, quiet):
     import io
 
@@ -211,7 +212,7 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
         cfg = FitConfig(
             epochs=epochs, mode=mode, prior=prior, precision_bits=precision_bits,
             prune_every=prune_every, finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr,
-            gate_lr=gate_lr, kl_weighting=kl_weighting, device=device, seed=seed,
+            gate_lr=gate_lr, kl_weighting=kl_weighting, device=device, seed=seed, amp=amp,
         )
         job = {"model": model, "data": data_spec, "arch": arch, "noise": noise, **cfg.__dict__}
         job.pop("device")

@@ -1,5 +1,7 @@
 """The fitting loop on real data: both modes, seeds, masks, and pruning that happens."""
 
+import math
+
 import pytest
 import torch
 
@@ -79,3 +81,22 @@ def test_kl_warmup_and_config_validation(digits):
 def test_fit_needs_gates(digits):
     with pytest.raises(bmrs.BmrsError):
         fit(get_model("mlp"), digits, FitConfig(epochs=1))
+
+
+def test_bf16_autocast_fits_with_gate_math_in_float32():
+    import bmrs_surgery as bmrs
+    from bmrs_surgery.data import load_data
+    from bmrs_surgery.fit import FitConfig, fit
+    from bmrs_surgery.models import get_model
+
+    data = load_data("digits", limit=200)
+    gated = bmrs.attach_gates(get_model("lenet5"), data.train.tensors[0][:2])
+    bank = gated.bmrs_gates
+    seen = []
+    hook = gated.model[7].register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))  # after the gate hook
+    result = fit(gated, data, FitConfig(epochs=2, batch_size=32, amp=True, prior="uniform"))
+    hook.remove()
+    assert torch.bfloat16 in seen  # the network ran in bf16 ...
+    assert bank.posterior.dtype == torch.float32 and bool(torch.isfinite(bank.posterior).all())  # ... the gates did not
+    assert all(math.isfinite(h.loss) for h in result.history)
+    assert result.history[-1].loss < result.history[0].loss
