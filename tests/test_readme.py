@@ -54,3 +54,9 @@ def test_readme_first_command_runs_the_whole_job(tmp_path, monkeypatch):
     assert "runs/demo/report.html" in result.output.replace("\n", "")
     for name in ("pruned.pt", "pruned.onnx", "report.html", "report.json"):
         assert (tmp_path / "runs" / "demo" / name).is_file()
+
+
+def test_readme_sections_appear_once():
+    headings = [ln for ln in README.read_text().splitlines() if ln.startswith("#")]
+    assert len(headings) == len(set(headings)), [h for h in headings if headings.count(h) > 1]
+    assert len(README.read_text().splitlines()) < 1000
