@@ -11,7 +11,6 @@ command runs the whole job without downloading anything.
 from __future__ import annotations
 
 import argparse
-import gzip
 import time
 from pathlib import Path
 

@@ -19,7 +19,7 @@ from .errors import BmrsError
 from .placement import analyse_model
 from .plan import plan_keep
 from .surgery import parameter_count, shrink
-from .verify import failing_group, outputs, prove, random_inputs, compare
+from .verify import compare, failing_group, outputs, random_inputs
 
 STAGES = ("trace", "groups", "gates", "surgery", "verify", "onnx")
 

@@ -29,7 +29,7 @@ def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str) -> Path:
         return Path(spec)
     import torch
 
-    from bmrs_surgery import api, loading
+    from bmrs_surgery import api
     from bmrs_surgery.export import ExportError, onnx_bytes
 
     from ._common import load_network

@@ -24,6 +24,7 @@ import torch
 from click.testing import CliRunner
 
 import bmrs_surgery
+import bmrs_surgery.loading
 from bmrs_surgery.cli.main import cli
 from bmrs_surgery.loading import CHECKPOINT_FORMAT
 from bmrs_surgery.models import get_model
@@ -187,8 +188,11 @@ def test_pruned_outputs_load_and_compute_the_gated_network(trained):
     out = trained[0]
     pruned = torch.load(out / "pruned.pt", weights_only=False)
     assert not any(type(m).__module__.startswith("bmrs_surgery") for m in pruned.modules())
-    gated = torch.load(out / "gated.pt", weights_only=True)
+    gated = bmrs_surgery.loading.load_model(str(out / "gated.pt")).model.eval()  # masks as saved
     x = torch.randn(5, 1, 32, 32)
+    with torch.no_grad():
+        ref = gated(x)
+        assert (pruned(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
     sess = ort.InferenceSession(str(out / "pruned.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():

@@ -1,6 +1,5 @@
 """Dependency analysis, surgery and the equivalence proof on every kind of coupling."""
 
-import copy
 
 import numpy as np
 import pytest

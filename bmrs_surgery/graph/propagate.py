@@ -10,13 +10,11 @@ always safe, only less compressed.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .labels import Label, expand_ids, fixed, reshape_groups
