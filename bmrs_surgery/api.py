@@ -12,6 +12,8 @@ one optimizer trains weights and gates.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +105,18 @@ def remove_gate_hooks(net: nn.Module) -> None:
                 del mod._forward_pre_hooks[hid]
 
 
+@contextlib.contextmanager
+def gates_removed(net: nn.Module):
+    """Run a block with ``net``'s gate hooks taken off (tracing, copying); they come back after."""
+    saved = {id(m): dict(m._forward_pre_hooks) for m in net.modules()}
+    remove_gate_hooks(net)
+    try:
+        yield net
+    finally:
+        for m in net.modules():
+            m._forward_pre_hooks.update(saved[id(m)])
+
+
 def detach_gates(gated: GatedModel) -> nn.Module:
     """Remove the gate hooks: the plain inner network again, weights untouched (masks ignored)."""
     gate_bank(gated)
@@ -117,14 +131,8 @@ def analysis_of(gated: nn.Module, example_input: torch.Tensor | None = None):
     if inner.analysis is None:
         if example_input is None:
             raise ValueError("this gated model was loaded from a file: give an example input to re-analyse it")
-        net = inner.model
-        hooks = {id(m): dict(m._forward_pre_hooks) for m in net.modules()}
-        remove_gate_hooks(net)
-        try:
+        with gates_removed(inner.model) as net:
             analysis = analyse_model(net, example_input)
-        finally:
-            for m in net.modules():
-                m._forward_pre_hooks.update(hooks[id(m)])
         sites = sites_from_analysis(analysis)
         if [(s.name, s.size, s.taps) for s in sites] != [(s.name, s.size, s.taps) for s in bank.sites]:
             raise GatePlacementError("the model's gates do not match its dependency graph (was it edited?)")

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BmrsError
+from .errors import BmrsError, first_line
 
 WORKER = Path(__file__).with_name("_ort_worker.py")
 
@@ -84,8 +84,7 @@ def check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BenchError(f"{path} is not a valid ONNX model ({first[:200]})") from None
+        raise BenchError(f"{path} is not a valid ONNX model ({first_line(exc)[:200]})") from None
 
 
 def benchmark(paths: list[Path], batch_sizes=(1, 8, 32), threads: int = 0, warmup: int = 5, runs: int = 30,

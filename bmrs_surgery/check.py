@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import api
-from .errors import BmrsError
+from .errors import BmrsError, first_line
 from .placement import analyse_model
 from .plan import plan_keep
 from .surgery import parameter_count, shrink
@@ -52,9 +52,7 @@ class CheckResult:
 
 
 def _err(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, BmrsError) else text
+    return first_line(exc) if isinstance(exc, BmrsError) else f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def random_masks(bank, ratio: float, generator: torch.Generator) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import api
-from .errors import BmrsError
+from .errors import BmrsError, first_line
 from .export import ExportError, onnx_bytes, ort_parity
 from .surgery import parameter_count, shrink
 from .verify import Proof, failing_group, prove, random_inputs
@@ -72,7 +72,7 @@ def deploy(gated: nn.Module, keep: torch.Tensor, input_shape: tuple[int, ...],
         proof = prove(gated, pruned, inputs, tolerance)
     except Exception as exc:  # noqa: BLE001 - the pruned network does not even run
         proof = Proof(float("inf"), 1.0, tolerance, len(inputs))
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = first_line(exc)
     else:
         cause = f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
     if not proof.ok:

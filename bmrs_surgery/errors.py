@@ -1,6 +1,12 @@
 """Typed errors: one class per kind of user mistake. The CLI turns each into a one-line message."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class BmrsError(Exception):
     """Base class of every error a user can cause; the CLI exits with code 2 on these."""
 

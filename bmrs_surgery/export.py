@@ -11,17 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import first_line as _first_line
+
 OPSET = 18
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
 class ExportError(RuntimeError):
     pass
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import api
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line as _first_line
 from .gates import GateBank, GateSite
 
 CHECKPOINT_FORMAT = "bmrs-surgery/checkpoint/2"
@@ -150,11 +150,6 @@ def _from_safetensors(path: Path, spec: str, arch: str | None) -> LoadedModel:
     net, shape = _arch_for_state(arch, state)
     _load_state(net, state, spec)
     return LoadedModel(net, arch, shape)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _has_gate_hooks(net: nn.Module) -> bool:

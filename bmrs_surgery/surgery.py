@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .api import remove_gate_hooks
+from .api import gates_removed
 from .gates import GateBank
 from .graph.groups import Analysis
 
@@ -31,14 +31,8 @@ def group_keep(bank: GateBank, keep: torch.Tensor) -> dict[int, np.ndarray]:
 
 
 def _copy_without_gates(gm: fx.GraphModule) -> fx.GraphModule:
-    saved = {id(m): dict(m._forward_pre_hooks) for m in gm.modules()}
-    remove_gate_hooks(gm)
-    try:
-        out = copy.deepcopy(gm)
-    finally:
-        for m in gm.modules():
-            m._forward_pre_hooks.update(saved[id(m)])
-    return out
+    with gates_removed(gm):
+        return copy.deepcopy(gm)
 
 
 def _owner(root: nn.Module, target: str) -> tuple[nn.Module, str]:

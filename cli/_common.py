@@ -95,15 +95,11 @@ input_shape_option = click.option(
 def load_network(spec: str, input_shape: str | None, arch: str | None, trust: bool):
     """(plain network, input shape with batch axis) for the graph commands; a gated file gives its
     network without the gates."""
-    import copy
-
-    from bmrs_surgery import api, loading
+    from bmrs_surgery import loading
+    from bmrs_surgery.deploy import plain_network
 
     loaded = loading.load_model(spec, arch=arch, trust=trust)
-    net = loaded.model
-    if loaded.gated:
-        net = copy.deepcopy(api.network(net))
-        api.remove_gate_hooks(net)
+    net = plain_network(loaded.model) if loaded.gated else loaded.model
     shape = parse_shape(input_shape)
     if shape is None:
         if loaded.input_shape is None:

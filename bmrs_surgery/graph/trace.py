@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import GraphError
+from ..errors import GraphError, first_line as _first_line
 
 MAX_FALLBACKS = 64
 
@@ -43,11 +43,6 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
