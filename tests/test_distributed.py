@@ -40,6 +40,7 @@ def _job(rank: int, world: int, out: str, port: int) -> None:
         masks = [torch.zeros_like(state["bmrs_gates.mask"]) for _ in range(world)]
         dist.all_gather(masks, state["bmrs_gates.mask"])
         state["all_masks_equal"] = torch.tensor(all(torch.equal(m, masks[0]) for m in masks))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
     state["kept"] = torch.tensor(result.prune.kept_fraction)
     if rank == 0:
