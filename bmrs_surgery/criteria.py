@@ -7,6 +7,7 @@ thresholded (SNR, E[theta], L2 norm of incoming weights).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from . import bmrs
 from .accounting import compression
 from .gates import GateBank
 
-CRITERIA = ("bmrs_n", "bmrs_u", "snr", "expected", "l2")
+CRITERIA = ("bmrs_n", "bmrs_u", "snr", "expected", "l2", "bmrs_n_code")
 
 
 @dataclass
@@ -35,6 +36,15 @@ def bmrs_n(bank: GateBank, prior_mu: float | None = None, prior_var: float = 1e-
     pm = bank.a if prior_mu is None else prior_mu
     df = bmrs.delta_f(mu, ls, "normal", prior_mu=pm, prior_var=prior_var, a=bank.a, b=bank.b)
     return Decision("bmrs_n", df, df < 0)
+
+
+def bmrs_n_code(bank: GateBank, prior_mu: float | None = None, prior_var: float = 1e-12) -> Decision:
+    """BMRS_N as the authors' released code computes it: Eq. 8 without the 2 pi, so dF is larger by
+    0.5 log(2 pi) = 0.919. Not the project's rule (the paper's Eq. 8 is exact); kept to compare with
+    the paper's published numbers, which came from that code."""
+    dec = bmrs_n(bank, prior_mu, prior_var)
+    df = dec.score + 0.5 * math.log(2.0 * math.pi)
+    return Decision("bmrs_n_code", df, df < 0)
 
 
 def bmrs_u(bank: GateBank, precision_bits: int = 8) -> Decision:
@@ -97,6 +107,8 @@ def decide(model: nn.Module, bank: GateBank, criterion: str, **opts) -> Decision
     """Dispatch by name: bmrs_n, bmrs_u, snr, expected, l2 (l2 needs target_compression)."""
     if criterion == "bmrs_n":
         return bmrs_n(bank, opts.get("prior_mu"), opts.get("prior_var", 1e-12))
+    if criterion == "bmrs_n_code":
+        return bmrs_n_code(bank, opts.get("prior_mu"), opts.get("prior_var", 1e-12))
     if criterion == "bmrs_u":
         return bmrs_u(bank, opts.get("precision_bits", 8))
     if criterion == "snr":

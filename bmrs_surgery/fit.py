@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import api
+from .criteria import CRITERIA
 from .data import DataSplits
 
 MODES = ("post-training", "continuous")
@@ -43,6 +44,10 @@ class FitConfig:
     device: str = "cpu"
     seed: int = 0
     amp: bool = False  # bf16 autocast for the network; the gate math stays in float32/float64
+    # masks from another criterion of :mod:`criteria` (snr, expected, l2, bmrs_n_code) instead of
+    # the prior's BMRS rule, with its options (threshold, target_compression); for baselines
+    criterion: str | None = None
+    criterion_opts: dict | None = None
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -53,6 +58,8 @@ class FitConfig:
             raise ValueError("epochs and finetune_epochs must be >= 0 and prune_every >= 1")
         if self.kl_weighting not in api.KL_WEIGHTINGS:
             raise ValueError(f"kl_weighting must be one of {api.KL_WEIGHTINGS}")
+        if self.criterion is not None and self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
 
 
 @dataclass
@@ -82,11 +89,17 @@ class FitResult:
         }
 
 
+def _prune(gated, cfg: FitConfig):
+    """Mask by the configured rule: BMRS for ``cfg.prior``, or ``cfg.criterion``."""
+    return api.prune(gated, cfg.prior, cfg.precision_bits, criterion=cfg.criterion, **(cfg.criterion_opts or {}))
+
+
 def _criteria_decision(gated, cfg: FitConfig, keep: torch.Tensor):
     """The decision a resumed fit had made (its scores recomputed from the restored posteriors)."""
     from .criteria import Decision
 
-    dec = api.decision(gated, api.criterion_for(cfg.prior), precision_bits=cfg.precision_bits)
+    dec = api.decision(gated, cfg.criterion or api.criterion_for(cfg.prior), precision_bits=cfg.precision_bits,
+                       **(cfg.criterion_opts or {}))
     return Decision(dec.criterion, dec.score, keep.bool())
 
 
@@ -192,7 +205,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
     for epoch in range(first, total_epochs):
         phase = "fit" if epoch < cfg.epochs else "finetune"
         if epoch == cfg.epochs and cfg.mode == "post-training" and cfg.epochs > 0:
-            result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
+            result.prune = _prune(gated, cfg)
         t0 = time.perf_counter()
         gated.train()
         if reporter:
@@ -221,7 +234,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             if reporter and (step % REPORT_EVERY == REPORT_EVERY - 1 or step == steps - 1):
                 reporter.step(step + 1, float(loss_sum) / (step + 1))
         if cfg.mode == "continuous" and phase == "fit" and (epoch + 1) % cfg.prune_every == 0:
-            result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
+            result.prune = _prune(gated, cfg)
         bank = api.gate_bank(gated)
         record = EpochRecord(
             epoch=epoch,
@@ -240,6 +253,6 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             checkpoint(training_state(gated, opt, result, gen, epoch + 1))
     api.gate_bank(gated).rows = None
     if cfg.epochs > 0 and result.prune is None:  # no scoring happened yet: score once now
-        result.prune = api.prune(gated, cfg.prior, cfg.precision_bits)
+        result.prune = _prune(gated, cfg)
     result.seconds = time.perf_counter() - start
     return result

@@ -619,3 +619,18 @@ def test_large_inputs_scored_in_blocks_equal_one_pass():
         blocked = bmrs.delta_f(mu, ls, prior)
         one_pass = bmrs.delta_f_normal(mu, ls) if prior == "normal" else bmrs.delta_f_uniform(mu, ls)
         assert torch.equal(blocked, one_pass)
+
+
+def test_bmrs_n_as_the_authors_code_computes_it_is_eq8_plus_half_log_2pi():
+    import bmrs_surgery as bmrs
+    from bmrs_surgery.criteria import bmrs_n, bmrs_n_code
+    from bmrs_surgery.models import get_model
+
+    g = bmrs.attach_gates(get_model("mlp"), torch.zeros(2, 1, 32, 32))
+    with torch.no_grad():  # rows of the reference table: (-15, 3) is kept by Eq. 8 (dF = -0.3617)
+        g.bmrs_gates.posterior[0, :2] = torch.tensor([-15.0, -8.0])
+        g.bmrs_gates.posterior[1, :2] = torch.tensor([math.log(3.0), math.log(3.0)])
+    exact, code = bmrs_n(g.bmrs_gates), bmrs_n_code(g.bmrs_gates)
+    torch.testing.assert_close(code.score - exact.score, torch.full_like(exact.score, 0.5 * math.log(2 * math.pi)))
+    assert exact.score[0] == pytest.approx(-0.36173664, abs=1e-6)
+    assert bool(exact.keep[0]) and not bool(code.keep[0])  # the code's offset prunes it, Eq. 8 keeps it

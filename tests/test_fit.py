@@ -100,3 +100,28 @@ def test_bf16_autocast_fits_with_gate_math_in_float32():
     assert bank.posterior.dtype == torch.float32 and bool(torch.isfinite(bank.posterior).all())  # ... the gates did not
     assert all(math.isfinite(h.loss) for h in result.history)
     assert result.history[-1].loss < result.history[0].loss
+
+
+def test_continuous_mode_with_a_baseline_criterion_masks_by_it(digits):
+    """FitConfig.criterion: the paper's baselines prune during training by their own rule."""
+    from bmrs_surgery.criteria import snr
+
+    g = _gated(digits)
+    # after 3 short epochs the SNRs are still ~30 (sigma starts at e^-5): a threshold of 30 splits them
+    cfg = FitConfig(epochs=3, mode="continuous", criterion="snr", criterion_opts={"threshold": 30.0},
+                    batch_size=64, gate_lr=3e-2)
+    result = fit(g, digits, cfg)
+    assert result.prune.criterion == "snr"
+    assert torch.equal(g.bmrs_gates.mask.bool(), snr(g.bmrs_gates, 30.0).keep)  # masks = SNR >= 30 now
+    assert 0.0 < result.prune.kept_fraction < 1.0
+    with pytest.raises(ValueError, match="criterion"):
+        fit(g, digits, FitConfig(criterion="bogus"))
+
+
+def test_l2_criterion_in_continuous_mode_reaches_its_target_compression(digits):
+    g = _gated(digits)
+    cfg = FitConfig(epochs=2, mode="continuous", criterion="l2", criterion_opts={"target_compression": 0.5},
+                    batch_size=64)
+    result = fit(g, digits, cfg)
+    assert result.prune.criterion == "l2"
+    assert 0.5 <= result.prune.compression < 0.6  # the smallest number of structures reaching 50%

@@ -1,0 +1,43 @@
+"""benchmarks/paper_fmnist.py on a tiny budget: every method runs, L2 matches its reference's
+compression, and a second invocation merges into the same result files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "paper_fmnist.py"), "--models", "mlp", "--seeds", "2",
+           "--epochs", "8", "--finetune", "1", "--limit", "4000", "--gate-lr-factor", "60", "--out", str(out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_paper_benchmark_runs_every_method_and_merges_invocations(tmp_path):
+    out = tmp_path / "paper"
+    r = _run(out, "--methods", "none", "bmrs_u4", "l2", "--l2-match", "bmrs_u4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    runs = {(x["method"], x["seed"]): x for x in data["runs"]}
+    assert sorted(runs) == [(m, s) for m in ("bmrs_u4", "l2", "none") for s in (0, 1)]
+    for s in (0, 1):
+        assert runs[("none", s)]["compression"] == 0.0
+        assert runs[("bmrs_u4", s)]["compression"] > 0.3  # 8 epochs at 60x gate lr already prune
+        assert runs[("l2", s)]["compression"] >= runs[("bmrs_u4", s)]["compression"]  # matched, rounded up
+        assert 0.1 < runs[("none", s)]["accuracy"] <= 1.0
+    md = out.with_suffix(".md").read_text()
+    assert "| None | 2 |" in md and "| BMRS_U-4 | 2 |" in md and "| L2 | 2 |" in md
+    r = _run(out, "--methods", "snr")  # a second invocation adds to the same files
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert len(data["runs"]) == 8 and len(data["commands"]) == 2
+    assert "| SNR < 1 | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_paper_benchmark_refuses_l2_without_its_reference(tmp_path):
+    r = _run(tmp_path / "x", "--methods", "l2", "--l2-match", "bmrs_n")
+    assert r.returncode == 2 and "needs bmrs_n" in r.stderr
