@@ -85,6 +85,18 @@ def train_plain(model, data, job: dict) -> None:
             opt.step()
 
 
+def training_subset(data, limit: int | None):
+    """The first ``limit`` training examples; validation and test sets stay whole."""
+    import dataclasses
+
+    from torch.utils.data import TensorDataset
+
+    if limit is None:
+        return data
+    x, y = data.train.tensors
+    return dataclasses.replace(data, train=TensorDataset(x[:limit], y[:limit]))
+
+
 def run_one(job: dict) -> dict:
     import torch
 
@@ -94,7 +106,7 @@ def run_one(job: dict) -> dict:
     from bmrs_surgery.fit import accuracy, fit
     from bmrs_surgery.models import get_model
 
-    data = load_data("fashion-mnist", seed=job["seed"], limit=job["limit"])
+    data = training_subset(load_data("fashion-mnist", seed=job["seed"]), job["limit"])
     torch.manual_seed(job["seed"])
     model = get_model(job["model"])
     t0 = time.perf_counter()

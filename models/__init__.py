@@ -8,7 +8,7 @@ from typing import Callable
 from torch import nn
 
 from .blocks import dense_block, depthwise_separable, resnet_block, shuffle_block, transformer_block
-from .paper import lenet5, mlp
+from .paper import lenet5, mlp, resnet18_1ch
 
 _HERE = Path(__file__).resolve().parent
 
@@ -26,6 +26,7 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], str]] = {
     "mlp": (mlp, (1, 32, 32), "paper MLP for 32x32 inputs: 1024-150-150-10, Tanh"),
     "lenet5": (lenet5, (1, 32, 32), "paper LeNet5 for 32x32 single-channel inputs"),
     "lenet5-fmnist": (lenet5_fmnist, (1, 32, 32), "paper LeNet5 trained on Fashion-MNIST (bundled weights)"),
+    "resnet18-1ch": (resnet18_1ch, (1, 32, 32), "torchvision ResNet-18 for 32x32 single-channel inputs (3x3 stem)"),
     "resnet_block": (resnet_block, (3, 16, 16), "ResNet basic blocks, one with a downsample shortcut"),
     "dense_block": (dense_block, (3, 16, 16), "DenseNet-style concatenation and transition"),
     "depthwise_separable": (depthwise_separable, (3, 16, 16), "depthwise-separable, inverted residual, grouped conv"),

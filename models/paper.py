@@ -33,3 +33,14 @@ def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
         nn.ReLU(),
         nn.Linear(84, num_classes),
     )
+
+
+def resnet18_1ch(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 adapted to 32x32 single-channel inputs (Fashion-MNIST): a 3x3
+    stride-1 stem on one channel instead of 7x7 stride 2 on three, the max-pool kept, so layer1
+    works at 16x16 and the last stage at 2x2."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    return model

@@ -135,3 +135,17 @@ def test_masks_are_replaced_not_accumulated():
         g.bmrs_gates.posterior[0] = -1.0
         g.bmrs_gates.posterior[1] = math.log(0.5)
     assert bmrs.prune(g, "uniform", 8).keep.all()
+
+
+def test_resnet18_for_fashion_mnist_gets_one_gate_per_coupled_group():
+    """The ResNet-18 of the Fashion-MNIST benchmark: 32x32 single-channel input, 10 classes; each of
+    its four residual streams is one group (all blocks of a stage share its channels)."""
+    from bmrs_surgery.models import get_model, input_shape
+
+    model = get_model("resnet18-1ch")
+    x = torch.randn(2, *input_shape("resnet18-1ch"))
+    assert model.eval()(x).shape == (2, 10)
+    gated = bmrs.attach_gates(model, x)
+    sizes = sorted(s.size for s in gated.bmrs_gates.sites)
+    # 4 streams (64, 128, 256, 512) + the first conv of each of the 8 blocks (64,64,128,128,...)
+    assert sizes == sorted([64, 128, 256, 512] + [64, 64, 128, 128, 256, 256, 512, 512])
