@@ -42,7 +42,8 @@ PAPER_RESULTS = {  # bmrs-math.md section 6: (compression %, accuracy %) means o
 METHODS = ("none", "expected", "snr", "bmrs_n", "bmrs_n_code", "bmrs_u8", "bmrs_u4", "l2")
 LABELS = {"none": "None", "l2": "L2", "expected": "E[θ] < 0.1", "snr": "SNR < 1", "bmrs_n": "BMRS_N (Eq. 8)",
           "bmrs_n_code": "BMRS_N (authors' code)", "bmrs_u8": "BMRS_U-8", "bmrs_u4": "BMRS_U-4"}
-SETUP_KEYS = ("epochs", "finetune", "limit", "kl", "gate_lr_factor", "noise", "kl_warmup")
+SETUP_KEYS = ("epochs", "finetune", "limit", "kl", "gate_lr_factor", "noise", "kl_warmup", "finetune_gates")
+SETUP_DEFAULTS = {"finetune_gates": "sampled"}  # for runs recorded before the key existed
 
 
 def fit_config(job: dict):
@@ -61,7 +62,7 @@ def fit_config(job: dict):
         epochs=job["epochs"], finetune_epochs=job["finetune"], mode="continuous", prior=prior,
         precision_bits=bits, criterion=criterion, criterion_opts=opts, kl_weighting=job["kl"],
         kl_warmup_epochs=job["kl_warmup"], gate_lr=job["gate_lr_factor"] * p["lr"], seed=job["seed"],
-        device=job["device"], **p,
+        device=job["device"], finetune_gates=job.get("finetune_gates", "sampled"), **p,
     )
 
 
@@ -126,7 +127,7 @@ def run_one(job: dict) -> dict:
 
 
 def setup_of(run: dict) -> tuple:
-    return tuple((k, run[k]) for k in SETUP_KEYS)
+    return tuple((k, run.get(k, SETUP_DEFAULTS.get(k))) for k in SETUP_KEYS)
 
 
 def run_key(run: dict) -> str:
@@ -150,7 +151,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 def setup_text(setup: dict) -> str:
     data = "full data" if setup["limit"] is None else f"first {setup['limit']} training examples"
     return (f"{setup['epochs']} + {setup['finetune']} epochs, {data}, KL {setup['kl']}, gate lr "
-            f"{setup['gate_lr_factor']:g}x, noise per {setup['noise']}, KL warm-up {setup['kl_warmup']} epochs")
+            f"{setup['gate_lr_factor']:g}x, noise per {setup['noise']}, KL warm-up {setup['kl_warmup']} epochs, "
+            f"fine-tuning with {setup['finetune_gates']} gates")
 
 
 def markdown(rows: list[dict], commands: list[str]) -> str:
@@ -196,6 +198,8 @@ def main() -> None:
     ap.add_argument("--gate-lr-factor", type=float, default=1.0)
     ap.add_argument("--noise", default="sample", choices=("sample", "structure", "element"))
     ap.add_argument("--kl-warmup", type=int, default=0, help="epochs of linear KL warm-up")
+    ap.add_argument("--finetune-gates", default="sampled", choices=("sampled", "expected"),
+                    help="fine-tune with noisy gates, or with the deployed E[theta] * mask (posteriors frozen)")
     ap.add_argument("--l2-match", default="bmrs_n", choices=[m for m in METHODS if m.startswith("bmrs")],
                     help="L2 prunes to the compression this method reached (same seed)")
     ap.add_argument("--jobs", type=int, default=2)
@@ -205,6 +209,7 @@ def main() -> None:
     args = ap.parse_args()
     base = dict(epochs=args.epochs, finetune=args.finetune, limit=args.limit, kl=args.kl,
                 gate_lr_factor=args.gate_lr_factor, noise=args.noise, kl_warmup=args.kl_warmup,
+                finetune_gates=args.finetune_gates,
                 threads=args.threads, device=args.device)
     jobs = [dict(base, model=m, method=meth, seed=s) for m in args.models for meth in args.methods
             if meth != "l2" for s in range(args.seeds)]

@@ -11,8 +11,8 @@
    ONNX export and an interleaved ONNX Runtime benchmark of original vs pruned.
 4. Collects compression, accuracies and ORT latencies from each report.json into OUT.json/OUT.md.
 
-    python benchmarks/resnet18_fmnist.py --train-examples 12000 --epochs 3 --gate-epochs 2 \\
-        --finetune-epochs 1 --out benchmarks/results/resnet18_fmnist
+    python benchmarks/resnet18_fmnist.py --train-examples 12000 --epochs 4 --gate-epochs 2 \\
+        --finetune-epochs 1 --methods bmrs_n bmrs_u4 bmrs_u8 --out benchmarks/results/resnet18_fmnist
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def compress(method: str, ckpt: Path, data_path: Path, out: Path, args) -> dict:
     cmd = ["bmrs-compress", "compress", str(ckpt), "--arch", "resnet18-1ch", "--data", str(data_path),
            *METHODS[method], "--mode", "post-training", "--epochs", str(args.gate_epochs),
            "--finetune-epochs", str(args.finetune_epochs), "--batch-size", str(args.batch_size),
-           "--lr", str(args.finetune_lr), "--bench-batch-sizes", args.bench_batch_sizes, "--threads",
+           "--lr", str(args.finetune_lr), "--gate-lr", str(args.gate_lr), "--bench-batch-sizes", args.bench_batch_sizes, "--threads",
            str(args.threads), "-q", "--json", "--out", str(out)]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3, help="training from scratch")
     ap.add_argument("--finetune-lr", type=float, default=1e-4, help="weights while gates are fitted and after")
+    ap.add_argument("--gate-lr", type=float, default=5e-2, help="gate posteriors (few steps on a subset)")
     ap.add_argument("--methods", nargs="+", default=["bmrs_n", "bmrs_u4"], choices=sorted(METHODS))
     ap.add_argument("--bench-batch-sizes", default="1,32")
     ap.add_argument("--threads", type=int, default=0)

@@ -27,6 +27,9 @@ MODES = ("post-training", "continuous")
 REPORT_EVERY = 25  # steps between progress updates (each one syncs the device)
 
 
+FINETUNE_GATES = ("sampled", "expected")
+
+
 @dataclass
 class FitConfig:
     epochs: int = 10
@@ -48,6 +51,10 @@ class FitConfig:
     # the prior's BMRS rule, with its options (threshold, target_compression); for baselines
     criterion: str | None = None
     criterion_opts: dict | None = None
+    # fine-tuning sees the gates as "sampled" (noisy, posteriors still trained, KL on) or as the
+    # deployed constants "expected" (E[theta] * mask, posteriors frozen, no KL): the network that
+    # is fine-tuned is then exactly the one surgery produces
+    finetune_gates: str = "sampled"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -58,6 +65,8 @@ class FitConfig:
             raise ValueError("epochs and finetune_epochs must be >= 0 and prune_every >= 1")
         if self.kl_weighting not in api.KL_WEIGHTINGS:
             raise ValueError(f"kl_weighting must be one of {api.KL_WEIGHTINGS}")
+        if self.finetune_gates not in FINETUNE_GATES:
+            raise ValueError(f"finetune_gates must be one of {FINETUNE_GATES}, got {self.finetune_gates!r}")
         if self.criterion is not None and self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
 
@@ -208,6 +217,11 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             result.prune = _prune(gated, cfg)
         t0 = time.perf_counter()
         gated.train()
+        frozen = phase == "finetune" and cfg.finetune_gates == "expected"
+        if frozen:  # deterministic gates; lr 0 keeps the posteriors exactly (and DDP's gradients intact)
+            api.gate_bank(gated).eval()
+        opt.param_groups[1]["lr"] = 0.0 if frozen else (cfg.gate_lr or cfg.lr)
+        kl_on = 0.0 if frozen else 1.0
         if reporter:
             reporter.start_epoch(epoch, total_epochs, phase, steps)
         loss_sum = torch.zeros((), device=device)
@@ -224,7 +238,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world
             task = F.cross_entropy(out.float(), y, reduction="sum") * (world / total)
             kl = api.kl_term(gated, n, cfg.kl_weighting)
-            loss = task + _kl_factor(cfg, epoch, step, steps) * kl
+            loss = task + kl_on * _kl_factor(cfg, epoch, step, steps) * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

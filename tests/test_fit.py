@@ -125,3 +125,32 @@ def test_l2_criterion_in_continuous_mode_reaches_its_target_compression(digits):
     result = fit(g, digits, cfg)
     assert result.prune.criterion == "l2"
     assert 0.5 <= result.prune.compression < 0.6  # the smallest number of structures reaching 50%
+
+
+def test_finetuning_with_expected_gates_trains_the_deployed_network_only(digits):
+    """finetune_gates="expected": the fine-tuned network is the deterministic one surgery keeps
+    (E[theta] * mask), the posteriors do not move, and it differs from noisy fine-tuning."""
+    seen, sampling = {}, {}
+
+    class Spy:
+        def start_epoch(self, epoch, *a):
+            self.epoch = epoch
+
+        def step(self, *a):  # inside the epoch's loop
+            sampling[self.epoch] = g.bmrs_gates.training
+
+        def end_epoch(self, record):
+            seen[record.epoch] = g.bmrs_gates.posterior.detach().clone()
+
+    g = _gated(digits)
+    cfg = FitConfig(epochs=2, finetune_epochs=2, mode="post-training", prior="uniform", batch_size=64,
+                    gate_lr=3e-2, finetune_gates="expected")
+    fit(g, digits, cfg, Spy())
+    assert torch.equal(seen[1], seen[3])  # posteriors frozen over both fine-tuning epochs
+    assert not torch.equal(seen[0], seen[1])  # and trained while fitting
+    assert sampling == {0: True, 1: True, 2: False, 3: False}  # sampled while fitting, E[theta] after
+    noisy = _gated(digits)
+    fit(noisy, digits, FitConfig(**{**cfg.__dict__, "finetune_gates": "sampled"}))
+    assert not torch.equal(noisy.bmrs_gates.posterior, g.bmrs_gates.posterior)
+    with pytest.raises(ValueError, match="finetune_gates"):
+        fit(g, digits, FitConfig(finetune_gates="bogus"))
