@@ -213,20 +213,25 @@ def main() -> None:
                 threads=args.threads, device=args.device)
     jobs = [dict(base, model=m, method=meth, seed=s) for m in args.models for meth in args.methods
             if meth != "l2" for s in range(args.seeds)]
-    if "l2" in args.methods and args.l2_match not in args.methods:
-        ap.error(f"--methods l2 needs {args.l2_match} (--l2-match) in the same run")
+    out = Path(args.out)
+    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
+    old = json.loads(json_path.read_text()) if json_path.exists() else {"runs": [], "commands": []}
+    if "l2" in args.methods and args.l2_match not in args.methods:  # its runs must be recorded already
+        have = {run_key(r) for r in old["runs"]}
+        need = [dict(base, model=m, method=args.l2_match, seed=s) for m in args.models for s in range(args.seeds)]
+        if not all(run_key(r) in have for r in need):
+            ap.error(f"--methods l2 needs {args.l2_match} (--l2-match) in the same run or recorded in {json_path}")
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(run_one, jobs))
         if "l2" in args.methods:
-            match = {(r["model"], r["seed"]): r["compression"] for r in runs if r["method"] == args.l2_match}
+            ref = {run_key(r): r for r in old["runs"]} | {run_key(r): r for r in runs}
+            match = {(m, s): ref[run_key(dict(base, model=m, method=args.l2_match, seed=s))]["compression"]
+                     for m in args.models for s in range(args.seeds)}
             l2 = [dict(base, model=m, method="l2", seed=s, target_compression=match[(m, s)], l2_match=args.l2_match)
                   for m in args.models for s in range(args.seeds)]
             runs += list(pool.map(run_one, l2))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
-    old = json.loads(json_path.read_text()) if json_path.exists() else {"runs": [], "commands": []}
     merged = {run_key(r): r for r in old["runs"]}
     merged.update({run_key(r): r for r in runs})
     command = "python " + " ".join(sys.argv)

@@ -83,7 +83,14 @@ def incoming_l2(model: nn.Module, bank: GateBank) -> torch.Tensor:
 
 
 def l2(model: nn.Module, bank: GateBank, target_compression: float) -> Decision:
-    """Prune the smallest-L2 structures (one global ranking) until compression >= target."""
+    """Prune the smallest-L2 structures (one global ranking) until compression >= target.
+
+    Every group keeps at least its largest structure: a global threshold otherwise empties whole
+    layers of small-norm structures (the MLP's second hidden layer at 93%), and the network then
+    outputs a constant.
+    """
+    from .plan import plan_keep
+
     score = incoming_l2(model, bank)
     order = torch.argsort(score)
     n = score.numel()
@@ -91,7 +98,7 @@ def l2(model: nn.Module, bank: GateBank, target_compression: float) -> Decision:
     def keep_with(k: int) -> torch.Tensor:
         keep = torch.ones(n, dtype=torch.bool)
         keep[order[:k]] = False
-        return keep
+        return plan_keep(bank, keep, -score)
 
     lo, hi = 0, n  # smallest k with compression >= target (compression grows with k)
     while lo < hi:

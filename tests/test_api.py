@@ -120,6 +120,19 @@ def test_l2_reaches_the_target_compression_with_the_fewest_structures():
     assert (d.score[~d.keep].max() <= d.score[d.keep].min())
 
 
+def test_l2_never_empties_a_layer():
+    """With the second hidden layer's weights small, a global L2 threshold at 95% would remove all
+    of its units (the network would output a constant); each group keeps its largest one."""
+    model = get_model("mlp")
+    with torch.no_grad():
+        model[3].weight.mul_(0.01)
+        model[3].bias.mul_(0.01)
+    g = bmrs.attach_gates(model, X)
+    d = bmrs.decision(g, "l2", target_compression=0.95)
+    kept = [int(d.keep[g.bmrs_gates.slice_of(i)].sum()) for i in range(len(g.bmrs_gates.sites))]
+    assert min(kept) >= 1 and compression(g.model, g.bmrs_gates, d.keep).ratio >= 0.95
+
+
 def test_prune_rejects_unknown_prior_and_criterion():
     g = bmrs.attach_gates(get_model("mlp"), X)
     with pytest.raises(ValueError, match="prior"):
