@@ -42,8 +42,8 @@ PAPER_RESULTS = {  # bmrs-math.md section 6: (compression %, accuracy %) means o
 METHODS = ("none", "expected", "snr", "bmrs_n", "bmrs_n_code", "bmrs_u8", "bmrs_u4", "l2")
 LABELS = {"none": "None", "l2": "L2", "expected": "E[θ] < 0.1", "snr": "SNR < 1", "bmrs_n": "BMRS_N (Eq. 8)",
           "bmrs_n_code": "BMRS_N (authors' code)", "bmrs_u8": "BMRS_U-8", "bmrs_u4": "BMRS_U-4"}
-SETUP_KEYS = ("epochs", "finetune", "limit", "kl", "gate_lr_factor", "noise", "kl_warmup", "finetune_gates")
-SETUP_DEFAULTS = {"finetune_gates": "sampled"}  # for runs recorded before the key existed
+SETUP_KEYS = ("epochs", "finetune", "limit", "kl", "kl_scale", "gate_lr_factor", "noise", "kl_warmup", "finetune_gates")
+SETUP_DEFAULTS = {"finetune_gates": "sampled", "kl_scale": 1.0}  # for runs recorded before the key existed
 
 
 def fit_config(job: dict):
@@ -60,7 +60,7 @@ def fit_config(job: dict):
     p = PAPER[job["model"]]
     return FitConfig(
         epochs=job["epochs"], finetune_epochs=job["finetune"], mode="continuous", prior=prior,
-        precision_bits=bits, criterion=criterion, criterion_opts=opts, kl_weighting=job["kl"],
+        precision_bits=bits, criterion=criterion, criterion_opts=opts, kl_weighting=job["kl"], kl_scale=job.get("kl_scale", 1.0),
         kl_warmup_epochs=job["kl_warmup"], gate_lr=job["gate_lr_factor"] * p["lr"], seed=job["seed"],
         device=job["device"], finetune_gates=job.get("finetune_gates", "sampled"), **p,
     )
@@ -150,7 +150,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def setup_text(setup: dict) -> str:
     data = "full data" if setup["limit"] is None else f"first {setup['limit']} training examples"
-    return (f"{setup['epochs']} + {setup['finetune']} epochs, {data}, KL {setup['kl']}, gate lr "
+    scale = "" if setup["kl_scale"] == 1.0 else f" x {setup['kl_scale']:g}"
+    return (f"{setup['epochs']} + {setup['finetune']} epochs, {data}, KL {setup['kl']}{scale}, gate lr "
             f"{setup['gate_lr_factor']:g}x, noise per {setup['noise']}, KL warm-up {setup['kl_warmup']} epochs, "
             f"fine-tuning with {setup['finetune_gates']} gates")
 
@@ -195,6 +196,7 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=10)
     ap.add_argument("--limit", type=int, default=None, help="first LIMIT training examples (test set stays whole)")
     ap.add_argument("--kl", default="mean", choices=("mean", "elbo"))
+    ap.add_argument("--kl-scale", type=float, default=1.0, help="multiplies the KL term")
     ap.add_argument("--gate-lr-factor", type=float, default=1.0)
     ap.add_argument("--noise", default="sample", choices=("sample", "structure", "element"))
     ap.add_argument("--kl-warmup", type=int, default=0, help="epochs of linear KL warm-up")
@@ -207,7 +209,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results/paper_fmnist")
     args = ap.parse_args()
-    base = dict(epochs=args.epochs, finetune=args.finetune, limit=args.limit, kl=args.kl,
+    base = dict(epochs=args.epochs, finetune=args.finetune, limit=args.limit, kl=args.kl, kl_scale=args.kl_scale,
                 gate_lr_factor=args.gate_lr_factor, noise=args.noise, kl_warmup=args.kl_warmup,
                 finetune_gates=args.finetune_gates,
                 threads=args.threads, device=args.device)

@@ -12,6 +12,7 @@ import click
 
 from bmrs_surgery import api
 from bmrs_surgery.errors import BmrsError, DataError
+from bmrs_surgery.fit import FINETUNE_GATES, FitConfig
 
 from ._common import fail, out_dir_option, prepare_out_dir, write_outputs
 
@@ -100,8 +101,9 @@ def _epochs_saved(out: Path) -> int | None:
 
 @click.command()
 @click.argument("model")
-@click.option("--prior", type=click.Choice(["normal", "uniform"]), default="normal", show_default=True,
-              help="Reduced prior: BMRS_N (normal) or BMRS_U (uniform).")
+@click.option("--prior", type=click.Choice(["normal", "uniform"]), default="uniform", show_default=True,
+              help="Reduced prior: BMRS_U (uniform) or BMRS_N (normal; exact Eq. 8 rarely prunes while "
+                   "fitting, see README).")
 @click.option("--precision-bits", type=click.IntRange(1, 22), default=8, show_default=True,
               help="BMRS_U: bits of precision below which a gate counts as zero.")
 @click.option("--data", "data_spec", metavar="SPEC",
@@ -122,6 +124,8 @@ def _epochs_saved(out: Path) -> int | None:
               help="KL term: mean over structures (authors' code) or summed / training-set size (ELBO).")
 @click.option("--noise", type=click.Choice(["sample", "structure", "element"]), default="sample",
               show_default=True, help="One gate sample per example, per step, or per activation element.")
+@click.option("--finetune-gates", type=click.Choice(FINETUNE_GATES), default=FitConfig.finetune_gates,
+              show_default=True, help="Fine-tune with noisy gates, or with the deployed E[theta] (posteriors frozen).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--amp", is_flag=True, help="bf16 autocast for the network while fitting (gate math stays float32).")
@@ -141,7 +145,7 @@ def _epochs_saved(out: Path) -> int | None:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of a summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
-             batch_size, lr, gate_lr, kl_weighting, noise, seed, device, amp, arch, trust_model, sweep_levels,
+             batch_size, lr, gate_lr, kl_weighting, noise, finetune_gates, seed, device, amp, arch, trust_model, sweep_levels,
              round_to, bench_batch_sizes, threads, out, resume, as_json, quiet):
     """Fit BMRS gates on MODEL (or use its fitted gates), prune where dF >= 0, remove the pruned
     structures for real, prove the result, export and benchmark it.
@@ -167,7 +171,7 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
 
 
 def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,
-         batch_size, lr, gate_lr, kl_weighting, noise, seed, device, amp, arch, trust_model, sweep_levels,
+         batch_size, lr, gate_lr, kl_weighting, noise, finetune_gates, seed, device, amp, arch, trust_model, sweep_levels,
          round_to, bench_batch_sizes, threads, out, resume, as_json, quiet):
     import io
 
@@ -214,6 +218,7 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
             epochs=epochs, mode=mode, prior=prior, precision_bits=precision_bits,
             prune_every=prune_every, finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr,
             gate_lr=gate_lr, kl_weighting=kl_weighting, device=device, seed=seed, amp=amp,
+            finetune_gates=finetune_gates,
         )
         job = {"model": model, "data": data_spec, "arch": arch, "noise": noise, **cfg.__dict__}
         job.pop("device")

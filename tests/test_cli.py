@@ -222,7 +222,10 @@ def test_existing_empty_out_folder_is_used(tmp_path):
               "--bench-batch-sizes", ""))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "gated.pt", "pruned.onnx", "pruned.pt", "report.html", "report.json", "scores.csv"]
-    assert read_report(tmp_path)["fit"] is None
+    rep = read_report(tmp_path)
+    assert rep["fit"] is None
+    # the default rule is BMRS_U-8: exact BMRS_N pruned nothing in continuous mode (paper_fmnist.md)
+    assert rep["criterion"] == "bmrs_u8" and rep["prior"] == "uniform" and rep["precision_bits"] == 8
 
 
 def test_state_dict_with_arch(files, tmp_path):
