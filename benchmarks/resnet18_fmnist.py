@@ -80,6 +80,8 @@ def compress(method: str, ckpt: Path, data_path: Path, out: Path, args) -> dict:
            "--finetune-epochs", str(args.finetune_epochs), "--batch-size", str(args.batch_size),
            "--lr", str(args.finetune_lr), "--gate-lr", str(args.gate_lr), "--bench-batch-sizes", args.bench_batch_sizes, "--threads",
            str(args.threads), "-q", "--json", "--out", str(out)]
+    if args.round_to:
+        cmd += ["--round-to", str(args.round_to)]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -107,7 +109,9 @@ def markdown(res: dict, command: str) -> str:
              f"{pre['train_examples']} training examples, {pre['epochs']} epochs from scratch "
              f"({pre['seconds']:.0f} s): test accuracy {100 * pre['test_accuracy']:.2f}%. Then `bmrs-compress` "
              "per method (post-training: gates fitted, one dF decision, fine-tuned, shrunk, proven, "
-             "exported, benchmarked in ONNX Runtime; commands in the JSON).", "",
+             "exported, benchmarked in ONNX Runtime; commands in the JSON)"
+             + (f"; widths rounded to multiples of {res['round_to']} channels" if res.get("round_to") else "")
+             + ".", "",
              "| method | structures kept | parameter compression % | test acc. before % | gated % | pruned % | "
              "proof max abs diff | ORT speedup (batch: x) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -133,6 +137,8 @@ def main() -> None:
     ap.add_argument("--gate-lr", type=float, default=5e-2, help="gate posteriors (few steps on a subset)")
     ap.add_argument("--methods", nargs="+", default=["bmrs_n", "bmrs_u4"], choices=sorted(METHODS))
     ap.add_argument("--bench-batch-sizes", default="1,32")
+    ap.add_argument("--round-to", type=int, default=None, help="keep multiples of N channels (passed on)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the data and checkpoint already in --work")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--work", default="runs/resnet18_fmnist", help="checkpoint, data and per-method outputs")
     ap.add_argument("--out", default="benchmarks/results/resnet18_fmnist")
@@ -140,11 +146,18 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data_path, ckpt = work / "fmnist.npz", work / "resnet18_1ch.pt"
-    write_data(data_path, args.train_examples)
-    pretrain = train_from_scratch(data_path, ckpt, args.epochs, args.batch_size, args.lr, args.threads or os.cpu_count())
-    methods = [compress(m, ckpt, data_path, work / m, args) for m in args.methods]
+    info = work / "pretrain.json"
+    if args.reuse and ckpt.exists() and info.exists():
+        pretrain = json.loads(info.read_text())
+    else:
+        write_data(data_path, args.train_examples)
+        pretrain = train_from_scratch(data_path, ckpt, args.epochs, args.batch_size, args.lr,
+                                      args.threads or os.cpu_count())
+        info.write_text(json.dumps(pretrain))
+    suffix = f"_round{args.round_to}" if args.round_to else ""
+    methods = [compress(m, ckpt, data_path, work / (m + suffix), args) for m in args.methods]
     command = "python " + " ".join(sys.argv)
-    res = {"command": command, "pretrain": pretrain, "methods": methods}
+    res = {"command": command, "pretrain": pretrain, "round_to": args.round_to, "methods": methods}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
