@@ -66,26 +66,6 @@ def fit_config(job: dict):
     )
 
 
-def train_plain(model, data, job: dict) -> None:
-    """The unpruned baseline: the same network without gates, Adam, epochs + finetune epochs."""
-    import torch
-    import torch.nn.functional as F
-
-    from bmrs_surgery.fit import batches
-
-    p = PAPER[job["model"]]
-    opt = torch.optim.Adam(model.parameters(), lr=p["lr"])
-    gen = torch.Generator().manual_seed(job["seed"])
-    x, y = data.train.tensors
-    model.to(job["device"]).train()
-    for _ in range(job["epochs"] + job["finetune"]):
-        for idx in batches(len(y), p["batch_size"], gen):
-            loss = F.cross_entropy(model(x[idx].to(job["device"])), y[idx].to(job["device"]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-
 def training_subset(data, limit: int | None):
     """The first ``limit`` training examples; validation and test sets stay whole."""
     import dataclasses
@@ -104,7 +84,7 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     import bmrs_surgery as bmrs
     from bmrs_surgery.data import load_data
-    from bmrs_surgery.fit import accuracy, fit
+    from bmrs_surgery.fit import accuracy, fit, train_plain
     from bmrs_surgery.models import get_model
 
     data = training_subset(load_data("fashion-mnist", seed=job["seed"]), job["limit"])
@@ -113,7 +93,9 @@ def run_one(job: dict) -> dict:
     t0 = time.perf_counter()
     out = dict(job)
     if job["method"] == "none":
-        train_plain(model, data, job)
+        # the unpruned baseline: the same network without gates, epochs + finetune epochs
+        train_plain(model, data.train, epochs=job["epochs"] + job["finetune"], seed=job["seed"],
+                    device=job["device"], **PAPER[job["model"]])
         out.update(compression=0.0, accuracy=accuracy(model, data.test, job["device"]))
     else:
         gated = bmrs.attach_gates(model, data.train.tensors[0][:2], noise=job["noise"])

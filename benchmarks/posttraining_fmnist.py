@@ -32,24 +32,14 @@ LABELS = {"bmrs_n": "BMRS_N (Eq. 8)", "bmrs_n_code": "BMRS_N (authors' code)", "
 
 def trained(model_name: str, data, seed: int, epochs: int):
     import torch
-    import torch.nn.functional as F
 
-    from bmrs_surgery.fit import batches
+    from bmrs_surgery.fit import train_plain
     from bmrs_surgery.models import get_model
 
     if model_name == "lenet5":
         return get_model("lenet5-fmnist")
     torch.manual_seed(seed)
-    model = get_model("mlp")
-    opt = torch.optim.Adam(model.parameters(), lr=1.5e-3)
-    gen = torch.Generator().manual_seed(seed)
-    x, y = data.train.tensors
-    for _ in range(epochs):
-        for idx in batches(len(y), 128, gen):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    model = train_plain(get_model("mlp"), data.train, epochs=epochs, batch_size=128, lr=1.5e-3, seed=seed)
     return model.eval()
 
 

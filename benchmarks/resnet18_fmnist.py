@@ -45,31 +45,24 @@ def write_data(path: Path, train_examples: int | None) -> None:
 
 def train_from_scratch(data_path: Path, ckpt: Path, epochs: int, batch_size: int, lr: float, threads: int) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from bmrs_surgery.data import load_data
-    from bmrs_surgery.fit import accuracy, batches
+    from bmrs_surgery.fit import accuracy, train_plain
     from bmrs_surgery.models import get_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     data = load_data(str(data_path))  # the split bmrs-compress will use (80/20, seed 0)
     model = get_model("resnet18-1ch")
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    x, y = data.train.tensors
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        for idx in batches(len(y), batch_size, gen):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def report(epoch: int) -> None:
         print(f"epoch {epoch + 1}/{epochs}: val accuracy {accuracy(model, data.val, batch_size=500):.4f}",
               file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    train_plain(model, data.train, epochs=epochs, batch_size=batch_size, lr=lr, seed=0, after_epoch=report)
     torch.save(model.state_dict(), ckpt)
-    return {"train_examples": len(y), "epochs": epochs, "seconds": time.perf_counter() - t0,
+    return {"train_examples": len(data.train), "epochs": epochs, "seconds": time.perf_counter() - t0,
             "val_accuracy": accuracy(model, data.val, batch_size=500),
             "test_accuracy": accuracy(model, data.test, batch_size=500)}
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bmrs_surgery.data import _FASHION_FILES, _fashion_dir, _parse_idx_images, _parse_idx_labels, load_data
-from bmrs_surgery.fit import accuracy, batches
+from bmrs_surgery.fit import accuracy, train_plain
 from bmrs_surgery.loading import save_checkpoint
 from bmrs_surgery.models import get_model
 
@@ -34,18 +33,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     data = load_data("fashion-mnist", seed=args.seed)
     model = get_model("lenet5")
-    opt = torch.optim.Adam(model.parameters(), lr=1.5e-3)
-    x, y = data.train.tensors
-    gen = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs):
-        t = time.perf_counter()
-        model.train()
-        for idx in batches(len(y), 128, gen):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    t = time.perf_counter()
+
+    def report(epoch: int) -> None:
+        nonlocal t
         print(f"epoch {epoch + 1}: val {accuracy(model, data.val):.4f} ({time.perf_counter() - t:.1f} s)", flush=True)
+        t = time.perf_counter()
+
+    train_plain(model, data.train, epochs=args.epochs, batch_size=128, lr=1.5e-3, seed=args.seed, after_epoch=report)
     test = accuracy(model, data.test)
     print(f"test accuracy {test:.4f}")
     save_checkpoint(model.eval(), ROOT / "models" / "lenet5_fmnist.pt", "lenet5", (1, 32, 32))

@@ -99,17 +99,22 @@ class FitResult:
         }
 
 
+def _decision(gated, cfg: FitConfig):
+    """The configured rule's decision now: BMRS for ``cfg.prior``, or ``cfg.criterion``."""
+    return api.decision(gated, cfg.criterion or api.criterion_for(cfg.prior), precision_bits=cfg.precision_bits,
+                        **(cfg.criterion_opts or {}))
+
+
 def _prune(gated, cfg: FitConfig):
-    """Mask by the configured rule: BMRS for ``cfg.prior``, or ``cfg.criterion``."""
-    return api.prune(gated, cfg.prior, cfg.precision_bits, criterion=cfg.criterion, **(cfg.criterion_opts or {}))
+    """Mask by the configured rule."""
+    return api.apply_decision(gated, _decision(gated, cfg))
 
 
 def _criteria_decision(gated, cfg: FitConfig, keep: torch.Tensor):
     """The decision a resumed fit had made (its scores recomputed from the restored posteriors)."""
     from .criteria import Decision
 
-    dec = api.decision(gated, cfg.criterion or api.criterion_for(cfg.prior), precision_bits=cfg.precision_bits,
-                       **(cfg.criterion_opts or {}))
+    dec = _decision(gated, cfg)
     return Decision(dec.criterion, dec.score, keep.bool())
 
 
@@ -118,6 +123,27 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None):
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
+
+
+def train_plain(model: nn.Module, train, *, epochs: int, batch_size: int, lr: float, seed: int,
+                device: str = "cpu", after_epoch=None) -> nn.Module:
+    """Train a network without gates: Adam, cross-entropy, shuffled batches drawn from a generator
+    seeded with ``seed``; ``after_epoch(epoch)`` is called after each epoch. The unpruned baseline
+    of the benchmarks, and how the bundled checkpoints are made."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = train.tensors
+    model.to(device)
+    for epoch in range(epochs):
+        model.train()
+        for idx in batches(len(y), batch_size, gen):
+            loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if after_epoch is not None:
+            after_epoch(epoch)
+    return model
 
 
 @torch.no_grad()
@@ -148,8 +174,15 @@ def make_optimizer(gated: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     bank = api.gate_bank(gated)
     gate_ids = {id(p) for p in bank.parameters()}
     weights = [p for p in gated.parameters() if id(p) not in gate_ids]
-    groups = [{"params": weights}, {"params": list(bank.parameters()), "lr": cfg.gate_lr or cfg.lr}]
+    groups = [{"params": weights}, {"params": list(bank.parameters()), "lr": _gate_lr(cfg)}]  # GATE_GROUP last
     return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+GATE_GROUP = 1  # index of the gate posteriors' parameter group in make_optimizer's Adam
+
+
+def _gate_lr(cfg: FitConfig) -> float:
+    return cfg.gate_lr or cfg.lr
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -221,8 +254,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
         frozen = phase == "finetune" and cfg.finetune_gates == "expected"
         if frozen:  # deterministic gates; lr 0 keeps the posteriors exactly (and DDP's gradients intact)
             api.gate_bank(gated).eval()
-        opt.param_groups[1]["lr"] = 0.0 if frozen else (cfg.gate_lr or cfg.lr)
-        kl_on = 0.0 if frozen else 1.0
+        opt.param_groups[GATE_GROUP]["lr"] = 0.0 if frozen else _gate_lr(cfg)
         if reporter:
             reporter.start_epoch(epoch, total_epochs, phase, steps)
         loss_sum = torch.zeros((), device=device)
@@ -238,8 +270,8 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
                 out = net(x)
             # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world
             task = F.cross_entropy(out.float(), y, reduction="sum") * (world / total)
-            kl = api.kl_term(gated, n, cfg.kl_weighting)
-            loss = task + kl_on * _kl_factor(cfg, epoch, step, steps) * kl
+            # frozen posteriors: the KL is a constant, not computed
+            loss = task if frozen else task + _kl_factor(cfg, epoch, step, steps) * api.kl_term(gated, n, cfg.kl_weighting)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -184,7 +184,7 @@ def _run(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs,
 
     from .bench_cmd import _batch_sizes
     from bmrs_surgery.data import check_fits, load_data
-    from bmrs_surgery.fit import FitConfig, accuracy, distributed_rank, fit
+    from bmrs_surgery.fit import accuracy, distributed_rank, fit
 
     start = time.perf_counter()
     sizes = _batch_sizes(bench_batch_sizes) if bench_batch_sizes.strip() else None
