@@ -6,8 +6,9 @@ continuous pruning (masks recomputed every epoch from the current posteriors) fo
 epochs, then ``--finetune`` epochs with the masks frozen. Methods:
 
 - ``none``: the network without gates, trained for epochs + finetune epochs;
-- ``l2``: smallest incoming-weight L2 norms pruned every epoch, at the compression the
-  ``--l2-match`` method reached with the same seed (run after it);
+- ``l2``: smallest incoming-weight L2 norms pruned every epoch (one global ranking, the paper's
+  single threshold), at the compression the ``--l2-match`` method reached with the same seed (run
+  after it); ``l2_layer``: the same, but the same share of every layer (Torch-Pruning's default);
 - ``expected`` (E[theta] < 0.1), ``snr`` (SNR < 1);
 - ``bmrs_n`` (the paper's Eq. 8, the project's rule), ``bmrs_n_code`` (Eq. 8 as the authors' code
   computes it, +0.919), ``bmrs_u8``, ``bmrs_u4``.
@@ -39,8 +40,9 @@ PAPER_RESULTS = {  # bmrs-math.md section 6: (compression %, accuracy %) means o
     ("mlp", "bmrs_u4"): (91.57, 85.79), ("lenet5", "none"): (0.0, 89.16), ("lenet5", "bmrs_n"): (88.02, 77.90),
     ("lenet5", "bmrs_u8"): (87.61, 77.23), ("lenet5", "bmrs_u4"): (88.72, 81.10),
 }
-METHODS = ("none", "expected", "snr", "bmrs_n", "bmrs_n_code", "bmrs_u8", "bmrs_u4", "l2")
-LABELS = {"none": "None", "l2": "L2", "expected": "E[θ] < 0.1", "snr": "SNR < 1", "bmrs_n": "BMRS_N (Eq. 8)",
+METHODS = ("none", "expected", "snr", "bmrs_n", "bmrs_n_code", "bmrs_u8", "bmrs_u4", "l2", "l2_layer")
+L2_METHODS = ("l2", "l2_layer")  # run after the method whose compression they match
+LABELS = {"none": "None", "l2": "L2", "l2_layer": "L2, same share per layer", "expected": "E[θ] < 0.1", "snr": "SNR < 1", "bmrs_n": "BMRS_N (Eq. 8)",
           "bmrs_n_code": "BMRS_N (authors' code)", "bmrs_u8": "BMRS_U-8", "bmrs_u4": "BMRS_U-4"}
 SETUP_KEYS = ("epochs", "finetune", "limit", "kl", "kl_scale", "gate_lr_factor", "noise", "kl_warmup", "finetune_gates")
 SETUP_DEFAULTS = {"finetune_gates": "sampled", "kl_scale": 1.0}  # for runs recorded before the key existed
@@ -55,8 +57,8 @@ def fit_config(job: dict):
         prior, bits = "uniform", int(method[-1])
     elif method in ("expected", "snr", "bmrs_n_code"):
         criterion = method
-    elif method == "l2":
-        criterion, opts = "l2", {"target_compression": job["target_compression"]}
+    elif method in L2_METHODS:
+        criterion, opts = "l2", {"target_compression": job["target_compression"], "per_layer": method == "l2_layer"}
     p = PAPER[job["model"]]
     return FitConfig(
         epochs=job["epochs"], finetune_epochs=job["finetune"], mode="continuous", prior=prior,
@@ -101,7 +103,8 @@ def run_one(job: dict) -> dict:
         gated = bmrs.attach_gates(model, data.train.tensors[0][:2], noise=job["noise"])
         result = fit(gated, data, fit_config(job))
         out.update(compression=result.prune.compression, accuracy=accuracy(gated, data.test, job["device"]),
-                   kept_fraction=result.prune.kept_fraction)
+                   kept_fraction=result.prune.kept_fraction,
+                   widths=[kept for kept, _ in result.prune.per_site.values()])  # kept per gate site
     out["seconds"] = time.perf_counter() - t0
     print(f"{job['model']} {job['method']} seed {job['seed']}: compression {out['compression']:.4f} "
           f"accuracy {out['accuracy']:.4f} ({out['seconds']:.0f} s)", file=sys.stderr, flush=True)
@@ -169,6 +172,20 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def record(out: Path, old: dict, runs: list[dict], command: str) -> str:
+    """Merge ``runs`` into the runs recorded before this invocation; rewrite OUT.json and OUT.md."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged = {run_key(r): r for r in old["runs"]}
+    merged.update({run_key(r): r for r in runs})
+    commands = [c for c in old["commands"] if c != command] + [command]
+    all_runs = list(merged.values())
+    rows = summarise(all_runs)
+    write_atomic(out.with_suffix(".json"), json.dumps({"commands": commands, "summary": rows, "runs": all_runs}, indent=1))
+    md = markdown(rows, commands)
+    write_atomic(out.with_suffix(".md"), md)
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "lenet5"], choices=sorted(PAPER))
@@ -195,36 +212,34 @@ def main() -> None:
                 gate_lr_factor=args.gate_lr_factor, noise=args.noise, kl_warmup=args.kl_warmup,
                 finetune_gates=args.finetune_gates,
                 threads=args.threads, device=args.device)
-    jobs = [dict(base, model=m, method=meth, seed=s) for m in args.models for meth in args.methods
-            if meth != "l2" for s in range(args.seeds)]
+    # seed-major, so an interrupted invocation has recorded every method for its first seeds
+    jobs = [dict(base, model=m, method=meth, seed=s) for m in args.models for s in range(args.seeds)
+            for meth in args.methods if meth not in L2_METHODS]
     out = Path(args.out)
     json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
     old = json.loads(json_path.read_text()) if json_path.exists() else {"runs": [], "commands": []}
-    if "l2" in args.methods and args.l2_match not in args.methods:  # its runs must be recorded already
+    l2_methods = [m for m in args.methods if m in L2_METHODS]
+    if l2_methods and args.l2_match not in args.methods:  # its runs must be recorded already
         have = {run_key(r) for r in old["runs"]}
         need = [dict(base, model=m, method=args.l2_match, seed=s) for m in args.models for s in range(args.seeds)]
         if not all(run_key(r) in have for r in need):
-            ap.error(f"--methods l2 needs {args.l2_match} (--l2-match) in the same run or recorded in {json_path}")
+            ap.error(f"--methods {' '.join(l2_methods)} needs {args.l2_match} (--l2-match) in the same run or recorded in {json_path}")
     t0 = time.perf_counter()
+    command = "python " + " ".join(sys.argv)
+    runs: list[dict] = []
     with ProcessPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(run_one, jobs))
-        if "l2" in args.methods:
+        for run in pool.map(run_one, jobs):
+            runs.append(run)
+            md = record(out, old, runs, command)  # after every run: an interrupted invocation keeps its runs
+        if l2_methods:
             ref = {run_key(r): r for r in old["runs"]} | {run_key(r): r for r in runs}
             match = {(m, s): ref[run_key(dict(base, model=m, method=args.l2_match, seed=s))]["compression"]
                      for m in args.models for s in range(args.seeds)}
-            l2 = [dict(base, model=m, method="l2", seed=s, target_compression=match[(m, s)], l2_match=args.l2_match)
-                  for m in args.models for s in range(args.seeds)]
-            runs += list(pool.map(run_one, l2))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    merged = {run_key(r): r for r in old["runs"]}
-    merged.update({run_key(r): r for r in runs})
-    command = "python " + " ".join(sys.argv)
-    commands = [c for c in old["commands"] if c != command] + [command]
-    all_runs = list(merged.values())
-    rows = summarise(all_runs)
-    write_atomic(json_path, json.dumps({"commands": commands, "summary": rows, "runs": all_runs}, indent=1))
-    md = markdown(rows, commands)
-    write_atomic(md_path, md)
+            l2 = [dict(base, model=m, method=meth, seed=s, target_compression=match[(m, s)], l2_match=args.l2_match)
+                  for m in args.models for s in range(args.seeds) for meth in l2_methods]
+            for run in pool.map(run_one, l2):
+                runs.append(run)
+                md = record(out, old, runs, command)
     print(md)
     print(f"{len(runs)} runs in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 

@@ -82,18 +82,29 @@ def incoming_l2(model: nn.Module, bank: GateBank) -> torch.Tensor:
     return torch.cat(norms)
 
 
-def l2(model: nn.Module, bank: GateBank, target_compression: float) -> Decision:
-    """Prune the smallest-L2 structures (one global ranking) until compression >= target.
+def l2(model: nn.Module, bank: GateBank, target_compression: float, per_layer: bool = False) -> Decision:
+    """Prune the smallest-L2 structures until compression >= target.
 
-    Every group keeps at least its largest structure: a global threshold otherwise empties whole
-    layers of small-norm structures (the MLP's second hidden layer at 93%), and the network then
-    outputs a constant.
+    One global ranking (the paper's single threshold), or with ``per_layer`` the same share of
+    every group, each ranked on its own (Torch-Pruning's default for magnitude pruning). Norms of
+    layers with different fan-in are not comparable: on the paper's MLP the global ranking keeps
+    12 first-layer units and 1 second-layer unit at 93%, a 1-unit bottleneck. Either way every group
+    keeps at least its largest structure: a global threshold otherwise empties whole layers of
+    small-norm structures, and the network then outputs a constant.
     """
     from .plan import plan_keep
 
     score = incoming_l2(model, bank)
-    order = torch.argsort(score)
     n = score.numel()
+    if per_layer:
+        # rank of each structure within its group, as a share of the group (0 = smallest norm)
+        share = torch.empty(n, dtype=torch.float64)
+        for i in range(len(bank.sites)):
+            sl = bank.slice_of(i)
+            share[sl] = torch.argsort(torch.argsort(score[sl])).double() / (sl.stop - sl.start)
+        order = torch.argsort(share, stable=True)  # pruning k structures = the k lowest shares
+    else:
+        order = torch.argsort(score)
 
     def keep_with(k: int) -> torch.Tensor:
         keep = torch.ones(n, dtype=torch.bool)
@@ -123,5 +134,5 @@ def decide(model: nn.Module, bank: GateBank, criterion: str, **opts) -> Decision
     if criterion == "expected":
         return expected(bank, opts.get("threshold", 0.1))
     if criterion == "l2":
-        return l2(model, bank, opts["target_compression"])
+        return l2(model, bank, opts["target_compression"], opts.get("per_layer", False))
     raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")

@@ -133,6 +133,26 @@ def test_l2_never_empties_a_layer():
     assert min(kept) >= 1 and compression(g.model, g.bmrs_gates, d.keep).ratio >= 0.95
 
 
+def test_per_layer_l2_prunes_the_same_share_of_every_layer():
+    """The second hidden layer's units all have smaller norms than the first's: the global ranking
+    takes almost all of them, the per-layer ranking the same share of both layers, each layer's
+    smallest units first."""
+    model = get_model("mlp")
+    with torch.no_grad():
+        model[3].weight.mul_(0.01)
+    g = bmrs.attach_gates(model, X)
+    bank = g.bmrs_gates
+    widths = lambda d: [int(d.keep[bank.slice_of(i)].sum()) for i in range(2)]  # noqa: E731
+    glob = bmrs.decision(g, "l2", target_compression=0.6)
+    layer = bmrs.decision(g, "l2", target_compression=0.6, per_layer=True)
+    assert widths(glob)[1] < 10 < widths(glob)[0]
+    assert abs(widths(layer)[0] - widths(layer)[1]) <= 1
+    assert compression(g.model, bank, layer.keep).ratio >= 0.6
+    for i in range(2):
+        sl = bank.slice_of(i)
+        assert layer.score[sl][~layer.keep[sl]].max() <= layer.score[sl][layer.keep[sl]].min()
+
+
 def test_prune_rejects_unknown_prior_and_criterion():
     g = bmrs.attach_gates(get_model("mlp"), X)
     with pytest.raises(ValueError, match="prior"):
