@@ -216,7 +216,7 @@ def main() -> None:
     jobs = [dict(base, model=m, method=meth, seed=s) for m in args.models for s in range(args.seeds)
             for meth in args.methods if meth not in L2_METHODS]
     out = Path(args.out)
-    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
+    json_path = out.with_suffix(".json")
     old = json.loads(json_path.read_text()) if json_path.exists() else {"runs": [], "commands": []}
     l2_methods = [m for m in args.methods if m in L2_METHODS]
     if l2_methods and args.l2_match not in args.methods:  # its runs must be recorded already
