@@ -16,7 +16,8 @@ epochs, then ``--finetune`` epochs with the masks frozen. Methods:
 One process per run (one thread each), ``--jobs`` at a time. Results are merged into
 ``OUT.json`` (runs keyed by model, set-up, method and seed, so several invocations with different
 set-ups or models build one file) and ``OUT.md`` is rewritten from all runs, with each invocation's
-command. Runs on CPU (slowly) or on CUDA (``--device cuda``).
+command. Runs already recorded for the same set-up are skipped (``--rerun`` runs them again), so an
+interrupted invocation resumes where it stopped. Runs on CPU (slowly) or on CUDA (``--device cuda``).
 
     python benchmarks/paper_fmnist.py --models mlp --seeds 5 --epochs 50 --finetune 10 --jobs 2 \\
         --out benchmarks/results/paper_fmnist
@@ -203,6 +204,7 @@ def main() -> None:
                     help="fine-tune with noisy gates, or with the deployed E[theta] * mask (posteriors frozen)")
     ap.add_argument("--l2-match", default="bmrs_n", choices=[m for m in METHODS if m.startswith("bmrs")],
                     help="L2 prunes to the compression this method reached (same seed)")
+    ap.add_argument("--rerun", action="store_true", help="run again what OUT.json already records")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="cpu")
@@ -224,9 +226,12 @@ def main() -> None:
         need = [dict(base, model=m, method=args.l2_match, seed=s) for m in args.models for s in range(args.seeds)]
         if not all(run_key(r) in have for r in need):
             ap.error(f"--methods {' '.join(l2_methods)} needs {args.l2_match} (--l2-match) in the same run or recorded in {json_path}")
+    done = set() if args.rerun else {run_key(r) for r in old["runs"]}
+    jobs = [j for j in jobs if run_key(j) not in done]
     t0 = time.perf_counter()
     command = "python " + " ".join(sys.argv)
     runs: list[dict] = []
+    md = markdown(summarise(old["runs"]), old["commands"]) if old["runs"] else ""  # when nothing is left to run
     with ProcessPoolExecutor(args.jobs) as pool:
         for run in pool.map(run_one, jobs):
             runs.append(run)
@@ -237,6 +242,7 @@ def main() -> None:
                      for m in args.models for s in range(args.seeds)}
             l2 = [dict(base, model=m, method=meth, seed=s, target_compression=match[(m, s)], l2_match=args.l2_match)
                   for m in args.models for s in range(args.seeds) for meth in l2_methods]
+            l2 = [j for j in l2 if run_key(j) not in done]
             for run in pool.map(run_one, l2):
                 runs.append(run)
                 md = record(out, old, runs, command)

@@ -37,6 +37,10 @@ def test_paper_benchmark_runs_every_method_and_merges_invocations(tmp_path):
         assert sum(widths) == round(runs[("bmrs_u4", s)]["kept_fraction"] * 300)
     md = out.with_suffix(".md").read_text()
     assert "| None | 2 |" in md and "| BMRS_U-4 | 2 |" in md and "| L2 | 2 |" in md and "| L2, same share per layer | 2 |" in md
+    before = out.with_suffix(".json").read_text()
+    r = _run(out, "--methods", "none", "bmrs_u4", "l2", "l2_layer", "--l2-match", "bmrs_u4")
+    assert r.returncode == 0 and "0 runs in" in r.stderr  # all recorded: nothing runs again
+    assert json.loads(out.with_suffix(".json").read_text())["runs"] == json.loads(before)["runs"]
     r = _run(out, "--methods", "snr")  # a second invocation adds to the same files
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.with_suffix(".json").read_text())
