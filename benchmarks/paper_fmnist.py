@@ -173,16 +173,26 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def record(out: Path, old: dict, runs: list[dict], command: str) -> str:
-    """Merge ``runs`` into the runs recorded before this invocation; rewrite OUT.json and OUT.md."""
+def load_results(out: Path) -> dict:
+    """What OUT.json recorded before this invocation (nothing yet: no runs, no commands)."""
+    path = out.with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else {"runs": [], "commands": []}
+
+
+def record(out: Path, old: dict, runs: list[dict], command: str, *, key=None, summarise_runs=None,
+           to_markdown=None) -> str:
+    """Merge ``runs`` into the runs recorded before this invocation (a run replaces the recorded
+    one with the same ``key``); rewrite OUT.json and OUT.md. The defaults are this benchmark's key,
+    summary and table; other benchmarks pass their own."""
+    key, summarise_runs, to_markdown = key or run_key, summarise_runs or summarise, to_markdown or markdown
     out.parent.mkdir(parents=True, exist_ok=True)
-    merged = {run_key(r): r for r in old["runs"]}
-    merged.update({run_key(r): r for r in runs})
+    merged = {key(r): r for r in old["runs"]}
+    merged.update({key(r): r for r in runs})
     commands = [c for c in old["commands"] if c != command] + [command]
     all_runs = list(merged.values())
-    rows = summarise(all_runs)
+    rows = summarise_runs(all_runs)
     write_atomic(out.with_suffix(".json"), json.dumps({"commands": commands, "summary": rows, "runs": all_runs}, indent=1))
-    md = markdown(rows, commands)
+    md = to_markdown(rows, commands)
     write_atomic(out.with_suffix(".md"), md)
     return md
 
@@ -218,15 +228,15 @@ def main() -> None:
     jobs = [dict(base, model=m, method=meth, seed=s) for m in args.models for s in range(args.seeds)
             for meth in args.methods if meth not in L2_METHODS]
     out = Path(args.out)
-    json_path = out.with_suffix(".json")
-    old = json.loads(json_path.read_text()) if json_path.exists() else {"runs": [], "commands": []}
+    old = load_results(out)
+    recorded = {run_key(r) for r in old["runs"]}
     l2_methods = [m for m in args.methods if m in L2_METHODS]
     if l2_methods and args.l2_match not in args.methods:  # its runs must be recorded already
-        have = {run_key(r) for r in old["runs"]}
         need = [dict(base, model=m, method=args.l2_match, seed=s) for m in args.models for s in range(args.seeds)]
-        if not all(run_key(r) in have for r in need):
-            ap.error(f"--methods {' '.join(l2_methods)} needs {args.l2_match} (--l2-match) in the same run or recorded in {json_path}")
-    done = set() if args.rerun else {run_key(r) for r in old["runs"]}
+        if not all(run_key(r) in recorded for r in need):
+            ap.error(f"--methods {' '.join(l2_methods)} needs {args.l2_match} (--l2-match) in the same run or "
+                     f"recorded in {out.with_suffix('.json')}")
+    done = set() if args.rerun else recorded
     jobs = [j for j in jobs if run_key(j) not in done]
     t0 = time.perf_counter()
     command = "python " + " ".join(sys.argv)

@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_fmnist import PAPER, write_atomic  # noqa: E402
+from paper_fmnist import PAPER, load_results, record  # noqa: E402
 
 
 def small_network(model_name: str, widths: tuple[int, ...]):
@@ -74,6 +74,10 @@ def run_one(job: dict) -> dict:
     return out
 
 
+def run_key(run: dict) -> str:
+    return json.dumps([run["model"], run["widths"], run["epochs"], run["seed"]])
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     rows = {}
     for r in runs:
@@ -120,20 +124,13 @@ def main() -> None:
     jobs = [dict(model=args.model, widths=list(w), seed=s, epochs=args.epochs, threads=args.threads)
             for s in range(args.seeds) for w in widths]
     out = Path(args.out)
-    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {"runs": [], "commands": []}
-    key = lambda r: json.dumps([r["model"], r["widths"], r["epochs"], r["seed"]])  # noqa: E731
+    old = load_results(out)
     command = "python " + " ".join(sys.argv)
-    commands = [c for c in old["commands"] if c != command] + [command]
-    merged = {key(r): r for r in old["runs"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[dict] = []
     with ProcessPoolExecutor(args.jobs) as pool:
-        for run in pool.map(run_one, jobs):
-            merged[key(run)] = run
-            rows = summarise(list(merged.values()))
-            write_atomic(out.with_suffix(".json"), json.dumps({"commands": commands, "summary": rows,
-                                                                "runs": list(merged.values())}, indent=1))
-            md = markdown(rows, commands)
-            write_atomic(out.with_suffix(".md"), md)
+        for run in pool.map(run_one, jobs):  # results written after every run
+            runs.append(run)
+            md = record(out, old, runs, command, key=run_key, summarise_runs=summarise, to_markdown=markdown)
     print(md)
 
 
