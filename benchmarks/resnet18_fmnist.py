@@ -11,8 +11,9 @@
    ONNX export and an interleaved ONNX Runtime benchmark of original vs pruned.
 4. Collects compression, accuracies and ORT latencies from each report.json into OUT.json/OUT.md.
 
-    python benchmarks/resnet18_fmnist.py --train-examples 12000 --epochs 4 --gate-epochs 2 \\
-        --finetune-epochs 1 --methods bmrs_n bmrs_u4 bmrs_u8 --out benchmarks/results/resnet18_fmnist
+    python benchmarks/resnet18_fmnist.py --train-examples 30000 --epochs 6 --gate-epochs 4 \\
+        --finetune-epochs 1 --methods bmrs_n bmrs_u4 bmrs_u8 --work runs/resnet18_fmnist_30k \\
+        --out benchmarks/results/resnet18_fmnist_30k
 """
 
 from __future__ import annotations
