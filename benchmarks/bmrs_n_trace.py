@@ -33,7 +33,7 @@ def main() -> None:
     from bmrs_surgery import api
     from bmrs_surgery.data import load_data
     from bmrs_surgery.fit import FitConfig, accuracy, fit
-    from bmrs_surgery.models import get_model
+    from models import get_model
 
     data = load_data("fashion-mnist", seed=args.seed)
     torch.manual_seed(args.seed)

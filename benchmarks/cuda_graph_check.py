@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import bmrs_surgery as bmrs
-from bmrs_surgery.models import get_model
+from models import get_model
 
 
 def run(graphs: bool):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import bmrs_surgery as bmrs
-from bmrs_surgery.models import get_model
+from models import get_model
 
 
 def make_step(model, gated: bool, x, y, device):

@@ -29,7 +29,7 @@ def run_one(job: dict) -> dict:
     import bmrs_surgery as bmrs
     from bmrs_surgery.data import load_data
     from bmrs_surgery.fit import FitConfig, accuracy, fit
-    from bmrs_surgery.models import get_model
+    from models import get_model
 
     data = load_data("fashion-mnist", seed=job["seed"], limit=job.get("limit"))
     torch.manual_seed(job["seed"])

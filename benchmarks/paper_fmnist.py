@@ -88,7 +88,7 @@ def run_one(job: dict) -> dict:
     import bmrs_surgery as bmrs
     from bmrs_surgery.data import load_data
     from bmrs_surgery.fit import accuracy, fit, train_plain
-    from bmrs_surgery.models import get_model
+    from models import get_model
 
     data = training_subset(load_data("fashion-mnist", seed=job["seed"]), job["limit"])
     torch.manual_seed(job["seed"])

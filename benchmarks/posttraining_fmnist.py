@@ -34,7 +34,7 @@ def trained(model_name: str, data, seed: int, epochs: int):
     import torch
 
     from bmrs_surgery.fit import train_plain
-    from bmrs_surgery.models import get_model
+    from models import get_model
 
     if model_name == "lenet5":
         return get_model("lenet5-fmnist")

@@ -49,7 +49,7 @@ def train_from_scratch(data_path: Path, ckpt: Path, epochs: int, batch_size: int
 
     from bmrs_surgery.data import load_data
     from bmrs_surgery.fit import accuracy, train_plain
-    from bmrs_surgery.models import get_model
+    from models import get_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ def small_network(model_name: str, widths: tuple[int, ...]):
     import bmrs_surgery as bmrs
     from bmrs_surgery.accounting import compression
     from bmrs_surgery.api import analysis_of, network
-    from bmrs_surgery.models import get_model
+    from models import get_model
     from bmrs_surgery.surgery import shrink
 
     gated = bmrs.attach_gates(get_model(model_name), torch.zeros(2, 1, 32, 32))

@@ -3,7 +3,7 @@
     python benchmarks/train_bundled.py          # needs Debian's dataset-fashion-mnist
 
 Writes models/lenet5_fmnist.pt (a bmrs-surgery checkpoint: architecture name + state dict, loads
-weights-only) and models/data/fashion_mnist_sample.npz (uint8 28x28 images: 6000 training and
+weights-only) and bmrs_surgery/samples/fashion_mnist_sample.npz (uint8 28x28 images: 6000 training and
 2000 test examples, drawn with a fixed seed from the official splits), so that the README's first
 command runs the whole job without downloading anything.
 """
@@ -20,7 +20,7 @@ import torch
 from bmrs_surgery.data import _FASHION_FILES, _fashion_dir, _parse_idx_images, _parse_idx_labels, load_data
 from bmrs_surgery.fit import accuracy, train_plain
 from bmrs_surgery.loading import save_checkpoint
-from bmrs_surgery.models import get_model
+from models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def main() -> None:
         pick = np.sort(rng.choice(len(labels), n, replace=False))
         arrays[f"x_{split}"] = images[pick].astype(np.uint8)
         arrays[f"y_{split}"] = labels[pick].astype(np.uint8)
-    out = ROOT / "models" / "data" / "fashion_mnist_sample.npz"
+    out = ROOT / "bmrs_surgery" / "samples" / "fashion_mnist_sample.npz"
     np.savez_compressed(out, **arrays)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); model test accuracy {test:.4f}")
 

@@ -270,9 +270,7 @@ def _load_fashion_mnist(val_fraction: float, seed: int) -> DataSplits:
 
 def _load_fashion_sample(val_fraction: float, seed: int) -> DataSplits:
     """6000 training and 2000 test images of Fashion-MNIST shipped with the package (for the demo)."""
-    from bmrs_surgery import models
-
-    path = Path(models.__file__).resolve().parent / "data" / "fashion_mnist_sample.npz"
+    path = Path(__file__).resolve().parent / "samples" / "fashion_mnist_sample.npz"
     if not path.is_file():
         raise DataError(f"the bundled Fashion-MNIST sample is missing ({path}): reinstall bmrs-surgery")
     with np.load(path) as z:

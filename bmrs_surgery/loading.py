@@ -42,7 +42,7 @@ class LoadedModel:
 
 def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
     """A fresh network for a bundled name or ``torchvision:NAME``, and its example input shape."""
-    from bmrs_surgery import models
+    import models
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if arch.startswith("torchvision:"):

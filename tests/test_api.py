@@ -9,7 +9,7 @@ from torch import nn
 import bmrs_surgery as bmrs
 from bmrs_surgery.accounting import compression
 from bmrs_surgery.errors import BmrsError, GatePlacementError
-from bmrs_surgery.models import get_model
+from models import get_model
 from bmrs_surgery.placement import find_gate_sites
 
 X = torch.randn(2, 1, 32, 32)
@@ -173,7 +173,7 @@ def test_masks_are_replaced_not_accumulated():
 def test_resnet18_for_fashion_mnist_gets_one_gate_per_coupled_group():
     """The ResNet-18 of the Fashion-MNIST benchmark: 32x32 single-channel input, 10 classes; each of
     its four residual streams is one group (all blocks of a stage share its channels)."""
-    from bmrs_surgery.models import get_model, input_shape
+    from models import get_model, input_shape
 
     model = get_model("resnet18-1ch")
     x = torch.randn(2, *input_shape("resnet18-1ch"))

@@ -624,7 +624,7 @@ def test_large_inputs_scored_in_blocks_equal_one_pass():
 def test_bmrs_n_as_the_authors_code_computes_it_is_eq8_plus_half_log_2pi():
     import bmrs_surgery as bmrs
     from bmrs_surgery.criteria import bmrs_n, bmrs_n_code
-    from bmrs_surgery.models import get_model
+    from models import get_model
 
     g = bmrs.attach_gates(get_model("mlp"), torch.zeros(2, 1, 32, 32))
     with torch.no_grad():  # rows of the reference table: (-15, 3) is kept by Eq. 8 (dF = -0.3617)

@@ -1,4 +1,4 @@
-"""Tests of the ``bmrs-compress`` command line (bmrs_surgery.cli).
+"""Tests of the ``bmrs-compress`` command line (cli).
 
 Fast by construction: sklearn digits, one fitting epoch, no fine-tuning, in-process through
 click's CliRunner; a few runs of the real console script check exit codes and stderr end to end.
@@ -25,9 +25,9 @@ from click.testing import CliRunner
 
 import bmrs_surgery
 import bmrs_surgery.loading
-from bmrs_surgery.cli.main import cli
+from cli.main import cli
 from bmrs_surgery.loading import CHECKPOINT_FORMAT
-from bmrs_surgery.models import get_model
+from models import get_model
 from bmrs_surgery.report import REPORT_SCHEMA
 
 FAST = ["--data", "digits", "--epochs", "1", "--finetune-epochs", "0", "-q", "--bench-batch-sizes", ""]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bmrs_surgery.export import onnx_bytes
-from bmrs_surgery.models import get_model
+from models import get_model
 from test_cli import assert_one_line_error, invoke, ok
 
 

@@ -82,7 +82,7 @@ def test_graph_commands_bad_input_is_one_line_exit_2(tmp_path, args, fragments):
 
 
 def test_console_script_check_exit_code():
-    r = subprocess.run([sys.executable, "-m", "bmrs_surgery.cli.main", "check", "mlp", "--no-onnx"],
+    r = subprocess.run([sys.executable, "-m", "cli.main", "check", "mlp", "--no-onnx"],
                        capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
     assert "PASS" in r.stdout

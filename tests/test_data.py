@@ -321,7 +321,7 @@ def test_bad_arguments(kwargs):
 # check_fits
 # ------------------------------------------------------------------------------------------------
 
-get_model = pytest.importorskip("bmrs_surgery.models").get_model
+get_model = pytest.importorskip("models").get_model
 
 
 @pytest.mark.parametrize("model_name", ["lenet5", "mlp"])

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import bmrs_surgery as bmrs
 from bmrs_surgery.data import load_data
 from bmrs_surgery.fit import FitConfig, fit
-from bmrs_surgery.models import get_model
+from models import get_model
 
 CFG = dict(epochs=3, mode="continuous", prior="uniform", batch_size=50, gate_lr=1.5e-2, finetune_epochs=1)
 
@@ -67,7 +67,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 def test_torchrun_cli_writes_outputs_once_from_rank_0(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_port())]
     out = tmp_path / "ddp"
-    r = subprocess.run([*torchrun, "-m", "bmrs_surgery.cli.main", "lenet5", "--data", "digits", "--epochs", "1",
+    r = subprocess.run([*torchrun, "-m", "cli.main", "lenet5", "--data", "digits", "--epochs", "1",
                         "--finetune-epochs", "0", "--batch-size", "64", "--bench-batch-sizes", "", "-q", "--json",
                         "--out", str(out)], capture_output=True, text=True, cwd="/", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

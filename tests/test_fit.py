@@ -8,7 +8,7 @@ import torch
 import bmrs_surgery as bmrs
 from bmrs_surgery.data import load_data
 from bmrs_surgery.fit import FitConfig, accuracy, fit
-from bmrs_surgery.models import get_model
+from models import get_model
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_bf16_autocast_fits_with_gate_math_in_float32():
     import bmrs_surgery as bmrs
     from bmrs_surgery.data import load_data
     from bmrs_surgery.fit import FitConfig, fit
-    from bmrs_surgery.models import get_model
+    from models import get_model
 
     data = load_data("digits", limit=200)
     gated = bmrs.attach_gates(get_model("lenet5"), data.train.tensors[0][:2])

@@ -10,7 +10,7 @@ from torch import nn
 import bmrs_surgery as bmrs
 from bmrs_surgery import bmrs as math_
 from bmrs_surgery.gates import GateBank, GateSite
-from bmrs_surgery.models import get_model
+from models import get_model
 
 X = torch.randn(8, 1, 32, 32)
 

@@ -12,7 +12,7 @@ from bmrs_surgery.errors import GraphError
 from bmrs_surgery.graph.groups import analyse
 from bmrs_surgery.graph.labels import reshape_groups
 from bmrs_surgery.graph.unionfind import Recorder
-from bmrs_surgery.models import get_model, input_shape
+from models import get_model, input_shape
 from bmrs_surgery.surgery import shrink
 from bmrs_surgery.verify import prove, random_inputs
 

@@ -32,8 +32,8 @@ def test_every_package_is_listed_for_installation():
     listed = set(cfg["packages"])
     found = {".".join(p.relative_to(root).parent.parts) for p in (root / "bmrs_surgery").rglob("__init__.py")}
     assert found <= listed, found - listed
-    assert {"bmrs_surgery.cli", "bmrs_surgery.models"} <= listed
-    assert "*.pt" in cfg["package-data"]["bmrs_surgery.models"]
+    assert {"cli", "models"} <= listed
+    assert "*.pt" in cfg["package-data"]["models"]
 
 
 def test_readme_first_command_runs_the_whole_job(tmp_path, monkeypatch):
@@ -42,7 +42,7 @@ def test_readme_first_command_runs_the_whole_job(tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    from bmrs_surgery.cli.main import cli
+    from cli.main import cli
 
     text = README.read_text()
     line = next(ln for ln in text.splitlines() if ln.startswith("pip install") and "bmrs-compress" in ln)

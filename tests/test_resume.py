@@ -15,7 +15,7 @@ import torch
 import bmrs_surgery as bmrs
 from bmrs_surgery.data import load_data
 from bmrs_surgery.fit import FitConfig, fit
-from bmrs_surgery.models import get_model
+from models import get_model
 
 RESUME = ".bmrs-resume.pt"
 JOB = ["lenet5", "--data", "digits", "--epochs", "12", "--batch-size", "32", "--finetune-epochs", "1",
@@ -51,7 +51,7 @@ def test_resumed_fit_is_bit_identical_to_an_uninterrupted_one():
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bmrs_surgery.cli.main", *JOB, "--out", str(out), *extra],
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *JOB, "--out", str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
 
 
@@ -72,7 +72,7 @@ def test_killed_fit_writes_nothing_and_resume_finishes(tmp_path):
     assert rc == 130, err
     assert "Interrupted after epoch" in err and "--resume" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == [RESUME]  # no partial outputs
-    done = subprocess.run([sys.executable, "-m", "bmrs_surgery.cli.main", *JOB, "--out", str(out), "--resume"],
+    done = subprocess.run([sys.executable, "-m", "cli.main", *JOB, "--out", str(out), "--resume"],
                           capture_output=True, text=True, cwd="/")
     assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in out.iterdir())
@@ -83,7 +83,7 @@ def test_killed_fit_writes_nothing_and_resume_finishes(tmp_path):
 
 def test_killed_rerun_keeps_the_previous_complete_outputs(tmp_path):
     out = tmp_path / "out"
-    first = subprocess.run([sys.executable, "-m", "bmrs_surgery.cli.main", "lenet5", "--data", "digits", "--epochs",
+    first = subprocess.run([sys.executable, "-m", "cli.main", "lenet5", "--data", "digits", "--epochs",
                             "1", "--finetune-epochs", "0", "-q", "--bench-batch-sizes", "", "--out", str(out)],
                            capture_output=True, text=True, cwd="/")
     assert first.returncode == 0, first.stderr

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from bmrs_surgery.errors import ModelLoadError
 from bmrs_surgery.loading import load_model
-from bmrs_surgery.models import get_model
+from models import get_model
 from test_cli import assert_one_line_error, invoke, ok
 
 
