@@ -7,7 +7,7 @@ log sigma. Unneeded gates drift towards the prior: their dF under Eq. 8 rises to
 below (a posterior equal to the prior has dF = 0 exactly), so Eq. 8 never crosses while
 BMRS_U-8 and the authors' +0.919 do.
 
-    python benchmarks/bmrs_n_trace.py --epochs 50 --out benchmarks/results/bmrs_n_trace
+    python benchmarks/bmrs_n_trace.py --epochs 50 --out benchmarks/results/bmrs_n_trace/cpu
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--gate-lr-factor", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="benchmarks/results/bmrs_n_trace")
+    ap.add_argument("--out", default="benchmarks/results/bmrs_n_trace/cpu")
     args = ap.parse_args()
 
     import torch

@@ -4,13 +4,14 @@ Both steps (forward, cross-entropy, KL for the gated one, backward, Adam step) a
 run, interleaved in rounds so that machine noise hits both alike; prints medians and the ratio
 for each noise mode.
 
-    python benchmarks/gate_overhead.py --device cpu --json benchmarks/results/gate_overhead_cpu.json
+    python benchmarks/gate_overhead.py --device cpu --json benchmarks/results/gate_overhead/cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -95,6 +96,7 @@ def main() -> None:
         ratio = "" if k == "plain" else f"  ratio {v / med['plain']:.2f}x"
         print(f"  {k:10s} {v * 1e3:8.3f} ms{ratio}")
     if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
 

@@ -1,7 +1,7 @@
 """Dependency analysis speed on the CPU: our analyse() against Torch-Pruning's DependencyGraph.
 
-    python benchmarks/graph_speed.py --repeats 7 --json benchmarks/results/graph_speed.json \
-        --md benchmarks/results/graph_speed.md
+    python benchmarks/graph_speed.py --repeats 7 --json benchmarks/results/graph_speed/cpu.json \
+        --md benchmarks/results/graph_speed/cpu.md
 
 Ours: fx trace + shape propagation + channel propagation + grouping (``analyse``). Torch-Pruning:
 ``build_dependency`` alone, and build plus listing all groups (``get_all_groups``). Both run on the
@@ -108,9 +108,11 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "models": results}, f, indent=2)
     if args.md:
+        os.makedirs(os.path.dirname(args.md) or ".", exist_ok=True)
         with open(args.md, "w") as f:
             f.write(f"# Dependency analysis speed (CPU, {meta['threads']} threads, median of {args.repeats})\n\n"
                     f"{table}\n\nRatios are ours / Torch-Pruning {meta['torch_pruning']} (medians, mins in brackets); "

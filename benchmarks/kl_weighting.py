@@ -6,7 +6,7 @@ gate learning rate, several seeds, one process per run (one thread each), and re
 and parameter compression for BMRS_N, BMRS_U-8 and BMRS_U-4 decisions on the final posteriors.
 
     python benchmarks/kl_weighting.py --epochs 20 --finetune 5 --seeds 2 --jobs 16 \
-        --out benchmarks/results/kl_weighting
+        --out benchmarks/results/kl_weighting/cpu
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -109,6 +110,7 @@ def main() -> None:
     md = markdown(rows, command)
     print(md)
     if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out + ".json", "w") as f:
             json.dump({"command": command, "runs": results, "summary": rows}, f, indent=2)
         with open(args.out + ".md", "w") as f:

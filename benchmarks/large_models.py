@@ -6,7 +6,7 @@ torchvision architectures with weights=None at 224x224: trace + groups, gates, a
 steps (images/s, gated and plain), dF scoring of every gate, surgery (30% of every group removed
 at random), equivalence proof, ONNX export and ONNX Runtime parity. Target (issue 7): analysis +
 surgery + export under 60 s each on CPU; scoring under 1 s. Writes
-benchmarks/results/large_models.{json,md}.
+benchmarks/results/large_models/cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from bmrs_surgery.fit import FitConfig, make_optimizer
 from bmrs_surgery.surgery import shrink
 from bmrs_surgery.verify import prove
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "large_models"
 
 
 def peak_mb() -> float:
@@ -115,8 +115,8 @@ def main() -> None:
     meta = {"command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "python": platform.python_version(), "note": "peak RSS is the process maximum so far (models run in sequence)"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "large_models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# Large models on CPU, stage by stage", "", f"`{meta['command']}` on {meta['cpus']} cores, {meta['date']}", "",
              "| model | groups | analysis s | scoring s | surgery s | proof s | ONNX export s | analysis+surgery+export s (target < 60) | train images/s plain / gated (batch %d) | peak RSS MB |" % args.batch,
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -124,7 +124,7 @@ def main() -> None:
         thr = f"{r['plain_images_per_s']:.1f} / {r['gated_images_per_s']:.1f}" if "plain_images_per_s" in r else "n/a"
         lines.append(f"| {r['model']} | {r['groups']} | {r['analysis_s']:.2f} | {r['scoring_s']:.3f} | {r['surgery_s']:.2f} | "
                      f"{r['proof_s']:.2f} | {r['export_s']:.1f} | {r['analysis_surgery_export_s']:.1f} | {thr} | {r['peak_rss_mb']:.0f} |")
-    (RESULTS / "large_models.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "cpu.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

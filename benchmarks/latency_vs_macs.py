@@ -7,7 +7,7 @@ gates, keep-masks, surgery with round_to=8, proof), exported to ONNX, and the or
 files are timed interleaved in ONNX Runtime worker processes (no torch loaded there) at batch 32.
 Target: latency ratio <= 1.25 x MACs ratio. Keep-masks are random (seeded) within each group:
 what is measured is how well the pruned graph turns fewer MACs into less time, not accuracy.
-Writes benchmarks/results/latency_vs_macs.{json,md}.
+Writes benchmarks/results/latency_vs_macs/cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from bmrs_surgery.plan import plan_keep
 from bmrs_surgery.surgery import shrink
 from bmrs_surgery.verify import prove, random_inputs
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "latency_vs_macs"
 
 
 def prune_to_half(spec: str, seed: int, target: float = 0.5):
@@ -97,8 +97,8 @@ def main() -> None:
     meta = {"command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
             "machine": platform.machine(), "batch": args.batch}
-    RESULTS.mkdir(exist_ok=True)
-    old = RESULTS / "latency_vs_macs.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    old = RESULTS / "cpu.json"
     if old.exists():  # keep rows of models not re-measured in this run (each row has its command)
         measured = {r["model"] for r in rows}
         for r in rows:
@@ -108,7 +108,7 @@ def main() -> None:
     else:
         for r in rows:
             r["command"] = meta["command"]
-    (RESULTS / "latency_vs_macs.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / "cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# ONNX Runtime latency vs MACs (pruned / original)", "",
              f"{meta['cpus']} CPU cores, {meta['date']}, batch {args.batch}, "
              f"onnxruntime {rows[0]['session']['onnxruntime']}, graph optimisation ORT_ENABLE_ALL, interleaved.", "",
@@ -118,7 +118,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['params_before']:,} -> {r['params_after']:,} | {r['macs_ratio']:.3f} | "
                      f"{r['latency_ms_original']:.3f} | {r['latency_ms_pruned']:.3f} | {r['latency_ratio']:.3f} | "
                      f"{r['latency_over_macs']:.2f} | {'met' if r['target_met'] else 'missed'} | `{r['command']}` |")
-    (RESULTS / "latency_vs_macs.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "cpu.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ command. Runs already recorded for the same set-up are skipped (``--rerun`` runs
 interrupted invocation resumes where it stopped. Runs on CPU (slowly) or on CUDA (``--device cuda``).
 
     python benchmarks/paper_fmnist.py --models mlp --seeds 5 --epochs 50 --finetune 10 --jobs 2 \\
-        --out benchmarks/results/paper_fmnist
+        --out benchmarks/results/paper_fmnist/cpu
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default="benchmarks/results/paper_fmnist")
+    ap.add_argument("--out", default="benchmarks/results/paper_fmnist/cpu")
     args = ap.parse_args()
     base = dict(epochs=args.epochs, finetune=args.finetune, limit=args.limit, kl=args.kl, kl_scale=args.kl_scale,
                 gate_lr_factor=args.gate_lr_factor, noise=args.noise, kl_warmup=args.kl_warmup,

@@ -9,7 +9,7 @@ farthest above its end-to-end chord). Then each rule's own stop (prune where dF 
 (Eq. 8), BMRS_N as the authors' code computes it, BMRS_U-8, BMRS_U-4, and its distance to the
 knee of its ranking's curve, in compression and accuracy points.
 
-    python benchmarks/posttraining_fmnist.py --seeds 5 --jobs 2 --out benchmarks/results/posttraining_fmnist
+    python benchmarks/posttraining_fmnist.py --seeds 5 --jobs 2 --out benchmarks/results/posttraining_fmnist/cpu
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--mlp-epochs", type=int, default=20)
     ap.add_argument("--levels", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/posttraining_fmnist")
+    ap.add_argument("--out", default="benchmarks/results/posttraining_fmnist/cpu")
     args = ap.parse_args()
     jobs = [{"model": m, "seed": s, "gate_epochs": args.gate_epochs, "mlp_epochs": args.mlp_epochs,
              "levels": args.levels} for m in args.models for s in range(args.seeds)]

@@ -8,7 +8,7 @@ prunable structure counts as nothing to test. Writes ``<out>.json`` (metadata an
 case, with the plan's repr that rebuilds it) and ``<out>.md`` (counts, failures, group kinds).
 
     python benchmarks/random_surgery.py [--cases 300] [--seed 0] [--max-blocks 5] [--token-share 0.3] \
-        [--skip-onnx] [--timeout 120] [--threads 2] [--out benchmarks/results/random_surgery]
+        [--skip-onnx] [--timeout 120] [--threads 2] [--out benchmarks/results/random_surgery/cpu]
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def main() -> None:
     p.add_argument("--skip-onnx", action="store_true")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--out", default="benchmarks/results/random_surgery")
+    p.add_argument("--out", default="benchmarks/results/random_surgery/cpu")
     args = p.parse_args()
 
     import hypothesis

@@ -13,7 +13,7 @@
 
     python benchmarks/resnet18_fmnist.py --train-examples 30000 --epochs 6 --gate-epochs 4 \\
         --finetune-epochs 1 --methods bmrs_n bmrs_u4 bmrs_u8 --work runs/resnet18_fmnist_30k \\
-        --out benchmarks/results/resnet18_fmnist_30k
+        --out benchmarks/results/resnet18_fmnist/cpu-30k
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse the data and checkpoint already in --work")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--work", default="runs/resnet18_fmnist", help="checkpoint, data and per-method outputs")
-    ap.add_argument("--out", default="benchmarks/results/resnet18_fmnist")
+    ap.add_argument("--out", default="benchmarks/results/resnet18_fmnist/cpu")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
 """Time to score 10 million gates on the CPU: dF for BMRS_N and BMRS_U, E[theta] and SNR.
 
-    python benchmarks/score_speed.py --n 10000000 --json benchmarks/results/score_speed.json
+    python benchmarks/score_speed.py --n 10000000 --json benchmarks/results/score_speed/cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -52,6 +53,7 @@ def main() -> None:
               f"all finite: {result['finite'][name]}")
     result["target_seconds"] = 1.0
     if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
 

@@ -11,7 +11,7 @@ learning rate, epochs + finetune epochs, the 80% training split), then reports t
 parameter compression and the official test accuracy over seeds.
 
     python benchmarks/scratch_capacity.py --model mlp --widths 8,150 10,96 11,49 12,6 --seeds 3 \\
-        --out benchmarks/results/scratch_capacity
+        --out benchmarks/results/scratch_capacity/cpu
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=60, help="the paper's 50 + 10")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/scratch_capacity")
+    ap.add_argument("--out", default="benchmarks/results/scratch_capacity/cpu")
     args = ap.parse_args()
     try:
         widths = [tuple(int(k) for k in w.split(",")) for w in args.widths]

@@ -5,7 +5,7 @@ limit, so one huge model cannot take the run down; a timeout, a memory error or 
 that model's failure. Writes ``<out>.json`` (per-model results plus metadata) and ``<out>.md`` (a table).
 
     python benchmarks/torchvision_check.py [--models a,b,c] [--skip-onnx] [--timeout S] \
-        [--mem-gb G] [--threads N] [--out benchmarks/results/torchvision_check]
+        [--mem-gb G] [--threads N] [--out benchmarks/results/torchvision_check/cpu]
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--mem-gb", type=float, default=16.0,  # importing torch alone maps about 3.6 GB of it
                    help="address-space limit (RLIMIT_AS) per model process, GB")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--out", default="benchmarks/results/torchvision_check")
+    p.add_argument("--out", default="benchmarks/results/torchvision_check/cpu")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -152,6 +152,7 @@ def main() -> None:
             "cpu_count": os.cpu_count(), "threads": args.threads, "timeout_s": args.timeout, "mem_gb": args.mem_gb,
             "skip_onnx": args.skip_onnx, "python": platform.python_version(), "machine": platform.machine(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "total_seconds": time.perf_counter() - t0}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     with open(args.out + ".md", "w") as f:
