@@ -71,9 +71,52 @@ def test_depthwise_conv_passes_channels_and_grouped_conv_prunes_index_in_every_g
     assert tap.index.tolist() == list(range(8)) * 4
 
 
+def _interleave(first, second):
+    """channel_shuffle(cat(first, second), 2): first[0], second[0], first[1], second[1], ..."""
+    return [c for pair in zip(first, second) for c in pair]
+
+
 def test_shuffle_couples_the_two_halves_index_by_index():
-    groups = _groups("shuffle_block")
-    assert any("shuffle" in g.tags for g in groups)
+    """shuffle_block: unit 1 concatenates branch1's 8 channels a0..a7 with branch2's b0..b7 and
+    shuffles them to a0 b0 a1 b1 ...; the shuffle's view (N, 2, 8, H, W) can only lose index j of
+    both halves at once, so a_j and b_j are one structure. Units 2 and 3 chunk that in two, pass the
+    first half x1 through and shuffle it with their branch's output c: c_j joins x1[j]'s structure."""
+    groups = [g for g in _groups("shuffle_block") if "shuffle" in g.tags]
+    assert groups and all(g.kind == "concat" for g in groups)
+
+    def structures(target, dim):
+        """(group id, structure index) of every index of ``target``'s dimension ``dim``."""
+        found = {}
+        for g in groups:
+            for s in g.slots:
+                if s.target == target and s.dim == dim:
+                    for i, k in enumerate(s.index.tolist()):
+                        if k >= 0:
+                            assert i not in found, f"{target}[{i}] in two groups"
+                            found[i] = (g.id, k)
+        assert sorted(found) == list(range(len(found))) and found, (target, found)
+        return [found[i] for i in range(len(found))]
+
+    a = structures("1.branch1.2.0.weight", 0)  # unit 1, branch1's output channels
+    b = structures("1.branch2.3.0.weight", 0)  # unit 1, branch2's output channels
+    assert len(a) == len(b) == 8
+    assert a == b  # index by index
+    assert len(set(a)) == 8  # and nothing more: a_i and a_j (i != j) stay independent
+    out1 = _interleave(a, b)
+    c = structures("2.branch2.3.0.weight", 0)
+    assert c == out1[:8]  # unit 2's branch output shuffled with x1 = out1[:8]
+    assert structures("2.branch2.0.0.weight", 1) == out1[8:]  # unit 2's branch reads x2 = out1[8:]
+    out2 = _interleave(out1[:8], c)
+    d = structures("3.branch2.3.0.weight", 0)
+    assert d == out2[:8]
+    assert structures("3.branch2.0.0.weight", 1) == out2[8:]
+    out3 = _interleave(out2[:8], d)
+    assert structures("4.0.weight", 1) == out3  # the 1x1 conv after the last unit reads all 16
+    # the gates sit on those consumers, with the same structure indices as their weights
+    taps = {t.module: (g.id, t.index.tolist()) for g in groups for t in g.taps}
+    for module, seen in (("2.branch2.0.0", out1[8:]), ("3.branch2.0.0", out2[8:]), ("4.0", out3)):
+        gid, index = taps[module]
+        assert [(gid, k) for k in index] == seen, module
 
 
 def test_attention_heads_are_structures_for_written_out_and_library_attention():
