@@ -68,14 +68,31 @@ def test_continuous_mode_on_fashion_mnist_removes_most_of_the_mlp():
     assert accuracy(g, data.test) > 0.7  # pruned MLP still classifies Fashion-MNIST
 
 
-def test_kl_warmup_and_config_validation(digits):
+def test_config_validation(digits):
     g = _gated(digits)
     with pytest.raises(ValueError, match="mode"):
         fit(g, digits, FitConfig(mode="bogus"))
     with pytest.raises(ValueError, match="prior"):
         fit(g, digits, FitConfig(prior="bogus"))
-    r = fit(g, digits, FitConfig(epochs=2, kl_warmup_epochs=2, batch_size=128))
-    assert len(r.history) == 2 and all(h.loss == h.loss for h in r.history)  # finite losses
+
+
+def test_kl_warmup_scales_the_kl_term_linearly_over_its_epochs(digits):
+    """With learning rates 0 nothing moves: every step sees the same task loss and the same KL in both
+    runs, so the epoch losses differ by exactly KL x (1 - the mean warm-up factor of the epoch's steps).
+    The factor rises linearly from 0 at the first step to 1 after ``kl_warmup_epochs`` epochs."""
+    base = dict(epochs=3, batch_size=128, lr=0.0, kl_scale=2.0, mode="post-training")
+    plain = fit(_gated(digits), digits, FitConfig(**base))
+    warm = fit(_gated(digits), digits, FitConfig(**base, kl_warmup_epochs=2))
+    steps = math.ceil(len(digits.train) / 128)
+    kl = plain.history[0].kl
+    assert kl > 1.0 and all(h.kl == kl for h in plain.history + warm.history)  # nothing moved
+    ramp = [(e + s / steps) / 2 for e in range(3) for s in range(steps)]
+    for epoch in range(3):
+        mean_factor = sum(min(1.0, f) for f in ramp[epoch * steps:(epoch + 1) * steps]) / steps
+        expected = base["kl_scale"] * kl * (1 - mean_factor)
+        got = plain.history[epoch].loss - warm.history[epoch].loss
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-4), (epoch, got, expected)
+    assert warm.history[0].loss < warm.history[1].loss < warm.history[2].loss == plain.history[2].loss
 
 
 def test_fit_needs_gates(digits):
