@@ -148,8 +148,11 @@ def test_fashion_all_files_garbage(tmp_path, monkeypatch):
     for name in _NAMES:
         (tmp_path / name).write_bytes(os.urandom(64))
     monkeypatch.setenv("BMRS_FASHION_MNIST_DIR", str(tmp_path))
-    with pytest.raises(DataError):
+    with pytest.raises(DataError) as exc:
         load_data("fashion-mnist")
+    # the first file read is named, with what is wrong with it
+    assert _one_line(exc).startswith(f"corrupt Fashion-MNIST file {tmp_path / 'train-images-idx3-ubyte.gz'}: "
+                                     "not a readable gzip file")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,14 +310,23 @@ def test_unknown_spec(spec):
     assert ".npz" in msg
 
 
-def test_data_error_is_bmrs_error():
-    assert issubclass(DataError, BmrsError)
+def test_data_errors_are_caught_as_bmrs_errors():
+    """Callers (the CLI among them) catch BmrsError for the user's mistakes: a bad data spec is one."""
+    with pytest.raises(BmrsError) as exc:
+        load_data("mnist")
+    assert type(exc.value) is DataError
+    assert _one_line(exc).startswith("unknown dataset 'mnist': choose ")
 
 
-@pytest.mark.parametrize("kwargs", [dict(val_fraction=1.0), dict(val_fraction=-0.1), dict(limit=0)])
-def test_bad_arguments(kwargs):
-    with pytest.raises(DataError):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(val_fraction=1.0), "val_fraction must be in [0, 1), got 1.0"),
+    (dict(val_fraction=-0.1), "val_fraction must be in [0, 1), got -0.1"),
+    (dict(limit=0), "limit must be a positive integer, got 0"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(DataError) as exc:
         load_data("digits", **kwargs)
+    assert _one_line(exc) == message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,21 +336,42 @@ def test_bad_arguments(kwargs):
 get_model = pytest.importorskip("models").get_model
 
 
+def _check_fits_runs_the_model(model, splits) -> None:
+    """check_fits runs ``model`` once, in eval mode without gradients, on the first 2 training
+    examples, and gets one row of class scores per example."""
+    calls = []
+
+    def spy(module, args, out):
+        calls.append((module.training, torch.is_grad_enabled(), args[0].clone(), tuple(out.shape)))
+
+    hook = model.register_forward_hook(spy)
+    try:
+        assert check_fits(model, splits) is None
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    training, grad, x, out_shape = calls[0]
+    assert not training and not grad
+    assert torch.equal(x, splits.train.tensors[0][:2])
+    assert out_shape == (2, splits.num_classes)
+
+
 @pytest.mark.parametrize("model_name", ["lenet5", "mlp"])
 def test_check_fits_digits(model_name):
     model = get_model(model_name)
     model.train()
-    check_fits(model, load_data("digits", limit=8))
-    assert model.training  # mode restored
+    _check_fits_runs_the_model(model, load_data("digits", limit=8))
+    assert all(m.training for m in model.modules())  # modes restored
     model.eval()
-    check_fits(model, load_data("digits", limit=8))
-    assert not model.training
+    model[1].train()  # a mix of modes comes back as it was
+    _check_fits_runs_the_model(model, load_data("digits", limit=8))
+    assert [m.training for m in model.modules()] == [m is model[1] for m in model.modules()]
 
 
 @needs_fashion
 @pytest.mark.parametrize("model_name", ["lenet5", "mlp"])
 def test_check_fits_fashion(model_name):
-    check_fits(get_model(model_name), load_data("fashion-mnist", limit=8))
+    _check_fits_runs_the_model(get_model(model_name), load_data("fashion-mnist", limit=8))
 
 
 @pytest.mark.parametrize("model_name", ["lenet5", "mlp"])
