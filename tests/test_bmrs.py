@@ -144,7 +144,7 @@ def test_zero_prior_var_limit_grid_and_definition():
 
 
 def test_zero_prior_var_requires_prior_at_lower_bound():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"prior_var == 0 is only defined for prior_mu == a"):
         bmrs.delta_f(-3.0, 0.0, prior_mu=-18.0, prior_var=0.0)
 
 
@@ -594,9 +594,10 @@ def test_python_floats_and_lists_accepted():
 
 @pytest.mark.parametrize("bits", [0, 23, -1, 24])
 def test_uniform_interval_rejects_bad_precision(bits):
-    with pytest.raises(ValueError):
+    message = rf"precision_bits must be in 1\.\.22, got {bits}$"
+    with pytest.raises(ValueError, match=message):
         bmrs.uniform_interval(bits)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         bmrs.delta_f(-3.0, 0.0, "uniform", bits)
 
 
@@ -607,7 +608,7 @@ def test_uniform_interval_accepts_range_ends(bits):
 
 
 def test_delta_f_rejects_unknown_prior():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown prior 'bogus'; expected one of normal, uniform"):
         bmrs.delta_f(-3.0, 0.0, prior="bogus")
 
 

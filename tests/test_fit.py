@@ -96,7 +96,7 @@ def test_kl_warmup_scales_the_kl_term_linearly_over_its_epochs(digits):
 
 
 def test_fit_needs_gates(digits):
-    with pytest.raises(bmrs.BmrsError):
+    with pytest.raises(bmrs.BmrsError, match="no BMRS gates"):
         fit(get_model("mlp"), digits, FitConfig(epochs=1))
 
 

@@ -189,8 +189,8 @@ def test_broken_surgery_is_caught_and_names_the_group():
     analysis.propagation.slots = [s for s in analysis.propagation.slots if s.target != "3.bias"]
     pruned = shrink(analysis, bank)
     x = random_inputs(_shape("lenet5"))
-    with pytest.raises(RuntimeError):
-        prove(gated, pruned, x)
+    with pytest.raises(RuntimeError, match=r"bias of size \[16\]"):
+        prove(gated, pruned, x)  # conv "3" lost output channels but kept all 16 biases
     assert failing_group(analysis, bank, bank.mask.bool(), gated, x).name == "3"
 
 
