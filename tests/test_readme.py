@@ -60,3 +60,54 @@ def test_readme_sections_appear_once():
     headings = [ln for ln in README.read_text().splitlines() if ln.startswith("#")]
     assert len(headings) == len(set(headings)), [h for h in headings if headings.count(h) > 1]
     assert len(README.read_text().splitlines()) < 1000
+
+
+ROOT = README.parent
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _docs():
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    out = set()
+    for line in _prose(path.read_text()).splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().replace("`", "").lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
+def test_readme_is_a_short_front_page():
+    assert len(README.read_text().splitlines()) <= 260
+
+
+def test_every_relative_link_resolves():
+    """Every relative link in README.md and docs/*.md names a file inside the repository (and a
+    heading that exists, when it points into a markdown file)."""
+    broken = []
+    for doc in _docs():
+        for target in _LINK.findall(_prose(doc.read_text())):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if ROOT.resolve() not in file.parents or not file.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_nothing_points_outside_the_repository():
+    """The documentation and the code stand alone: no references to a sibling shared/ folder."""
+    files = [*_docs(), *(p for d in ("bmrs_surgery", "cli", "models") for p in (ROOT / d).rglob("*.py"))]
+    hits = [str(p.relative_to(ROOT)) for p in files if "../shared" in p.read_text() or "shared/docs" in p.read_text()]
+    assert not hits, hits
