@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -234,8 +235,6 @@ def test_quad_moments(mu, sigma):
 
 def _mp_mass(lo, hi):
     """Phi(hi) - Phi(lo) in mpmath, without cancellation at the working precision."""
-    import mpmath
-
     mp = mpmath.mp
     s2 = mp.sqrt(2)
     if lo >= 0:
@@ -246,7 +245,6 @@ def _mp_mass(lo, hi):
 
 
 def _mp_ref(mu, ls, prior_mu=A, prior_var="1e-12", bits=8):
-    mpmath = pytest.importorskip("mpmath")
     mp = mpmath.mp
     with mpmath.workdps(90):
         mu, ls = mp.mpf(mu), mp.mpf(min(max(ls, bmrs.LOG_SIGMA_MIN), bmrs.LOG_SIGMA_MAX))
@@ -285,8 +283,6 @@ def _mp_ref(mu, ls, prior_mu=A, prior_var="1e-12", bits=8):
 
 def _mp_ref_kl(mu, ls):
     """KL at 90 digits for mpf (or float) inputs, mu and log_sigma unrounded."""
-    import mpmath
-
     mp = mpmath.mp
     with mpmath.workdps(90):
         mu, ls = mp.mpf(mu), mp.mpf(ls)
@@ -342,7 +338,6 @@ def test_gradients_match_finite_differences(mu, ls):
 def test_gradients_match_mpmath_differences(mu, ls):
     """Where sigma ~ 2e-9 float64 finite differences are useless; difference the 90-digit
     reference instead (steps of 1e-25 sigma)."""
-    mpmath = pytest.importorskip("mpmath")
     m = torch.tensor(mu, dtype=torch.float64, requires_grad=True)
     s = torch.tensor(ls, dtype=torch.float64, requires_grad=True)
     bmrs.kl_divergence(m, s).backward()

@@ -13,6 +13,7 @@ import torch
 
 from bmrs_surgery.data import DATASETS, DataSplits, check_fits, load_data
 from bmrs_surgery.errors import BmrsError, DataError
+from models import get_model
 
 FASHION_DIR = Path(os.environ.get("BMRS_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 HAVE_FASHION = (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file()
@@ -332,8 +333,6 @@ def test_bad_arguments(kwargs, message):
 # ------------------------------------------------------------------------------------------------
 # check_fits
 # ------------------------------------------------------------------------------------------------
-
-get_model = pytest.importorskip("models").get_model
 
 
 def _check_fits_runs_the_model(model, splits) -> None:
