@@ -392,6 +392,7 @@ def params(draw):
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.slow
 @PROPS
 @given(params(), st.integers(1, 22))
 def test_property_delta_f_finite_and_bounded(p, bits):
@@ -411,6 +412,7 @@ def test_property_delta_f_finite_and_bounded(p, bits):
     assert (df_u <= -math.log((hi - lo) / (B - A)) + 1e-12).all()
 
 
+@pytest.mark.slow
 @PROPS
 @given(params())
 def test_property_moments_finite_and_bounded(p):
@@ -430,6 +432,7 @@ def test_property_moments_finite_and_bounded(p):
     assert torch.allclose(r[ok], (e / v.sqrt())[ok], rtol=1e-9)
 
 
+@pytest.mark.slow
 @PROPS
 @given(params())
 def test_property_kl_finite_nonnegative_with_gradients(p):
@@ -445,6 +448,7 @@ def test_property_kl_finite_nonnegative_with_gradients(p):
     assert torch.isfinite(mu.grad).all() and torch.isfinite(ls.grad).all()
 
 
+@pytest.mark.slow
 @PROPS
 @given(params(), st.floats(0.0, 1.0))
 def test_property_samples_in_bounds_with_finite_gradients(p, u):
@@ -457,6 +461,7 @@ def test_property_samples_in_bounds_with_finite_gradients(p, u):
     assert torch.isfinite(mu.grad).all() and torch.isfinite(ls.grad).all()
 
 
+@pytest.mark.slow
 @PROPS
 @given(MU, st.floats(-40.0, 20.0))
 def test_property_log_sigma_is_clamped(mu, ls):
@@ -485,6 +490,7 @@ def test_monotone_in_mu(sigma):
 # 6. Sampling
 
 
+@pytest.mark.slow  # 200,000 draws for each of 12 cases
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mu,sigma", [(-1.0, 0.5), (-3.0, 1.0), (-8.0, 3.0), (-15.0, 3.0), (0.0, math.exp(-5.0)), (-19.0, 2.0)])
 def test_sampling_matches_moments(mu, sigma, dtype):
@@ -507,6 +513,7 @@ def test_sampling_matches_moments(mu, sigma, dtype):
     assert m.grad.item() != 0.0
 
 
+@pytest.mark.slow  # 200,000 draws for each case
 @pytest.mark.parametrize("mu,sigma", [(-3.0, 1.0), (-8.0, 3.0), (-1.0, 0.5)])
 def test_sampling_pathwise_gradient_is_unbiased(mu, sigma):
     """The mean of the per-sample reparameterisation gradients estimates d E[theta]."""
@@ -607,6 +614,7 @@ def test_delta_f_rejects_unknown_prior():
         bmrs.delta_f(-3.0, 0.0, prior="bogus")
 
 
+@pytest.mark.slow  # 300,000 structures, scored twice per prior
 def test_large_inputs_scored_in_blocks_equal_one_pass():
     g = torch.Generator().manual_seed(5)
     mu = torch.rand(300_000, generator=g, dtype=torch.float64) * 30 - 25

@@ -209,6 +209,7 @@ def test_gated_checkpoint_is_weights_only(trained):
     assert ck["input_shape"] == [1, 32, 32] and len(ck["sites"]) == 4
 
 
+@pytest.mark.slow
 def test_json_flag_prints_report(tmp_path):
     out = tmp_path / "j"
     result = ok(invoke("lenet5", *FAST, "--prior", "normal", "--out", out, "--json"))
@@ -217,6 +218,7 @@ def test_json_flag_prints_report(tmp_path):
     assert printed["criterion"] == "bmrs_n" and printed["precision_bits"] is None
 
 
+@pytest.mark.slow
 def test_existing_empty_out_folder_is_used(tmp_path):
     ok(invoke("lenet5", "--data", "digits", "--epochs", "0", "--finetune-epochs", "0", "-q", "--out", tmp_path,
               "--bench-batch-sizes", ""))
@@ -228,6 +230,7 @@ def test_existing_empty_out_folder_is_used(tmp_path):
     assert rep["criterion"] == "bmrs_u8" and rep["prior"] == "uniform" and rep["precision_bits"] == 8
 
 
+@pytest.mark.slow
 def test_state_dict_with_arch(files, tmp_path):
     out = tmp_path / "sd"
     ok(invoke(files["state_dict.pt"], "--arch", "lenet5", "--data", "digits", "--epochs", "0",
@@ -235,6 +238,7 @@ def test_state_dict_with_arch(files, tmp_path):
     assert read_report(out)["totals"]["structures_before"] == LENET5_STRUCTURES
 
 
+@pytest.mark.slow
 def test_empty_test_split_gives_null_accuracy(files, tmp_path):
     """Regression: NaN accuracy used to crash json.dumps after gated.pt was already written."""
     out = tmp_path / "tiny"
@@ -270,6 +274,7 @@ def test_gated_checkpoint_round_trip_same_scores(trained, tmp_path):
         assert math.isclose(float(a["score"]), float(b["score"]), rel_tol=1e-9, abs_tol=1e-9)
 
 
+@pytest.mark.slow
 def test_gated_checkpoint_with_data_reports_accuracy(trained, tmp_path):
     out = tmp_path / "acc"
     result = ok(invoke(trained[0] / "gated.pt", "--data", "digits", "--out", out, "--json"))
@@ -281,6 +286,7 @@ def test_gated_checkpoint_with_data_reports_accuracy(trained, tmp_path):
     assert t["accuracy_gated"] == pytest.approx(first["accuracy_gated"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_FASHION, reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_loads_and_fits_gated_checkpoint(trained, tmp_path):
     """fashion-mnist through the CLI: loads, fits lenet5's input shape; no fitting (epochs 0)."""
@@ -303,6 +309,7 @@ def test_pickled_module_refused_without_trust(files, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_pickled_module_accepted_with_trust(files, tmp_path):
     out = tmp_path / "w"
     ok(invoke(files["whole.pt"], "--trust-model", "--out", out, "-q"))
@@ -420,6 +427,7 @@ def test_read_only_out_folder_is_refused_before_any_work(tmp_path, monkeypatch):
     assert list(parent.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_write_failure_leaves_no_folder(trained, tmp_path, monkeypatch):
     """A write error halfway (disk full, say) removes what this run created: one line, exit 2."""
     import bmrs_surgery.loading as loading
@@ -462,6 +470,7 @@ def _script() -> list[str]:
     return [exe]
 
 
+@pytest.mark.slow
 def test_console_script_error_is_one_line(tmp_path):
     out = tmp_path / "X"
     proc = subprocess.run([*_script(), "nope", "--out", str(out)], capture_output=True, text=True,
@@ -473,6 +482,7 @@ def test_console_script_error_is_one_line(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_console_script_help():
     for args in (["--help"], ["compress", "--help"]):
         proc = subprocess.run([*_script(), *args], capture_output=True, text=True, timeout=120)

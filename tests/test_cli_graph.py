@@ -81,6 +81,7 @@ def test_graph_commands_bad_input_is_one_line_exit_2(tmp_path, args, fragments):
     assert_one_line_error(invoke(*resolved), *fragments)
 
 
+@pytest.mark.slow
 def test_console_script_check_exit_code():
     r = subprocess.run([sys.executable, "-m", "cli.main", "check", "mlp", "--no-onnx"],
                        capture_output=True, text=True, cwd="/")
@@ -88,6 +89,7 @@ def test_console_script_check_exit_code():
     assert "PASS" in r.stdout
 
 
+@pytest.mark.slow
 def test_compress_transformer_with_library_attention_then_rescore_saved_gates(tmp_path):
     import numpy as np
 

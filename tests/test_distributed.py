@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,6 +17,8 @@ import bmrs_surgery as bmrs
 from bmrs_surgery.data import load_data
 from bmrs_surgery.fit import FitConfig, fit
 from models import get_model
+
+pytestmark = pytest.mark.slow  # spawned gloo ranks and torchrun
 
 CFG = dict(epochs=3, mode="continuous", prior="uniform", batch_size=50, gate_lr=1.5e-2, finetune_epochs=1)
 

@@ -56,6 +56,7 @@ def test_same_seed_same_posteriors(digits):
     assert not torch.equal(a.bmrs_gates.posterior, c.bmrs_gates.posterior)
 
 
+@pytest.mark.slow
 def test_continuous_mode_on_fashion_mnist_removes_most_of_the_mlp():
     data = load_data("fashion-mnist", limit=6000)
     g = _gated(data)

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses, training runs
 
 
 def _run(out: Path, *args: str) -> subprocess.CompletedProcess:

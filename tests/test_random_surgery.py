@@ -20,6 +20,7 @@ import copy
 import math
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, reject, settings
@@ -761,12 +762,14 @@ def _assert_passes(case: Case) -> None:
 CI = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.slow
 @settings(max_examples=30, **CI)
 @given(image_cases())
 def test_random_image_networks_survive_surgery(case):
     _assert_passes(case)
 
 
+@pytest.mark.slow
 @settings(max_examples=10, **CI)
 @given(token_cases())
 def test_random_attention_networks_survive_surgery(case):
@@ -777,6 +780,7 @@ def test_random_attention_networks_survive_surgery(case):
 # 6. The generator itself: plans build, run and match their declared shapes
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @settings(max_examples=60, **CI)
 @given(st.one_of(image_nets(), token_nets()))
 def test_generated_plans_build_and_run(net):
@@ -788,6 +792,7 @@ def test_generated_plans_build_and_run(net):
     torch.fx.symbolic_trace(model)  # no data-dependent control flow
 
 
+@pytest.mark.slow
 def test_generator_covers_every_block_kind():
     """Every block kind in both generators can be drawn (guards against a strategy that never fires)."""
     seen: set[str] = set()

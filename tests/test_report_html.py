@@ -13,6 +13,7 @@ from test_cli import invoke, ok
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
     from matplotlib.image import imread

@@ -66,6 +66,7 @@ def _kill_after_first_epoch(proc: subprocess.Popen, out: Path) -> tuple[int, str
     return proc.returncode, err
 
 
+@pytest.mark.slow
 def test_killed_fit_writes_nothing_and_resume_finishes(tmp_path):
     out = tmp_path / "out"
     rc, err = _kill_after_first_epoch(_start(out), out)
@@ -81,6 +82,7 @@ def test_killed_fit_writes_nothing_and_resume_finishes(tmp_path):
     assert [h["epoch"] for h in history] == list(range(13))
 
 
+@pytest.mark.slow
 def test_killed_rerun_keeps_the_previous_complete_outputs(tmp_path):
     out = tmp_path / "out"
     first = subprocess.run([sys.executable, "-m", "cli.main", "lenet5", "--data", "digits", "--epochs",
@@ -94,6 +96,7 @@ def test_killed_rerun_keeps_the_previous_complete_outputs(tmp_path):
     assert after == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_job_or_missing_state(tmp_path):
     from test_cli import assert_one_line_error, invoke
 
