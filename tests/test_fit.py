@@ -81,7 +81,7 @@ def test_kl_warmup_scales_the_kl_term_linearly_over_its_epochs(digits):
     """With learning rates 0 nothing moves: every step sees the same task loss and the same KL in both
     runs, so the epoch losses differ by exactly KL x (1 - the mean warm-up factor of the epoch's steps).
     The factor rises linearly from 0 at the first step to 1 after ``kl_warmup_epochs`` epochs."""
-    base = dict(epochs=3, batch_size=128, lr=0.0, kl_scale=2.0, mode="post-training")
+    base = dict(epochs=3, batch_size=128, lr=0.0, gate_lr=0.0, finetune_epochs=0, kl_scale=2.0, mode="post-training")
     plain = fit(_gated(digits), digits, FitConfig(**base))
     warm = fit(_gated(digits), digits, FitConfig(**base, kl_warmup_epochs=2))
     steps = math.ceil(len(digits.train) / 128)
