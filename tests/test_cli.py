@@ -25,10 +25,10 @@ from click.testing import CliRunner
 
 import bmrs_surgery
 import bmrs_surgery.loading
-from cli.main import cli
 from bmrs_surgery.loading import CHECKPOINT_FORMAT
-from models import get_model
 from bmrs_surgery.report import REPORT_SCHEMA
+from cli.main import cli
+from models import get_model
 
 FAST = ["--data", "digits", "--epochs", "1", "--finetune-epochs", "0", "-q", "--bench-batch-sizes", ""]
 LENET5_STRUCTURES = 6 + 16 + 120 + 84

@@ -456,7 +456,7 @@ class RandomNet(nn.Module):
             self.head = TokenHeadModule(d, net.head)
 
     def forward(self, x):
-        for step, block in zip(self.plan, self.blocks):
+        for block in self.blocks:  # one module per step of the plan
             x = block(x)
         return self.head(x)
 
