@@ -12,9 +12,9 @@ from bmrs_surgery.errors import GraphError
 from bmrs_surgery.graph.groups import analyse
 from bmrs_surgery.graph.labels import reshape_groups
 from bmrs_surgery.graph.unionfind import Recorder
-from models import get_model, input_shape
 from bmrs_surgery.surgery import shrink
 from bmrs_surgery.verify import prove, random_inputs
+from models import get_model, input_shape
 
 BLOCKS = ["mlp", "lenet5", "resnet_block", "dense_block", "depthwise_separable", "shuffle_block", "transformer_block"]
 
