@@ -118,7 +118,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# Large models on CPU, stage by stage", "", f"`{meta['command']}` on {meta['cpus']} cores, {meta['date']}", "",
-             "| model | groups | analysis s | scoring s | surgery s | proof s | ONNX export s | analysis+surgery+export s (target < 60) | train images/s plain / gated (batch %d) | peak RSS MB |" % args.batch,
+             f"| model | groups | analysis s | scoring s | surgery s | proof s | ONNX export s | analysis+surgery+export s (target < 60) | train images/s plain / gated (batch {args.batch}) | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         thr = f"{r['plain_images_per_s']:.1f} / {r['gated_images_per_s']:.1f}" if "plain_images_per_s" in r else "n/a"

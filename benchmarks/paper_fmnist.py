@@ -1,4 +1,4 @@
-"""The paper's Fashion-MNIST comparison (bmrs-math.md section 6), several seeds, every method.
+"""The paper's Fashion-MNIST comparison (docs/results.md, "Fashion-MNIST: the paper's comparison"), several seeds, every method.
 
 Set-up as in the paper: MLP (Tanh, 150-150, batch 128, lr 1.5e-3) and LeNet5 (batch 32, lr 1.4e-3),
 32x32 inputs, 80/20 train/val split of the 60k training set, the official 10k test set, Adam,
@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 PAPER = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
-PAPER_RESULTS = {  # bmrs-math.md section 6: (compression %, accuracy %) means over 10 runs
+PAPER_RESULTS = {  # the paper's table (docs/results.md): (compression %, accuracy %) means over 10 runs
     ("mlp", "none"): (0.0, 88.17), ("mlp", "bmrs_n"): (93.20, 84.99), ("mlp", "bmrs_u8"): (93.02, 85.01),
     ("mlp", "bmrs_u4"): (91.57, 85.79), ("lenet5", "none"): (0.0, 89.16), ("lenet5", "bmrs_n"): (88.02, 77.90),
     ("lenet5", "bmrs_u8"): (87.61, 77.23), ("lenet5", "bmrs_u4"): (88.72, 81.10),
@@ -105,7 +105,7 @@ def run_one(job: dict) -> dict:
         result = fit(gated, data, fit_config(job))
         out.update(compression=result.prune.compression, accuracy=accuracy(gated, data.test, job["device"]),
                    kept_fraction=result.prune.kept_fraction,
-                   widths=[kept for kept, _ in result.prune.per_site.values()])  # kept per gate site
+                   widths=[kept for kept, _ in result.prune.per_group.values()])  # kept per gate site
     out["seconds"] = time.perf_counter() - t0
     print(f"{job['model']} {job['method']} seed {job['seed']}: compression {out['compression']:.4f} "
           f"accuracy {out['accuracy']:.4f} ({out['seconds']:.0f} s)", file=sys.stderr, flush=True)
@@ -146,7 +146,7 @@ def markdown(rows: list[dict], commands: list[str]) -> str:
     lines = ["# Fashion-MNIST: the paper's comparison (continuous pruning)", "",
              "Compression: share of trainable parameters removed (the paper's count). Accuracy: official "
              "10k test set. Mean ± standard deviation over seeds; Δ acc. is against our own `none` row of "
-             "the same set-up. Paper: bmrs-math.md section 6 (10 runs, 50 + 10 epochs).", "",
+             "the same set-up. Paper: its published table (10 runs, 50 + 10 epochs).", "",
              "Commands:", ""] + [f"    {c}" for c in commands] + [""]
     key = lambda r: (r["model"], tuple(r["setup"].items()))  # noqa: E731
     for (model, setup), group in itertools.groupby(rows, key=key):

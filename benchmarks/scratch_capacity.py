@@ -34,18 +34,18 @@ def small_network(model_name: str, widths: tuple[int, ...]):
 
     import bmrs_surgery as bmrs
     from bmrs_surgery.accounting import compression
-    from bmrs_surgery.api import analysis_of, network
-    from models import get_model
+    from bmrs_surgery.gated import analysis_of, network
     from bmrs_surgery.surgery import shrink
+    from models import get_model
 
     gated = bmrs.attach_gates(get_model(model_name), torch.zeros(2, 1, 32, 32))
     bank = bmrs.gate_bank(gated)
-    if len(widths) != len(bank.sites):
-        raise SystemExit(f"{model_name} has {len(bank.sites)} gate sites, got {len(widths)} widths")
+    if len(widths) != len(bank.groups):
+        raise SystemExit(f"{model_name} has {len(bank.groups)} groups, got {len(widths)} widths")
     keep = torch.zeros(bank.mask.numel(), dtype=torch.bool)
     for i, k in enumerate(widths):
-        if not 1 <= k <= bank.sites[i].size:
-            raise SystemExit(f"width {k} for site {bank.sites[i].name} is outside 1..{bank.sites[i].size}")
+        if not 1 <= k <= bank.groups[i].size:
+            raise SystemExit(f"width {k} for group {bank.groups[i].name} is outside 1..{bank.groups[i].size}")
         start = bank.slice_of(i).start
         keep[start:start + k] = True
     ratio = compression(network(gated), bank, keep).ratio

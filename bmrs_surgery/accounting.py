@@ -3,7 +3,7 @@
 "Parameter compression" = share of trainable parameters that become removable: every weight that
 reads from or writes to a pruned structure (incoming and outgoing weights, biases, per-channel norm
 parameters, parameters added to a pruned channel), plus the pruned gates' two posterior parameters.
-Every gate site lists the parameter dimensions its structures own (``slots``), so this holds for any
+Every group lists the parameter dimensions its structures own (``slots``), so this holds for any
 network the dependency analysis covers.
 """
 
@@ -33,20 +33,20 @@ def alive_masks(model: nn.Module, bank: GateBank, keep: torch.Tensor) -> dict[st
     tensors.update(dict(model.named_buffers()))
     keep = keep.bool().cpu()
     alive: dict[str, torch.Tensor] = {}
-    for i, site in enumerate(bank.sites):
+    for i, group in enumerate(bank.groups):
         k = torch.cat([keep[bank.slice_of(i)], torch.ones(1, dtype=torch.bool)])
-        for slot in site.slots:
-            t = tensors.get(slot["target"])
+        for slot in group.slots:
+            t = tensors.get(slot.target)
             if t is None:
                 continue
-            idx = torch.as_tensor(slot["index"], dtype=torch.long)
-            along = k[torch.where(idx < 0, site.size, idx)]
+            idx = torch.as_tensor(slot.index, dtype=torch.long)
+            along = k[torch.where(idx < 0, group.size, idx)]
             shape = [1] * t.ndim
-            shape[slot["dim"]] = -1
-            mask = alive.get(slot["target"])
+            shape[slot.dim] = -1
+            mask = alive.get(slot.target)
             if mask is None:
                 mask = torch.ones(t.shape, dtype=torch.bool)
-            alive[slot["target"]] = mask & along.reshape(shape)
+            alive[slot.target] = mask & along.reshape(shape)
     return alive
 
 
@@ -69,7 +69,7 @@ def removable_per_module(model: nn.Module, bank: GateBank, keep: torch.Tensor) -
 
 def compression(model: nn.Module, bank: GateBank, keep: torch.Tensor | None = None) -> Compression:
     """Parameter compression of network ``model`` plus its gates if the structures off in ``keep``
-    go (``model`` is the inner network: parameter names are those of the gate sites)."""
+    go (``model`` is the inner network: parameter names are those of the groups' slots)."""
     keep = bank.mask if keep is None else keep
     total = sum(p.numel() for p in model.parameters() if p.requires_grad) + 2 * bank.num_gates
     removable = sum(r for r, _ in removable_per_module(model, bank, keep).values())

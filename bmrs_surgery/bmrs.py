@@ -5,7 +5,7 @@ vectorised over any number of gates. Functions used in training (:func:`kl_diver
 :func:`sample_log_theta`, :func:`log_expected_theta`) return the input dtype and are differentiable;
 scoring functions (:func:`delta_f`, :func:`snr`, :func:`expected_theta`) compute in float64.
 
-Notation follows ``docs/bmrs-math.md``: ``x = log theta ~ N(mu, sigma^2)`` truncated to ``[a, b]``;
+Notation follows ``docs/math.md``: ``x = log theta ~ N(mu, sigma^2)`` truncated to ``[a, b]``;
 ``alpha = (a - mu)/sigma``, ``beta = (b - mu)/sigma``, ``Z = Phi(beta) - Phi(alpha)``.
 
 Numerics. When mu lies outside [a, b] by many sigma (or sigma is tiny), log Z, log Z_qt, ... are

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import api
+from . import defaults
 from .errors import BmrsError, first_line
+from .gated import attach_gates, detach_gates
 from .placement import analyse_model
 from .plan import plan_keep
 from .surgery import parameter_count, shrink
@@ -58,11 +59,11 @@ def _err(exc: BaseException) -> str:
 def random_masks(bank, ratio: float, generator: torch.Generator) -> torch.Tensor:
     """Prune ``ratio`` of every group's structures at random, keeping at least one per group."""
     keep = torch.ones(bank.num_gates, dtype=torch.bool)
-    for i, site in enumerate(bank.sites):
+    for i, group in enumerate(bank.groups):
         sl = bank.slice_of(i)
-        n_drop = min(int(round(ratio * site.size)), site.size - 1)
-        drop = torch.randperm(site.size, generator=generator)[:n_drop]
-        k = torch.ones(site.size, dtype=torch.bool)
+        n_drop = min(int(round(ratio * group.size)), group.size - 1)
+        drop = torch.randperm(group.size, generator=generator)[:n_drop]
+        k = torch.ones(group.size, dtype=torch.bool)
         k[drop] = False
         keep[sl] = k
     return keep
@@ -87,10 +88,10 @@ def randomized_copy(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
-def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "model", ratio: float = 0.3,
+def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "model", ratio: float = defaults.CHECK_RATIO,
                 seed: int = 0, onnx: bool = True, real_inputs: list[torch.Tensor] | None = None,
-                ignore: tuple[str, ...] = (), tolerance: float = 1e-4, keep_weights: bool = False,
-                round_to: int | None = None) -> CheckResult:
+                ignore: tuple[str, ...] = (), tolerance: float = defaults.TOLERANCE, keep_weights: bool = False,
+                round_to: int | None = defaults.ROUND_TO) -> CheckResult:
     """Run every stage on ``model`` (never modified: it works on a copy)."""
     res = CheckResult(name, tuple(input_shape))
     res.params_before = parameter_count(model)
@@ -103,10 +104,11 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
         analysis = analyse_model(model, example, ignore)
     except BmrsError as exc:
         msg = _err(exc)
-        stage = "groups" if "prunable" in msg else "trace"
-        res.stages["trace"] = "ok" if stage == "groups" else msg
-        if stage == "groups":
+        if exc.stage == "groups":  # traced, but nothing to prune
+            res.stages["trace"] = "ok"
             res.stages["groups"] = msg
+        else:
+            res.stages["trace"] = msg
         return res
     except Exception as exc:  # noqa: BLE001 - report, never crash
         res.stages["trace"] = _err(exc)
@@ -118,7 +120,7 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
     res.structures = sum(g.size for g in analysis.groups)
     res.opaque = [f"{n}: {why}" for n, why in analysis.propagation.opaque][:20]
     try:
-        gated = api.attach_gates(model, analysis=analysis)
+        gated = attach_gates(model, analysis=analysis)
     except Exception as exc:  # noqa: BLE001
         res.stages["gates"] = _err(exc)
         return res
@@ -158,13 +160,13 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
             else:
                 res.stages["verify"] = f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
         if res.stages["verify"] != "ok":
-            site = failing_group(analysis, bank, keep, gated, inputs, tolerance)
-            if site is not None:
-                res.stages["verify"] += f" (group {site.name}, {site.kind}, layers {', '.join(site.consumers[:3])})"
+            group = failing_group(analysis, bank, keep, gated, inputs, tolerance)
+            if group is not None:
+                res.stages["verify"] += f" (group {group.name}, {group.kind}, layers {', '.join(group.consumers[:3])})"
             return res
         res.seconds["verify"] = time.perf_counter() - t
     finally:
-        api.detach_gates(gated)
+        detach_gates(gated)
     if onnx:
         from .export import onnx_parity
 

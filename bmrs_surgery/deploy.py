@@ -17,15 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import api
-from .errors import BmrsError, first_line
-from .export import ExportError, onnx_bytes, ort_parity
+from . import defaults
+from .errors import SurgeryError, first_line
+from .export import onnx_bytes, ort_parity
+from .gated import analysis_of, gate_bank, network, remove_gate_hooks
 from .surgery import parameter_count, shrink
 from .verify import Proof, failing_group, prove, random_inputs
-
-
-class SurgeryError(BmrsError):
-    """The pruned network does not compute what the gated one did (names the group)."""
 
 
 @dataclass
@@ -43,8 +40,8 @@ class Deployment:
 
 def plain_network(gated: nn.Module) -> nn.Module:
     """A copy of the gated network without its gates (the network before pruning)."""
-    net = copy.deepcopy(api.network(gated))
-    api.remove_gate_hooks(net)
+    net = copy.deepcopy(network(gated))
+    remove_gate_hooks(net)
     return net.eval()
 
 
@@ -58,11 +55,13 @@ def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
 
 
 def deploy(gated: nn.Module, keep: torch.Tensor, input_shape: tuple[int, ...],
-           real_inputs: list[torch.Tensor] | None = None, bench_batch_sizes: tuple[int, ...] | None = (1, 8, 32),
-           bench_runs: int = 20, threads: int = 0, tolerance: float = 1e-4) -> Deployment:
-    bank = api.gate_bank(gated)
+           real_inputs: list[torch.Tensor] | None = None,
+           bench_batch_sizes: tuple[int, ...] | None = defaults.BENCH_BATCH_SIZES,
+           bench_runs: int = defaults.BENCH_RUNS, threads: int = defaults.THREADS,
+           tolerance: float = defaults.TOLERANCE) -> Deployment:
+    bank = gate_bank(gated)
     example = torch.randn((1,) + tuple(input_shape[1:]))
-    analysis = api.analysis_of(gated, example)
+    analysis = analysis_of(gated, example)
     with torch.no_grad():
         bank.mask.copy_(keep.to(bank.mask))
     gated.eval()
@@ -74,19 +73,16 @@ def deploy(gated: nn.Module, keep: torch.Tensor, input_shape: tuple[int, ...],
         proof = Proof(float("inf"), 1.0, tolerance, len(inputs))
         cause = first_line(exc)
     else:
-        cause = f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
+        cause = proof.problem or f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
     if not proof.ok:
-        site = failing_group(analysis, bank, keep, gated, inputs, tolerance)
-        where = f" in group {site.name} ({site.kind}; layers {', '.join(site.consumers[:3])})" if site else ""
+        group = failing_group(analysis, bank, keep, gated, inputs, tolerance)
+        where = f" in group {group.name} ({group.kind}; layers {', '.join(group.consumers[:3])})" if group else ""
         raise SurgeryError(f"surgery changed the network's output{where}: {cause}; nothing written")
     original = plain_network(gated)
     batch2 = torch.randn((2,) + tuple(input_shape[1:]))
-    try:
-        data, exporter = onnx_bytes(pruned, batch2)
-        data_orig, _ = onnx_bytes(original, batch2, exporter)
-        onnx_diff = ort_parity(pruned, data, inputs, tolerance)
-    except ExportError as exc:
-        raise BmrsError(str(exc)) from None
+    data, exporter = onnx_bytes(pruned, batch2)
+    data_orig, _ = onnx_bytes(original, batch2, exporter)
+    onnx_diff = ort_parity(pruned, data, inputs, tolerance)
     macs_before, params_before = count(original, example)
     macs_after, params_after = count(pruned, example)
     counts = {

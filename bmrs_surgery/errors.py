@@ -1,4 +1,12 @@
-"""Typed errors: one class per kind of user mistake. The CLI turns each into a one-line message."""
+"""Every error a user can cause, in one place: one class per pipeline stage.
+
+Each error names the stage it belongs to (``stage``) and, when one option is at fault, the
+library parameter (``param``, e.g. ``"epochs"``); the command line maps parameters to its flags
+(``epochs`` -> ``--epochs``). Nothing finds a stage by searching a message's text. The CLI turns
+every :class:`BmrsError` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
 
 
 def first_line(exc: BaseException) -> str:
@@ -8,24 +16,83 @@ def first_line(exc: BaseException) -> str:
 
 
 class BmrsError(Exception):
-    """Base class of every error a user can cause; the CLI exits with code 2 on these."""
+    """Base class of every error a user can cause."""
+
+    stage = "job"
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return f"{self.param}: {self.message}" if self.param else self.message
+
+    def render(self, flags: dict[str, str] | None = None) -> str:
+        """The message with the parameter named as the caller knows it (``flags``: param -> name)."""
+        if not self.param:
+            return self.message
+        return f"{(flags or {}).get(self.param, self.param)}: {self.message}"
+
+
+class JobError(BmrsError, ValueError):
+    """An option out of range, or options that do not go together."""
+
+    stage = "job"
 
 
 class ModelLoadError(BmrsError):
     """A model name or file that cannot be turned into an nn.Module."""
 
+    stage = "load"
+
 
 class DataError(BmrsError):
     """A dataset that is missing, malformed or does not fit the model."""
+
+    stage = "data"
+
+
+class GraphError(BmrsError):
+    """The model cannot be traced or run at the example's shape (names the module and why)."""
+
+    stage = "trace"
 
 
 class GatePlacementError(BmrsError):
     """A model where gates cannot be placed (nothing prunable, unsupported structure)."""
 
+    stage = "groups"
+
 
 class NoGatesError(BmrsError):
     """An operation that needs gates on a model that has none."""
 
+    stage = "gates"
 
-class GraphError(BmrsError):
-    """The model cannot be traced or analysed (names the module and why)."""
+
+class FitError(BmrsError):
+    """Fitting could not run as asked (resume state missing or from another job)."""
+
+    stage = "fit"
+
+
+class SurgeryError(BmrsError):
+    """The pruned network does not compute what the gated one did (names the group)."""
+
+    stage = "surgery"
+
+
+class ExportError(BmrsError):
+    """ONNX export or ONNX Runtime disagrees with the pruned network."""
+
+    stage = "onnx"
+
+
+class OutputError(BmrsError):
+    """The output folder cannot be used or written."""
+
+    stage = "output"
+
+
+STAGES = ("job", "load", "data", "trace", "groups", "gates", "fit", "surgery", "onnx", "output")

@@ -7,18 +7,15 @@ import io
 import logging
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
+from .errors import ExportError, JobError
 from .errors import first_line as _first_line
+from .verify import max_abs, max_abs_diff
 
 OPSET = 18
 EXPORTERS = ("auto", "dynamo", "torchscript")
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 @contextlib.contextmanager
@@ -42,7 +39,7 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") 
     ``auto`` tries torch's dynamo exporter first and the TorchScript one if it fails.
     """
     if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}")
+        raise JobError(f"must be one of {EXPORTERS}, got {exporter!r}", param="exporter")
     model = model.eval()
     errors = []
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
@@ -129,8 +126,8 @@ def ort_parity(model: nn.Module, data: bytes | str, inputs: list[torch.Tensor], 
             if got.shape != tuple(ref.shape):
                 raise ExportError(f"ONNX Runtime output shape {got.shape} != torch {tuple(ref.shape)}")
             r = ref.float().numpy()
-            diff = max(diff, float(np.abs(got - r).max()))
-            scale = max(scale, float(np.abs(r).max()))
+            diff = max(diff, max_abs_diff(torch.from_numpy(r), torch.from_numpy(got)))
+            scale = max(scale, max_abs(torch.from_numpy(r)))
     if not diff <= tolerance * (scale or 1.0):
         raise ExportError(f"ONNX Runtime differs from torch by {diff:.3g} (> {tolerance:g} x output scale {scale:.3g})")
     return diff

@@ -12,6 +12,7 @@ The loop reports through an optional ``reporter`` (see :mod:`progress`); it neve
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -19,33 +20,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import api
-from .criteria import CRITERIA
+from . import defaults
+from .criteria import CRITERIA, Decision, PruneResult, apply_decision, criterion_for, decision
 from .data import DataSplits
+from .errors import JobError
+from .gated import KL_WEIGHTINGS, gate_bank, kl_term
 
 MODES = ("post-training", "continuous")
 REPORT_EVERY = 25  # steps between progress updates (each one syncs the device)
 
 
-FINETUNE_GATES = ("sampled", "expected")
+FINETUNE_GATES = ("sampled", "expected")  # choices; the default is defaults.FINETUNE_GATES
 
 
 @dataclass
 class FitConfig:
-    epochs: int = 10
-    mode: str = "post-training"
-    prior: str = "normal"
-    precision_bits: int = 8
-    prune_every: int = 1
-    finetune_epochs: int = 0
-    batch_size: int = 128
-    lr: float = 1.5e-3
-    gate_lr: float | None = None  # learning rate of the gate posteriors; None: same as lr
-    kl_weighting: str = "mean"
-    kl_scale: float = 1.0
-    kl_warmup_epochs: int = 0
-    device: str = "cpu"
-    seed: int = 0
+    """How to fit: every default comes from :mod:`defaults` (the command line's too)."""
+
+    epochs: int = defaults.EPOCHS
+    mode: str = defaults.MODE
+    prior: str = defaults.PRIOR
+    precision_bits: int = defaults.PRECISION_BITS
+    prune_every: int = defaults.PRUNE_EVERY
+    finetune_epochs: int = defaults.FINETUNE_EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    lr: float = defaults.LR
+    gate_lr: float | None = defaults.GATE_LR  # learning rate of the gate posteriors; None: same as lr
+    kl_weighting: str = defaults.KL_WEIGHTING
+    kl_scale: float = defaults.KL_SCALE
+    kl_warmup_epochs: int = defaults.KL_WARMUP_EPOCHS
+    device: str = defaults.DEVICE
+    seed: int = defaults.SEED
     amp: bool = False  # bf16 autocast for the network; the gate math stays in float32/float64
     # masks from another criterion of :mod:`criteria` (snr, expected, l2, bmrs_n_code) instead of
     # the prior's BMRS rule, with its options (threshold, target_compression); for baselines
@@ -53,23 +58,31 @@ class FitConfig:
     criterion_opts: dict | None = None
     # fine-tuning sees the gates as the deployed constants "expected" (E[theta] * mask, posteriors
     # frozen, no KL: the network fine-tuned is exactly the one surgery produces; +1.0 point on
-    # LeNet5, +-0 on the MLP in benchmarks/results/paper_fmnist_ablation.md) or "sampled" (noisy,
-    # posteriors still trained, KL on: the paper)
-    finetune_gates: str = "expected"
+    # LeNet5, +-0 on the MLP, docs/results.md) or "sampled" (noisy, posteriors still trained, KL
+    # on: the paper)
+    finetune_gates: str = defaults.FINETUNE_GATES
 
     def validate(self) -> None:
+        """Every field in range (a :class:`~.errors.JobError` naming the field otherwise)."""
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise JobError(f"must be one of {MODES}, got {self.mode!r}", param="mode")
         if self.prior not in ("normal", "uniform"):
-            raise ValueError(f"prior must be 'normal' or 'uniform', got {self.prior!r}")
-        if self.epochs < 0 or self.finetune_epochs < 0 or self.prune_every < 1:
-            raise ValueError("epochs and finetune_epochs must be >= 0 and prune_every >= 1")
-        if self.kl_weighting not in api.KL_WEIGHTINGS:
-            raise ValueError(f"kl_weighting must be one of {api.KL_WEIGHTINGS}")
+            raise JobError(f"must be 'normal' or 'uniform', got {self.prior!r}", param="prior")
+        for name in ("epochs", "finetune_epochs"):
+            if getattr(self, name) < 0:
+                raise JobError(f"must be >= 0, got {getattr(self, name)}", param=name)
+        if self.prune_every < 1 or self.batch_size < 1:
+            raise JobError("must be >= 1", param="prune_every" if self.prune_every < 1 else "batch_size")
+        for name in ("lr", "gate_lr", "kl_scale"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise JobError(f"must be a finite number >= 0, got {v}", param=name)
+        if self.kl_weighting not in KL_WEIGHTINGS:
+            raise JobError(f"must be one of {KL_WEIGHTINGS}, got {self.kl_weighting!r}", param="kl_weighting")
         if self.finetune_gates not in FINETUNE_GATES:
-            raise ValueError(f"finetune_gates must be one of {FINETUNE_GATES}, got {self.finetune_gates!r}")
+            raise JobError(f"must be one of {FINETUNE_GATES}, got {self.finetune_gates!r}", param="finetune_gates")
         if self.criterion is not None and self.criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+            raise JobError(f"must be one of {', '.join(CRITERIA)}, got {self.criterion!r}", param="criterion")
 
 
 @dataclass
@@ -88,7 +101,7 @@ class EpochRecord:
 class FitResult:
     config: FitConfig
     history: list[EpochRecord] = field(default_factory=list)
-    prune: api.PruneResult | None = None
+    prune: PruneResult | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -101,19 +114,17 @@ class FitResult:
 
 def _decision(gated, cfg: FitConfig):
     """The configured rule's decision now: BMRS for ``cfg.prior``, or ``cfg.criterion``."""
-    return api.decision(gated, cfg.criterion or api.criterion_for(cfg.prior), precision_bits=cfg.precision_bits,
+    return decision(gated, cfg.criterion or criterion_for(cfg.prior), precision_bits=cfg.precision_bits,
                         **(cfg.criterion_opts or {}))
 
 
 def _prune(gated, cfg: FitConfig):
     """Mask by the configured rule."""
-    return api.apply_decision(gated, _decision(gated, cfg))
+    return apply_decision(gated, _decision(gated, cfg))
 
 
 def _criteria_decision(gated, cfg: FitConfig, keep: torch.Tensor):
     """The decision a resumed fit had made (its scores recomputed from the restored posteriors)."""
-    from .criteria import Decision
-
     dec = _decision(gated, cfg)
     return Decision(dec.criterion, dec.score, keep.bool())
 
@@ -171,7 +182,7 @@ def _kl_factor(cfg: FitConfig, epoch: int, step: int, steps: int) -> float:
 
 def make_optimizer(gated: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     """Adam over the weights (lr) and the gate posteriors (gate_lr, default lr)."""
-    bank = api.gate_bank(gated)
+    bank = gate_bank(gated)
     gate_ids = {id(p) for p in bank.parameters()}
     weights = [p for p in gated.parameters() if id(p) not in gate_ids]
     groups = [{"params": weights}, {"params": list(bank.parameters()), "lr": _gate_lr(cfg)}]  # GATE_GROUP last
@@ -216,7 +227,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
     ``resume`` (such a state) continues from where it was taken.
     """
     cfg.validate()
-    api.gate_bank(gated)
+    gate_bank(gated)
     rank, world = distributed_rank()
     torch.manual_seed(cfg.seed)  # every rank draws the same noise for the global batch ...
     gen = torch.Generator().manual_seed(cfg.seed)  # ... and makes the same shuffle
@@ -242,7 +253,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         if resume.get("prune_keep") is not None:
-            result.prune = api.apply_decision(gated, _criteria_decision(gated, cfg, resume["prune_keep"]))
+            result.prune = apply_decision(gated, _criteria_decision(gated, cfg, resume["prune_keep"]))
     start = time.perf_counter()
     total_epochs = cfg.epochs + cfg.finetune_epochs
     for epoch in range(first, total_epochs):
@@ -253,7 +264,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
         gated.train()
         frozen = phase == "finetune" and cfg.finetune_gates == "expected"
         if frozen:  # deterministic gates; lr 0 keeps the posteriors exactly (and DDP's gradients intact)
-            api.gate_bank(gated).eval()
+            gate_bank(gated).eval()
         opt.param_groups[GATE_GROUP]["lr"] = 0.0 if frozen else _gate_lr(cfg)
         if reporter:
             reporter.start_epoch(epoch, total_epochs, phase, steps)
@@ -263,7 +274,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
         for step, idx in enumerate(batches(n, cfg.batch_size, gen)):
             total = len(idx)
             if world > 1:  # this rank's share of the global batch, and its rows of the gate noise
-                api.gate_bank(gated).rows = (rank, world, total)
+                gate_bank(gated).rows = (rank, world, total)
                 idx = idx[rank::world]
             x, y = x_train[idx.to(device)], y_train[idx.to(device)]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
@@ -271,7 +282,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world
             task = F.cross_entropy(out.float(), y, reduction="sum") * (world / total)
             # frozen posteriors: the KL is a constant, not computed
-            loss = task if frozen else task + _kl_factor(cfg, epoch, step, steps) * api.kl_term(gated, n, cfg.kl_weighting)
+            loss = task if frozen else task + _kl_factor(cfg, epoch, step, steps) * kl_term(gated, n, cfg.kl_weighting)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -282,12 +293,12 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
                 reporter.step(step + 1, float(loss_sum) / (step + 1))
         if cfg.mode == "continuous" and phase == "fit" and (epoch + 1) % cfg.prune_every == 0:
             result.prune = _prune(gated, cfg)
-        bank = api.gate_bank(gated)
+        bank = gate_bank(gated)
         record = EpochRecord(
             epoch=epoch,
             phase=phase,
             loss=float(loss_sum) / steps,
-            kl=float(api.kl_term(gated, n, cfg.kl_weighting).detach()),
+            kl=float(kl_term(gated, n, cfg.kl_weighting).detach()),
             train_accuracy=int(correct) / max(seen, 1),
             val_accuracy=accuracy(gated, data.val, cfg.device),
             kept_fraction=float(bank.mask.mean()),
@@ -298,7 +309,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             reporter.end_epoch(record)
         if checkpoint is not None:
             checkpoint(training_state(gated, opt, result, gen, epoch + 1))
-    api.gate_bank(gated).rows = None
+    gate_bank(gated).rows = None
     if cfg.epochs > 0 and result.prune is None:  # no scoring happened yet: score once now
         result.prune = _prune(gated, cfg)
     result.seconds = time.perf_counter() - start

@@ -1,8 +1,9 @@
 """Multiplicative noise gates with truncated log-normal posteriors.
 
 All gates of a model share one :class:`GateBank`: flat ``mu`` / ``log_sigma`` parameters and a
-``mask`` buffer for every structure. A :class:`Gate` is a forward hook on the module whose output
-it scales, holding only its slice of the bank. Keeping the parameters flat means one sampling call
+``mask`` buffer for every structure. A :class:`Gate` is a forward pre-hook on a layer that reads a
+group's channels: it scales that layer's *input* along the group's axis, holding only its slice of
+the bank. Keeping the parameters flat means one sampling call
 and one KL call per training step for the whole network instead of a dozen small kernels per gate:
 that is what keeps a gated training step close to the plain one.
 
@@ -15,46 +16,22 @@ In eval mode every gate is the constant E[theta] * mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from . import bmrs, fused
+from .graph.group import Group
 
 NOISE_MODES = ("sample", "structure", "element")
 
 
-@dataclass
-class GateSite:
-    """One coupled group of ``size`` structures sharing one set of gate parameters.
-
-    ``taps``: where the gate multiplies: the input of module ``module`` along ``axis``, with
-    ``index`` giving the structure of each input index (-1: not in this group, left alone).
-    ``slots``: the parameter dimensions the structures own (``target`` tensor, ``dim``, ``index``,
-    ``role`` out/in/norm/param), which accounting and surgery slice. ``producers``, ``norms`` and
-    ``consumers`` name the layers involved, for reports.
-    """
-
-    name: str
-    size: int
-    kind: str = "channels"
-    taps: list[dict] = field(default_factory=list)
-    slots: list[dict] = field(default_factory=list)
-    producers: list[str] = field(default_factory=list)
-    norms: list[str] = field(default_factory=list)
-    consumers: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
-
-
 class GateBank(nn.Module):
-    """Posterior parameters, masks and sampling for every gate of one model."""
+    """Posterior parameters, masks and sampling for every gate of one model: structure ``j`` of
+    ``groups[i]`` is entry ``slice_of(i).start + j`` of ``mu``, ``log_sigma`` and ``mask``."""
 
     def __init__(
         self,
-        sites: list[GateSite],
+        groups: list[Group],
         noise: str = "sample",
         bounds: tuple[float, float] = (bmrs.LOWER, bmrs.UPPER),
         init_mu: float = 0.0,
@@ -63,14 +40,14 @@ class GateBank(nn.Module):
         super().__init__()
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-        self.sites = list(sites)
+        self.groups = list(groups)
         self.noise = noise
         self.a, self.b = float(bounds[0]), float(bounds[1])
         self.offsets = []
         n = 0
-        for s in self.sites:
+        for g in self.groups:
             self.offsets.append(n)
-            n += s.size
+            n += g.size
         # one parameter for both (a single optimizer slot and autograd leaf): row 0 mu, row 1 log sigma
         self.posterior = nn.Parameter(torch.stack([torch.full((n,), float(init_mu)), torch.full((n,), float(init_log_sigma))]))
         self.register_buffer("mask", torch.ones(n))
@@ -125,7 +102,7 @@ class GateBank(nn.Module):
         return self.posterior.shape[1]
 
     def slice_of(self, index: int) -> slice:
-        return slice(self.offsets[index], self.offsets[index] + self.sites[index].size)
+        return slice(self.offsets[index], self.offsets[index] + self.groups[index].size)
 
     # -- forward-time values -----------------------------------------------------------------
     def begin_forward(self) -> None:
@@ -172,25 +149,25 @@ class GateBank(nn.Module):
         return fused.kl_divergence(post, self.a, self.b)
 
     def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-site pieces of a (..., N) tensor, made by one split (one autograd node)."""
-        return torch.split(theta, [s.size for s in self.sites], dim=-1)
+        """Per-group pieces of a (..., N) tensor, made by one split (one autograd node)."""
+        return torch.split(theta, [s.size for s in self.groups], dim=-1)
 
     def _tap_index(self, index: int, tap: int, device) -> torch.Tensor | None:
         """Structure index per input index of a tap (None when it is the identity)."""
         key = (index, tap, device)
         cached = self._tap_cache.get(key)
         if cached is None:
-            idx = torch.as_tensor(self.sites[index].taps[tap]["index"], dtype=torch.long)
-            size = self.sites[index].size
+            idx = torch.as_tensor(self.groups[index].taps[tap].index, dtype=torch.long)
+            size = self.groups[index].size
             identity = idx.numel() == size and bool((idx == torch.arange(size)).all())
             cached = (None if identity else torch.where(idx < 0, size, idx).to(device),)
             self._tap_cache[key] = cached
         return cached[0]
 
     def theta_for(self, index: int, x: torch.Tensor, tap: int = 0) -> torch.Tensor:
-        """The gate values of site ``index`` at its tap ``tap``, shaped to broadcast against ``x``."""
-        site = self.sites[index]
-        axis = site.taps[tap]["axis"] % x.ndim
+        """The gate values of group ``index`` at its tap ``tap``, shaped to broadcast against ``x``."""
+        group = self.groups[index]
+        axis = group.taps[tap].axis % x.ndim
         idx = self._tap_index(index, tap, x.device)
         n = x.shape[axis]
         shape = [1] * x.ndim
@@ -209,12 +186,12 @@ class GateBank(nn.Module):
             if idx is not None:
                 theta = torch.cat([theta, theta.new_ones(theta.shape[:-1] + (1,))], -1).index_select(-1, idx)
             return theta.reshape(shape).to(x.dtype)
-        # element: one uniform per activation element, this site's parameters only
+        # element: one uniform per activation element, this group's parameters only
         sl = self.slice_of(index)
         post, mask = self.posterior[:, sl], self.mask[sl]
         if idx is not None:
-            valid = (idx < site.size).reshape(shape)
-            safe = idx.clamp(max=site.size - 1)
+            valid = (idx < group.size).reshape(shape)
+            safe = idx.clamp(max=group.size - 1)
             post, mask = post.index_select(1, safe), mask.index_select(0, safe)
         u = torch.rand(x.shape, device=x.device, dtype=post.dtype)
         theta = fused.sample_theta(post.reshape([2] + shape), mask.reshape(shape), u, self.a, self.b)
@@ -248,9 +225,9 @@ class Gate:
     def __call__(self, module, args):  # forward-pre-hook signature
         x = args[0]
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"gate {self.bank.sites[self.index].name}: module input is not a tensor")
+            raise TypeError(f"gate {self.bank.groups[self.index].name}: module input is not a tensor")
         return (x * self.bank.theta_for(self.index, x, self.tap),) + tuple(args[1:])
 
     def __repr__(self) -> str:
-        s = self.bank.sites[self.index]
-        return f"Gate({s.name}: {s.size} structures at {s.taps[self.tap]['module']})"
+        g = self.bank.groups[self.index]
+        return f"Gate({g.name}: {g.size} structures at {g.taps[self.tap].module})"

@@ -4,7 +4,7 @@ A MODEL spec is one of
   * a bundled name (``lenet5``, ``mlp``): a fresh reference network,
   * ``torchvision:NAME``: a torchvision architecture with ``weights=None`` (nothing is downloaded),
   * a path to a file saved by :func:`save_checkpoint` (architecture name + state dict + gate
-    sites: loads with ``weights_only=True``, runs no code from the file),
+    groups: loads with ``weights_only=True``, runs no code from the file),
   * a path to a plain state dict, given with an architecture (``arch=``),
   * a path to a whole pickled ``nn.Module`` (``torch.save(model)``): unpickling can run code from
     the file, so it needs ``trust=True``.
@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from . import api
-from .errors import ModelLoadError, first_line as _first_line
-from .gates import GateBank, GateSite
+from .errors import GatePlacementError, ModelLoadError
+from .errors import first_line as _first_line
+from .gated import attach_gates, gate_bank, has_gate_hooks, has_gates, network
+from .gates import GateBank
+from .graph.group import Group
+from .outputs import atomic_write
 
-CHECKPOINT_FORMAT = "bmrs-surgery/checkpoint/2"
+CHECKPOINT_FORMAT = "bmrs-surgery/checkpoint/3"
+READABLE_FORMATS = (CHECKPOINT_FORMAT, "bmrs-surgery/checkpoint/2")  # 2: the groups were called "sites"
 
 
 @dataclass
@@ -37,7 +39,7 @@ class LoadedModel:
 
     @property
     def gated(self) -> bool:
-        return api.has_gates(self.model)
+        return has_gates(self.model)
 
 
 def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
@@ -120,13 +122,13 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
         except Exception as exc2:  # noqa: BLE001
             raise ModelLoadError(f"cannot unpickle {spec}: {_first_line(exc2)}") from None
     if isinstance(obj, nn.Module):
-        if not api.has_gates(obj) and _has_gate_hooks(obj):
+        if not has_gates(obj) and has_gate_hooks(obj):
             raise ModelLoadError(
                 f"{spec} holds a gated network without its gates: save the GatedModel that "
                 "attach_gates returned, not its .model"
             )
         return LoadedModel(obj, None, _shape_or_none(getattr(obj, "bmrs_input_shape", None), spec))
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+    if isinstance(obj, dict) and obj.get("format") in READABLE_FORMATS:
         return _from_checkpoint(obj, spec)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
@@ -150,10 +152,6 @@ def _from_safetensors(path: Path, spec: str, arch: str | None) -> LoadedModel:
     net, shape = _arch_for_state(arch, state)
     _load_state(net, state, spec)
     return LoadedModel(net, arch, shape)
-
-
-def _has_gate_hooks(net: nn.Module) -> bool:
-    return api.has_gate_hooks(net)
 
 
 def _shape_or_none(shape, spec: str) -> tuple[int, ...] | None:
@@ -216,50 +214,31 @@ def _from_checkpoint(ck: dict, spec: str) -> LoadedModel:
     shape = _shape_or_none(ck.get("input_shape"), spec)
     try:
         net, _ = build_arch(arch, num_classes)
-        sites = [GateSite(**s) for s in ck.get("sites") or []]
-        if sites and ck.get("traced"):
+        groups = [Group.from_state(g, i) for i, g in enumerate(ck.get("groups") or ck.get("sites") or [])]
+        if groups and ck.get("traced"):
             if shape is None:
                 raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (traced network, no input shape)")
             from .placement import analyse_model
 
             analysis = analyse_model(net, torch.zeros((1,) + tuple(shape)))
-            gated = api.attach_gates(net, sites=sites, analysis=analysis, noise=ck.get("noise") or "sample")
+            gated = attach_gates(net, groups=groups, analysis=analysis, noise=ck.get("noise") or "sample")
             _load_state(gated, state, spec)
             model = gated
-        elif sites:
-            gated = api.attach_gates(net, sites=sites, noise=ck.get("noise") or "sample")
+        elif groups:
+            gated = attach_gates(net, groups=groups, noise=ck.get("noise") or "sample")
             _load_state(gated, state, spec)
             model: nn.Module = gated
         else:
             _load_state(net, state, spec)
             model = net
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, GatePlacementError) as exc:
         raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint ({_first_line(exc)})") from None
     return LoadedModel(model, arch, shape)
 
 
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write a file through ``write(f)`` into a temporary file beside it, then rename it over."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, arch: str | None, input_shape=None) -> None:
     """Save a (gated) model. With a known ``arch``: a weights-only checkpoint (state dict, gate
-    sites); without: the whole module pickled (loading it then needs trust)."""
+    groups); without: the whole module pickled (loading it then needs trust)."""
     data = checkpoint_bytes(model, arch, input_shape)
     atomic_write(path, lambda f: f.write(data))
 
@@ -272,15 +251,15 @@ def checkpoint_bytes(model: nn.Module, arch: str | None, input_shape=None) -> by
             model.bmrs_input_shape = tuple(input_shape)
         torch.save(model, buf)
         return buf.getvalue()
-    bank: GateBank | None = api.gate_bank(model) if api.has_gates(model) else None
-    net = api.network(model) if bank is not None else model
+    bank: GateBank | None = gate_bank(model) if has_gates(model) else None
+    net = network(model) if bank is not None else model
     last = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     ck = {
         "format": CHECKPOINT_FORMAT,
         "arch": arch,
         "num_classes": getattr(last[-1], "out_features", None) if last else None,
         "input_shape": list(input_shape) if input_shape else None,
-        "sites": [s.to_dict() for s in bank.sites] if bank is not None else [],
+        "groups": [g.state() for g in bank.groups] if bank is not None else [],
         # the gated network is the traced graph (attention written out): rebuild it that way
         "traced": isinstance(net, torch.fx.GraphModule),
         "noise": bank.noise if bank is not None else None,

@@ -1,4 +1,4 @@
-"""Where gates go: one gate site per coupled group of the dependency analysis.
+"""Where gates go: one gate per structure of every coupled group of the dependency analysis.
 
 A group's gate multiplies the *inputs of the layers that read the group's channels through their
 weights* (its taps), so a zero gate removes the structure's whole contribution wherever it flows
@@ -13,40 +13,8 @@ import torch
 from torch import nn
 
 from .errors import GatePlacementError
-from .gates import GateSite
+from .graph.group import Group
 from .graph.groups import Analysis, analyse
-
-
-def sites_from_analysis(analysis: Analysis) -> list[GateSite]:
-    sites: list[GateSite] = []
-    used: set[str] = set()
-    for g in analysis.groups:
-        producers = _unique(s.module or s.target for s in g.slots if s.role in ("out", "param"))
-        norms = _unique(s.module for s in g.slots if s.role == "norm")
-        consumers = _unique(t.module for t in g.taps)
-        name = producers[0] if producers else f"group{g.id}"
-        if name in used:
-            name = f"{name}#{g.id}"
-        used.add(name)
-        sites.append(GateSite(
-            name=name, size=g.size, kind=g.kind,
-            taps=[{"module": t.module, "axis": t.axis, "index": t.index.tolist()} for t in g.taps],
-            slots=[{"target": s.target, "dim": s.dim, "index": s.index.tolist(), "role": s.role,
-                    "module": s.module} for s in g.slots],
-            producers=producers, norms=norms, consumers=consumers,
-        ))
-    return sites
-
-
-def _unique(items) -> list[str]:
-    return list(dict.fromkeys(i for i in items if i))
-
-
-def find_gate_sites(
-    model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()
-) -> list[GateSite]:
-    """Gate sites for every prunable structure of ``model`` (any fx-traceable network)."""
-    return sites_from_analysis(analyse_model(model, example, ignore))
 
 
 def analyse_model(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> Analysis:
@@ -61,3 +29,8 @@ def analyse_model(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ..
             f"{type(model).__name__} has no prunable structure outside its output layer{hint}"
         )
     return analysis
+
+
+def find_groups(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> list[Group]:
+    """The coupled groups of ``model``, one gate per structure of each (any traceable network)."""
+    return analyse_model(model, example, ignore).groups

@@ -12,15 +12,8 @@ import math
 
 import torch
 
+from .errors import JobError
 from .gates import GateBank
-
-
-def channels_per_structure(site) -> int:
-    for slot in site.slots:
-        if slot["role"] in ("out", "norm", "param"):
-            n = sum(1 for i in slot["index"] if i >= 0)
-            return max(1, n // site.size)
-    return 1
 
 
 def plan_keep(bank: GateBank, keep: torch.Tensor, score: torch.Tensor | None = None,
@@ -29,15 +22,15 @@ def plan_keep(bank: GateBank, keep: torch.Tensor, score: torch.Tensor | None = N
     keep = keep.bool().clone().cpu()
     score = torch.zeros(keep.shape, dtype=torch.float64) if score is None else score.double().cpu()
     if round_to is not None and round_to < 1:
-        raise ValueError("round_to must be a positive integer")
-    for i, site in enumerate(bank.sites):
+        raise JobError("must be a positive integer", param="round_to")
+    for i, group in enumerate(bank.groups):
         sl = bank.slice_of(i)
         k = keep[sl]
         target = max(1, int(k.sum()))
         if round_to:
-            c = channels_per_structure(site)
+            c = group.channels_per_structure
             step = round_to // math.gcd(c, round_to)
-            target = min(site.size, math.ceil(target / step) * step)
+            target = min(group.size, math.ceil(target / step) * step)
         missing = target - int(k.sum())
         if missing > 0:
             pruned = torch.nonzero(~k).flatten()

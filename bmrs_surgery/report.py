@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from . import api, bmrs
+from . import bmrs
 from .accounting import compression, removable_per_module
-from .plan import channels_per_structure
+from .gated import gate_bank, network
 
 REPORT_SCHEMA = "bmrs-surgery/report/2"
 
@@ -32,18 +32,18 @@ def _summary(values: torch.Tensor) -> dict:
 
 
 def structure_table(gated, decision) -> list[dict]:
-    """One row per structure: site, index, posterior, E[theta], SNR, score and decision."""
-    bank = api.gate_bank(gated)
+    """One row per structure: its group ("site"), index, posterior, E[theta], SNR, score and decision."""
+    bank = gate_bank(gated)
     mu, ls = bank.mu.detach().double().cpu(), bank.log_sigma.detach().double().cpu()
     e = bmrs.expected_theta(mu, ls, bank.a, bank.b)
     s = bmrs.snr(mu, ls, bank.a, bank.b)
     rows = []
-    for i, site in enumerate(bank.sites):
+    for i, group in enumerate(bank.groups):
         sl = bank.slice_of(i)
         for j, k in enumerate(range(sl.start, sl.stop)):
             rows.append(
                 {
-                    "site": site.name,
+                    "site": group.name,
                     "index": j,
                     "mu": float(mu[k]),
                     "log_sigma": float(ls[k]),
@@ -68,23 +68,23 @@ def build_report(*, gated, decision, model_spec: str, data_spec: str | None, pri
                  precision_bits: int, fit_result=None, accuracy: dict | None = None,
                  wall_time_s: float, outputs: dict, deployment=None, sweep: dict | None = None) -> dict:
     """The report.json document (plain data)."""
-    bank = api.gate_bank(gated)
-    net = api.network(gated)
+    bank = gate_bank(gated)
+    net = network(gated)
     per_module = removable_per_module(net, bank, decision.keep)
     layers = []
-    for i, site in enumerate(bank.sites):
+    for i, group in enumerate(bank.groups):
         sl = bank.slice_of(i)
         keep = decision.keep[sl]
-        removable = sum(per_module[m][0] for m in site.producers + site.norms if m in per_module)
-        per = channels_per_structure(site)
+        removable = sum(per_module[m][0] for m in group.producers + group.norms if m in per_module)
+        per = group.channels_per_structure
         layers.append(
             {
-                "name": site.name,
-                "channels_before": site.size * per,
+                "name": group.name,
+                "channels_before": group.size * per,
                 "channels_after": int(keep.sum()) * per,
-                "kind": site.kind,
-                "gates_at": site.consumers,
-                "structures_before": site.size,
+                "kind": group.kind,
+                "gates_at": group.consumers,
+                "structures_before": group.size,
                 "structures_after": int(keep.sum()),
                 "parameters_removable_in_layer": removable,
                 "dF": _summary(decision.score[sl]),
@@ -156,6 +156,6 @@ def report_json(report: dict) -> bytes:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    from .loading import atomic_write
+    from .outputs import atomic_write
 
     atomic_write(path, lambda f: f.write(data))

@@ -20,14 +20,17 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .api import gates_removed
+from .errors import SurgeryError
+from .gated import analysis_of, gate_bank, gates_removed
 from .gates import GateBank
+from .graph import registry
 from .graph.groups import Analysis
 
 
 def group_keep(bank: GateBank, keep: torch.Tensor) -> dict[int, np.ndarray]:
+    """Keep-mask of each group, by the group's id."""
     keep = keep.bool().cpu()
-    return {i: keep[bank.slice_of(i)].numpy() for i in range(len(bank.sites))}
+    return {g.id: keep[bank.slice_of(i)].numpy() for i, g in enumerate(bank.groups)}
 
 
 def _copy_without_gates(gm: fx.GraphModule) -> fx.GraphModule:
@@ -50,23 +53,23 @@ def _replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(owner, name, value)
 
 
+def _rule(mod: nn.Module, name: str) -> registry.ModuleRule:
+    rule = registry.module_rule(mod)
+    if rule is None:
+        raise SurgeryError(f"layer {name} ({type(mod).__name__}) has no rule to fold a gate into")
+    return rule
+
+
 def fold_expected(gm: fx.GraphModule, analysis: Analysis, expected: dict[int, np.ndarray]) -> None:
-    """Multiply each tap's gate value into the input columns of the layer it scales."""
+    """Multiply each tap's gate value into the input columns of the layer it scales (its rule's
+    ``fold``); ``expected`` holds each group's E[theta] * mask by group id."""
     with torch.no_grad():
         for g in analysis.groups:
             e = np.append(np.asarray(expected[g.id], dtype=np.float64), 1.0)
             for tap in g.taps:
                 mod = gm.get_submodule(tap.module)
                 f = torch.as_tensor(e[np.where(tap.index >= 0, tap.index, len(e) - 1)])
-                w = mod.weight
-                if isinstance(mod, nn.Linear):
-                    w.mul_(f.to(w.dtype).reshape(1, -1))
-                else:  # convolution: input channel c of group c // a is weight column c % a
-                    groups = mod.groups
-                    a = w.shape[1]
-                    b = w.shape[0] // groups
-                    per_out = f.to(w.dtype).reshape(groups, 1, a).expand(groups, b, a).reshape(w.shape[0], a)
-                    w.mul_(per_out.reshape(per_out.shape + (1,) * (w.ndim - 2)))
+                _rule(mod, tap.module).fold(mod, f)
 
 
 def slice_parameters(gm: fx.GraphModule, analysis: Analysis, keep: dict[int, np.ndarray]) -> set[str]:
@@ -86,29 +89,12 @@ def slice_parameters(gm: fx.GraphModule, analysis: Analysis, keep: dict[int, np.
 
 
 def update_sizes(gm: fx.GraphModule, touched: set[str]) -> None:
-    """Make the layers' size attributes agree with their new parameter shapes."""
+    """Make the layers' size attributes agree with their new parameter shapes (their rules' ``resize``)."""
     for name in touched:
         mod = gm.get_submodule(name) if name else gm
-        if isinstance(mod, nn.Linear):
-            mod.out_features, mod.in_features = mod.weight.shape
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            old_out, old_groups = mod.out_channels, mod.groups
-            new_out = mod.weight.shape[0]
-            if old_groups > 1 and mod.in_channels == old_groups:  # depthwise: one input per group
-                mod.groups = new_out // (old_out // old_groups)
-                mod.in_channels = mod.groups
-            else:
-                mod.in_channels = mod.weight.shape[1] * old_groups
-            mod.out_channels = new_out
-        elif isinstance(mod, nn.modules.batchnorm._NormBase):
-            t = mod.weight if mod.weight is not None else mod.running_mean
-            mod.num_features = t.shape[0]
-        elif isinstance(mod, nn.GroupNorm):
-            mod.num_channels = mod.num_groups = mod.weight.shape[0]
-        elif isinstance(mod, nn.Embedding):
-            mod.embedding_dim = mod.weight.shape[1]
-        elif isinstance(mod, nn.PReLU):
-            mod.num_parameters = mod.weight.shape[0]
+        rule = registry.module_rule(mod)
+        if rule is not None:
+            rule.resize(mod)
 
 
 def _size_args(node: fx.Node) -> tuple[int, list]:
@@ -146,12 +132,16 @@ def rewrite_literals(gm: fx.GraphModule, analysis: Analysis, keep: dict[int, np.
 
 
 def shrink(analysis: Analysis, bank: GateBank, keep: torch.Tensor | None = None) -> fx.GraphModule:
-    """The pruned plain network for ``keep`` (default: the bank's mask)."""
+    """The pruned plain network for ``keep`` (default: the bank's mask). A keep-mask that empties
+    a group is refused: plan it first (:func:`~bmrs_surgery.plan.plan_keep`)."""
     keep = bank.mask if keep is None else keep
     keep_by = group_keep(bank, keep)
+    empty = [g.name for g in bank.groups if not keep_by[g.id].any()]
+    if empty:
+        raise SurgeryError(f"the keep-mask removes every structure of group {empty[0]}; a group keeps at least one")
     with torch.no_grad():
         e = (bank.expected().detach().double().cpu() * keep.double().cpu()).numpy()
-    expected = {i: e[bank.slice_of(i)] for i in range(len(bank.sites))}
+    expected = {g.id: e[bank.slice_of(i)] for i, g in enumerate(bank.groups)}
     gm = _copy_without_gates(analysis.gm)
     gm.eval()
     fold_expected(gm, analysis, expected)
@@ -170,9 +160,7 @@ def pruned_network(gated: nn.Module, example_input: torch.Tensor | None = None) 
 
     ``example_input`` is only needed for a gated model loaded from a file (to re-trace it).
     """
-    from . import api
-
-    bank = api.gate_bank(gated)
+    bank = gate_bank(gated)
     if example_input is None and getattr(getattr(gated, "module", gated), "input_shape", None):
         example_input = torch.zeros((1,) + tuple(getattr(gated, "module", gated).input_shape))
-    return shrink(api.analysis_of(gated, example_input), bank)
+    return shrink(analysis_of(gated, example_input), bank)

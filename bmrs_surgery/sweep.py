@@ -14,10 +14,10 @@ import copy
 
 import torch
 
-from . import api
 from .accounting import compression
 from .criteria import decide, incoming_l2
 from .fit import FitConfig, accuracy, fit
+from .gated import gate_bank, network
 from .plan import plan_keep
 
 SWEEP_CRITERIA = ("bmrs_n", "bmrs_u", "snr", "l2")
@@ -25,10 +25,10 @@ SWEEP_CRITERIA = ("bmrs_n", "bmrs_u", "snr", "l2")
 
 def ranking(gated, criterion: str, precision_bits: int = 8) -> torch.Tensor:
     """Structure indices, first to remove first."""
-    bank = api.gate_bank(gated)
+    bank = gate_bank(gated)
     if criterion == "l2":
-        return torch.argsort(incoming_l2(api.network(gated), bank), stable=True)
-    dec = decide(api.network(gated), bank, criterion, precision_bits=precision_bits)
+        return torch.argsort(incoming_l2(network(gated), bank), stable=True)
+    dec = decide(network(gated), bank, criterion, precision_bits=precision_bits)
     score = dec.score
     return torch.argsort(-score if criterion.startswith("bmrs") else score, stable=True)
 
@@ -49,8 +49,8 @@ def knee(points: list[dict]) -> dict | None:
 
 def sweep(gated, data, criteria=SWEEP_CRITERIA, levels: int = 10, finetune_epochs: int = 0,
           precision_bits: int = 8, cfg: FitConfig | None = None, split: str = "test") -> dict:
-    bank = api.gate_bank(gated)
-    net = api.network(gated)
+    bank = gate_bank(gated)
+    net = network(gated)
     evalset = getattr(data, split)
     saved_mask = bank.mask.clone()
     n = bank.num_gates
@@ -67,7 +67,7 @@ def sweep(gated, data, criteria=SWEEP_CRITERIA, levels: int = 10, finetune_epoch
                 model = gated
                 if finetune_epochs:
                     model = copy.deepcopy(gated)
-                    api.gate_bank(model).mask.copy_(keep.float())
+                    gate_bank(model).mask.copy_(keep.float())
                     c = copy.copy(cfg or FitConfig())
                     c.epochs, c.finetune_epochs = 0, finetune_epochs
                     fit(model, data, c)

@@ -16,14 +16,34 @@ class Proof:
     scale: float
     tolerance: float
     inputs: int
+    problem: str | None = None  # why the networks cannot be equivalent, whatever the outputs say
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance * self.scale
+        return self.problem is None and self.max_abs_diff <= self.tolerance * self.scale
 
     def to_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "output_scale": self.scale, "tolerance": self.tolerance,
-                "inputs": self.inputs, "ok": self.ok}
+                "inputs": self.inputs, "ok": self.ok, "problem": self.problem}
+
+
+def max_abs_diff(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """max |reference - candidate|; infinite when either holds a NaN or an infinity (a NaN never
+    passes a comparison: ``max(d, nan)`` would silently keep ``d``)."""
+    if reference.numel() == 0:
+        return 0.0
+    if not (bool(torch.isfinite(reference).all()) and bool(torch.isfinite(candidate).all())):
+        return float("inf")
+    return float((reference.double() - candidate.double()).abs().max())
+
+
+def max_abs(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def emptied_layers(model: nn.Module) -> list[str]:
+    """Parameters with a dimension of size 0: a layer pruned away entirely (never a valid result)."""
+    return [name for name, p in model.named_parameters() if p.numel() == 0 and p.ndim > 0]
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -54,16 +74,19 @@ def compare(reference: list[list[torch.Tensor]], candidate: list[list[torch.Tens
         for r, c in zip(ref, cand):
             if r.shape != c.shape:
                 return Proof(float("inf"), 1.0, tolerance, len(reference))
-            diff = max(diff, float((r - c).abs().max()) if r.numel() else 0.0)
-            scale = max(scale, float(r.abs().max()) if r.numel() else 0.0)
-    if diff != diff:  # NaN
-        diff = float("inf")
+            diff = max(diff, max_abs_diff(r, c))
+            scale = max(scale, max_abs(r))
     return Proof(diff, scale if scale > 0 else 1.0, tolerance, len(reference))
 
 
 def prove(gated: nn.Module, pruned: nn.Module, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> Proof:
-    """Max abs output difference over ``inputs`` against ``tolerance`` x the gated output's scale."""
-    return compare(outputs(gated, inputs), outputs(pruned, inputs), tolerance)
+    """Max abs output difference over ``inputs`` against ``tolerance`` x the gated output's scale;
+    a pruned network with an emptied layer fails whatever its outputs (a group is never emptied)."""
+    proof = compare(outputs(gated, inputs), outputs(pruned, inputs), tolerance)
+    empty = emptied_layers(pruned)
+    if empty:
+        proof.problem = f"layer parameter {empty[0]} was pruned to size 0"
+    return proof
 
 
 def random_inputs(shape: tuple[int, ...], count: int = 2, batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
@@ -77,7 +100,7 @@ def failing_group(analysis, bank: GateBank, keep: torch.Tensor, gated: nn.Module
 
     saved = bank.mask.clone()
     try:
-        for i, site in enumerate(bank.sites):
+        for i, group in enumerate(bank.groups):
             sl = bank.slice_of(i)
             if bool(keep[sl].all()):
                 continue
@@ -89,9 +112,9 @@ def failing_group(analysis, bank: GateBank, keep: torch.Tensor, gated: nn.Module
                 pruned = shrink(analysis, bank, only)
                 proof = prove(gated, pruned, inputs, tolerance)
             except Exception:  # noqa: BLE001 - a crash is a failure of this group
-                return site
+                return group
             if not proof.ok:
-                return site
+                return group
     finally:
         with torch.no_grad():
             bank.mask.copy_(saved)

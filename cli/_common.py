@@ -1,4 +1,4 @@
-"""Pieces shared by the commands: errors, output folders."""
+"""Pieces shared by the commands: one-line errors with flag names, option parsers."""
 
 from __future__ import annotations
 
@@ -9,10 +9,22 @@ import click
 
 from bmrs_surgery.errors import BmrsError
 
+# library parameter -> command-line name, where it is not "--" + the parameter with dashes
+FLAG_NAMES = {"model": "MODEL", "data": "--data", "sweep_levels": "--sweep", "example_input": "--input-shape"}
 
-def fail(message: str) -> None:
-    """One line on stderr, exit code 2: how every user mistake ends."""
-    click.echo(f"Error: {message.splitlines()[0] if message else 'failed'}", err=True)
+
+def flag(param: str) -> str:
+    return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
+
+
+def fail(error: BaseException | str) -> None:
+    """One line on stderr, exit code 2: how every user mistake ends. A library error that names a
+    parameter is shown with the option's flag."""
+    if isinstance(error, BmrsError) and error.param:
+        message = f"{flag(error.param)}: {error.message}"
+    else:
+        message = str(error)
+    click.echo(f"Error: {message.splitlines()[0] if message.strip() else 'failed'}", err=True)
     sys.exit(2)
 
 
@@ -22,57 +34,15 @@ out_dir_option = click.option(
 )
 
 
-def prepare_out_dir(path: Path, create: bool) -> Path:
-    """Check (and with ``create``, make) the output folder; a file there is an error."""
-    if path.exists() and not path.is_dir():
-        raise BmrsError(f"--out {path} is a file, not a folder")
-    if not create:
-        parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-        if not parent.is_dir():
-            raise BmrsError(f"--out {path}: {parent} is a file, not a folder")
-        if not _writable(parent):
-            raise BmrsError(f"--out {path}: folder {parent} is not writable")
-        return path
+def parse_batch_sizes(text: str, option: str = "--batch-sizes") -> tuple[int, ...]:
+    """``"1,8,32"`` -> (1, 8, 32); a one-line error for anything else."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BmrsError(f"--out {path}: cannot create folder ({exc.strerror})") from None
-    return path
-
-
-def _writable(path: Path) -> bool:
-    import os
-
-    return os.access(path, os.W_OK | os.X_OK)
-
-
-def write_outputs(path: Path, files: dict[str, bytes]) -> Path:
-    """Create the output folder and write ``files`` (name -> bytes) into it, each atomically.
-
-    On a write error the files written so far, and the folder if this call created it, are removed.
-    """
-    import shutil
-
-    from bmrs_surgery.loading import atomic_write
-
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    prepare_out_dir(path, create=True)
-    written: list[Path] = []  # new files only: a file replaced from an earlier run stays
-    name = ""
-    try:
-        for name, data in files.items():
-            target = path / name
-            is_new = not target.exists()
-            atomic_write(target, lambda f, data=data: f.write(data))
-            if is_new:
-                written.append(target)
-    except OSError as exc:
-        for target in written:
-            target.unlink(missing_ok=True)
-        if missing:
-            shutil.rmtree(missing[-1], ignore_errors=True)
-        raise BmrsError(f"--out {path}: cannot write {name} ({exc.strerror or exc})") from None
-    return path
+        sizes = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise BmrsError(f"{option} {text!r}: expected comma-separated positive integers") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise BmrsError(f"{option} {text!r}: expected comma-separated positive integers")
+    return sizes
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

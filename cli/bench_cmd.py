@@ -10,17 +10,7 @@ import click
 
 from bmrs_surgery.errors import BmrsError
 
-from ._common import fail, input_shape_option, parse_shape
-
-
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise BmrsError(f"--batch-sizes {text!r}: expected comma-separated positive integers") from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise BmrsError(f"--batch-sizes {text!r}: expected comma-separated positive integers")
-    return sizes
+from ._common import fail, input_shape_option, parse_batch_sizes, parse_shape
 
 
 def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str) -> Path:
@@ -29,14 +19,15 @@ def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str) -> Path:
         return Path(spec)
     import torch
 
-    from bmrs_surgery import api
-    from bmrs_surgery.export import ExportError, onnx_bytes
+    from bmrs_surgery.errors import ExportError
+    from bmrs_surgery.export import onnx_bytes
+    from bmrs_surgery.gated import has_gates, network
 
     from ._common import load_network
 
     net, shape = load_network(spec, input_shape, arch, trust)
-    if api.has_gates(net):
-        net = api.network(net)
+    if has_gates(net):
+        net = network(net)
     try:
         data, _ = onnx_bytes(net.eval(), torch.randn((2,) + tuple(shape[1:])))
     except ExportError as exc:
@@ -68,7 +59,7 @@ def bench(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arc
     try:
         from bmrs_surgery.bench import benchmark
 
-        sizes = _batch_sizes(batch_sizes)
+        sizes = parse_batch_sizes(batch_sizes)
         shape = parse_shape(input_shape)
         with tempfile.TemporaryDirectory(prefix="bmrs-bench-") as tmp:
             paths = [_as_onnx(m, input_shape, arch, trust_model, Path(tmp), f"model{i}")
@@ -78,7 +69,7 @@ def bench(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arc
         for m, spec in zip(result["models"], [model_a, model_b]):
             m["model"] = spec
     except BmrsError as exc:
-        fail(str(exc))
+        fail(exc)
         return
     if as_json:
         click.echo(json.dumps(result, indent=2))

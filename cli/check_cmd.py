@@ -39,7 +39,7 @@ def check(model, input_shape, ratio, seed, keep_weights, round_to, no_onnx, igno
         res = check_model(net, shape, name=model, ratio=ratio, seed=seed, onnx=not no_onnx,
                           ignore=tuple(ignore), keep_weights=keep_weights, round_to=round_to)
     except BmrsError as exc:
-        fail(str(exc))
+        fail(exc)
         return
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))

@@ -34,7 +34,7 @@ def inspect(model, input_shape, fmt, output, ignore, arch, trust_model):
         analysis = analyse_model(net, torch.zeros(shape), tuple(ignore))
         text = render(analysis, model, shape, fmt)
         if output:
-            from bmrs_surgery.loading import atomic_write
+            from bmrs_surgery.outputs import atomic_write
 
             try:
                 atomic_write(output, lambda f: f.write(text.encode()))
@@ -43,7 +43,7 @@ def inspect(model, input_shape, fmt, output, ignore, arch, trust_model):
         else:
             click.echo(text, nl=not text.endswith("\n"))
     except BmrsError as exc:
-        fail(str(exc))
+        fail(exc)
 
 
 def document(analysis, model: str, shape) -> dict:

@@ -7,12 +7,11 @@ and exit code 2; nothing is written to ``--out`` unless the whole job succeeds.
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from bmrs_surgery.errors import BmrsError
 
+from ._common import fail
 from .bench_cmd import bench
 from .check_cmd import check
 from .compress import compress
@@ -55,8 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="bmrs-compress", standalone_mode=True)
     except BmrsError as exc:  # raised outside a command's own handler
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+        fail(exc)
 
 
 if __name__ == "__main__":

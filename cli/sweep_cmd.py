@@ -7,8 +7,9 @@ import json
 import click
 
 from bmrs_surgery.errors import BmrsError, DataError
+from bmrs_surgery.outputs import prepare_out_dir, write_outputs
 
-from ._common import fail, out_dir_option, prepare_out_dir, write_outputs
+from ._common import fail, out_dir_option
 
 
 @click.command()
@@ -42,16 +43,18 @@ def sweep(model, data_spec, epochs, levels, criteria, finetune_epochs, precision
         _run(model, data_spec, epochs, levels, criteria, finetune_epochs, precision_bits, batch_size, lr, gate_lr,
              seed, arch, trust_model, out, as_json)
     except BmrsError as exc:
-        fail(str(exc))
+        fail(exc)
 
 
 def _run(model, data_spec, epochs, levels, criteria, finetune_epochs, precision_bits, batch_size, lr, gate_lr,
          seed, arch, trust_model, out, as_json):
-    from bmrs_surgery import api, loading
+    from bmrs_surgery import loading
     from bmrs_surgery.data import check_fits, load_data
     from bmrs_surgery.fit import FitConfig, fit
+    from bmrs_surgery.gated import attach_gates, unmask
     from bmrs_surgery.report_html import sweep_page
-    from bmrs_surgery.sweep import SWEEP_CRITERIA, sweep as run_sweep
+    from bmrs_surgery.sweep import SWEEP_CRITERIA
+    from bmrs_surgery.sweep import sweep as run_sweep
 
     crits = tuple(c.strip() for c in criteria.split(",") if c.strip())
     bad = [c for c in crits if c not in SWEEP_CRITERIA]
@@ -65,15 +68,15 @@ def _run(model, data_spec, epochs, levels, criteria, finetune_epochs, precision_
     if epochs is None:
         epochs = 0 if loaded.gated else 10
     if not loaded.gated:
-        net = api.attach_gates(net, data.train.tensors[0][:2])
+        net = attach_gates(net, data.train.tensors[0][:2])
     elif epochs == 0:
-        api.unmask(net)
+        unmask(net)
     cfg = FitConfig(epochs=epochs, mode="post-training", prior="uniform", precision_bits=precision_bits,
-                    batch_size=batch_size, lr=lr, gate_lr=gate_lr, seed=seed)
+                    batch_size=batch_size, lr=lr, gate_lr=gate_lr, seed=seed, finetune_epochs=0)
     if epochs:
         fit(net, data, cfg)
         net.to("cpu")
-        api.unmask(net)
+        unmask(net)
     if not loaded.gated and not epochs:
         raise DataError("sweep needs fitted gates: give --epochs > 0 for a model without gates")
     result = run_sweep(net, data, crits, levels, finetune_epochs, precision_bits, cfg)

@@ -1,4 +1,4 @@
-"""The paper's reference networks for 32x32 single-channel inputs (bmrs-math.md section 6)."""
+"""The paper's reference networks for 32x32 single-channel inputs (docs/results.md, "Fashion-MNIST: the paper's comparison")."""
 
 from __future__ import annotations
 

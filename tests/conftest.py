@@ -1,10 +1,10 @@
-import os
-
 import pytest
 import torch
 
-# Two cores in CI: keep torch from oversubscribing them when pytest runs alongside other work.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread. The tests' networks are small, so a second thread gains little, and whenever
+# anything else runs on CI's two cores (the tests' own subprocesses, another job) two spinning
+# OpenMP threads per training step made the fitting tests 20-50x slower (1 s -> 30-60 s each).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """Placement, parameter accounting, criteria and the prune API."""
 
+import copy
 import math
 
 import pytest
@@ -9,14 +10,14 @@ from torch import nn
 import bmrs_surgery as bmrs
 from bmrs_surgery.accounting import compression
 from bmrs_surgery.errors import BmrsError, GatePlacementError
+from bmrs_surgery.placement import find_groups
 from models import get_model
-from bmrs_surgery.placement import find_gate_sites
 
 X = torch.randn(2, 1, 32, 32)
 
 
 def test_lenet5_sites_gate_the_inputs_of_the_next_layer():
-    sites = find_gate_sites(get_model("lenet5"), X)
+    sites = find_groups(get_model("lenet5"), X)
     assert [(s.name, s.size, s.producers, s.consumers) for s in sites] == [
         ("0", 6, ["0"], ["3"]),
         ("3", 16, ["3"], ["7"]),
@@ -24,33 +25,33 @@ def test_lenet5_sites_gate_the_inputs_of_the_next_layer():
         ("9", 84, ["9"], ["11"]),
     ]
     flat = sites[1].taps[0]  # 16 channels x 5 x 5 flattened into Linear(400, 120)
-    assert flat["module"] == "7" and flat["axis"] == 1 and flat["index"] == [c for c in range(16) for _ in range(25)]
+    assert flat.module == "7" and flat.axis == 1 and flat.index.tolist() == [c for c in range(16) for _ in range(25)]
     assert sites[1].kind == "flatten" and sites[0].kind == "channels"
 
 
 def test_batchnorm_is_coupled_and_gate_reads_the_flattened_features():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 3))
-    (site,) = find_gate_sites(net, X)
-    assert site.norms == ["1"] and site.consumers == ["4"] and len(site.taps[0]["index"]) == 3600
-    owned = {(s["target"], s["dim"]) for s in site.slots}
+    (site,) = find_groups(net, X)
+    assert site.norms == ["1"] and site.consumers == ["4"] and len(site.taps[0].index) == 3600
+    owned = {(s.target, s.dim) for s in site.slots}
     assert owned == {("0.weight", 0), ("0.bias", 0), ("1.weight", 0), ("1.bias", 0), ("1.running_mean", 0),
                      ("1.running_var", 0), ("4.weight", 1)}
 
 
 def test_ignored_layers_get_no_gate():
-    sites = find_gate_sites(get_model("mlp"), X, ignore=("1",))
+    sites = find_groups(get_model("mlp"), X, ignore=("1",))
     assert [s.name for s in sites] == ["3"]
 
 
 def test_no_prunable_layer_and_wrong_input_are_errors():
     with pytest.raises(GatePlacementError, match="no parameters"):
-        find_gate_sites(nn.Sequential(nn.Flatten(), nn.ReLU()), X)
+        find_groups(nn.Sequential(nn.Flatten(), nn.ReLU()), X)
     with pytest.raises(GatePlacementError, match="no prunable structure"):
-        find_gate_sites(nn.Sequential(nn.Flatten(), nn.Linear(1024, 10)), X)
+        find_groups(nn.Sequential(nn.Flatten(), nn.Linear(1024, 10)), X)
     with pytest.raises(BmrsError, match="shape"):
-        find_gate_sites(get_model("lenet5"), torch.randn(2, 3, 8, 8))
+        find_groups(get_model("lenet5"), torch.randn(2, 3, 8, 8))
     with pytest.raises(GatePlacementError, match="not a module"):
-        find_gate_sites(get_model("mlp"), X, ignore=("nope",))
+        find_groups(get_model("mlp"), X, ignore=("nope",))
 
 
 def test_mlp_compression_counts_incoming_outgoing_and_gates():
@@ -85,7 +86,7 @@ def _bank_with(mu, sigma):
 
 
 def test_bmrs_decisions_follow_the_sign_of_delta_f():
-    # reference table rows (bmrs-math.md): (-8, 3) and (-15, 3) are pruned by BMRS_U-8, not by BMRS_N;
+    # reference table rows (docs/math.md): (-8, 3) and (-15, 3) are pruned by BMRS_U-8, not by BMRS_N;
     # (-19, 1) has its mass at the bottom and is pruned by BMRS_N
     g = _bank_with([-1.0, -3.0, -8.0, -15.0, -19.0], [0.5, 1.0, 3.0, 3.0, 1.0])
     df_n = bmrs.scores(g, "normal")
@@ -95,7 +96,7 @@ def test_bmrs_decisions_follow_the_sign_of_delta_f():
     assert torch.equal(g.bmrs_gates.mask.bool(), r.keep)
     r8 = bmrs.prune(g, "uniform", 8)
     assert r8.keep[:4].tolist() == [True, True, False, False]  # dF_U8 -43.8, -4.55, +0.42, +0.23
-    assert r8.per_site["1"] == (int(r8.keep[:150].sum()), 150)
+    assert r8.per_group["1"] == (int(r8.keep[:150].sum()), 150)
     assert 0 < r8.compression < 1
 
 
@@ -129,7 +130,7 @@ def test_l2_never_empties_a_layer():
         model[3].bias.mul_(0.01)
     g = bmrs.attach_gates(model, X)
     d = bmrs.decision(g, "l2", target_compression=0.95)
-    kept = [int(d.keep[g.bmrs_gates.slice_of(i)].sum()) for i in range(len(g.bmrs_gates.sites))]
+    kept = [int(d.keep[g.bmrs_gates.slice_of(i)].sum()) for i in range(len(g.bmrs_gates.groups))]
     assert min(kept) >= 1 and compression(g.model, g.bmrs_gates, d.keep).ratio >= 0.95
 
 
@@ -163,11 +164,54 @@ def test_prune_rejects_unknown_prior_and_criterion():
 
 def test_masks_are_replaced_not_accumulated():
     g = _bank_with([-8.0], [3.0])
-    assert not bmrs.prune(g, "uniform", 8).keep.any()
+    assert bmrs.prune(g, "uniform", 8).kept_fraction < 0.01
     with torch.no_grad():
         g.bmrs_gates.posterior[0] = -1.0
         g.bmrs_gates.posterior[1] = math.log(0.5)
     assert bmrs.prune(g, "uniform", 8).keep.all()
+
+
+def test_prune_never_empties_a_layer_and_the_proof_fails_on_an_emptied_one():
+    """Every gate of the MLP at dF >= 0: each layer keeps its best structure (the one with the
+    lowest dF), the pruned network has width 1 where it had 150, and the proof holds; a network
+    whose layer was emptied by hand fails the proof although its outputs match."""
+    g = _bank_with([-8.0], [3.0])
+    with torch.no_grad():
+        g.bmrs_gates.posterior[0, 7] = -7.5  # the lowest dF of the first layer: the one it keeps
+    r = bmrs.prune(g, "uniform", 8)
+    assert r.per_group == {"1": (1, 150), "3": (1, 150)}
+    assert bool(r.keep[7]) and int(r.keep[:150].sum()) == 1
+    small = bmrs.pruned_network(g)
+    widths = [m.out_features for m in small.modules() if isinstance(m, nn.Linear)]
+    assert widths == [1, 1, 10]
+    proof = bmrs.prove(g, small, [X])
+    assert proof.ok and proof.problem is None
+
+    emptied = copy.deepcopy(small)
+    with torch.no_grad():
+        first = emptied.get_submodule("1")
+        first.weight = nn.Parameter(first.weight[:0])
+        first.bias = nn.Parameter(first.bias[:0])
+        second = emptied.get_submodule("3")
+        second.weight = nn.Parameter(second.weight[:, :0])
+    # the emptied network computes what the gated one does (its layer was all but silenced) ...
+    bad = bmrs.prove(g, emptied, [X])
+    assert bad.max_abs_diff < 1.0
+    # ... yet the proof fails, naming the emptied layer
+    assert not bad.ok and "1.weight" in bad.problem
+
+
+def test_surgery_refuses_a_keep_mask_that_empties_a_group():
+    from bmrs_surgery.errors import SurgeryError
+    from bmrs_surgery.gated import analysis_of
+    from bmrs_surgery.surgery import shrink
+
+    g = _bank_with([-1.0], [0.5])
+    bank = g.bmrs_gates
+    keep = torch.ones(bank.num_gates, dtype=torch.bool)
+    keep[bank.slice_of(1)] = False
+    with pytest.raises(SurgeryError, match="every structure of group 3"):
+        shrink(analysis_of(g), bank, keep)
 
 
 def test_resnet18_for_fashion_mnist_gets_one_gate_per_coupled_group():
@@ -179,6 +223,6 @@ def test_resnet18_for_fashion_mnist_gets_one_gate_per_coupled_group():
     x = torch.randn(2, *input_shape("resnet18-1ch"))
     assert model.eval()(x).shape == (2, 10)
     gated = bmrs.attach_gates(model, x)
-    sizes = sorted(s.size for s in gated.bmrs_gates.sites)
+    sizes = sorted(s.size for s in gated.bmrs_gates.groups)
     # 4 streams (64, 128, 256, 512) + the first conv of each of the 8 blocks (64,64,128,128,...)
     assert sizes == sorted([64, 128, 256, 512] + [64, 64, 128, 128, 256, 256, 512, 512])

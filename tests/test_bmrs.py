@@ -1,4 +1,4 @@
-"""Tests of the pure BMRS math in ``bmrs_surgery.bmrs`` against docs/bmrs-math.md, numerical
+"""Tests of the pure BMRS math in ``bmrs_surgery.bmrs`` against the reference values of docs/math.md, numerical
 integration (scipy), high-precision references (mpmath) and the theory's invariants."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def assert_rel(actual, expected, rel, abs_=0.0, what=""):
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Reference values of docs/bmrs-math.md, sections 3 and 4
+# 1. Reference values (docs/math.md, section 6)
 
 # (mu, sigma, dF paper Eq. 8, SNR, E[theta]); a=-20, b=0, mu_p=-20, s_p^2=1e-12
 BMRS_N_TABLE = [

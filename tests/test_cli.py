@@ -110,7 +110,8 @@ def files(tmp_path_factory, trained) -> dict[str, Path]:
     np.savez(paths["tiny.npz"], x=rng.random((3, 1, 32, 32), dtype=np.float32), y=np.array([0, 5, 9]))
     ck = torch.load(trained[0] / "gated.pt", weights_only=True)
     torch.save({**ck, "arch": 5}, paths["ck_arch.pt"])
-    torch.save({**ck, "sites": [dict(s, module="nope") for s in ck["sites"]]}, paths["ck_sites.pt"])
+    torch.save({**ck, "groups": [dict(g, taps=[dict(t, module="nope") for t in g["taps"]]) for g in ck["groups"]]},
+               paths["ck_sites.pt"])
     paths["afile"].write_text("not a folder\n")
     x = rng.random((40, 1, 32, 32), dtype=np.float32)
     with_nan = x.copy()
@@ -206,7 +207,25 @@ def test_pruned_outputs_load_and_compute_the_gated_network(trained):
 def test_gated_checkpoint_is_weights_only(trained):
     ck = torch.load(trained[0] / "gated.pt", weights_only=True)
     assert ck["format"] == CHECKPOINT_FORMAT and ck["arch"] == "lenet5"
-    assert ck["input_shape"] == [1, 32, 32] and len(ck["sites"]) == 4
+    assert ck["input_shape"] == [1, 32, 32] and [g["name"] for g in ck["groups"]] == ["0", "3", "7", "9"]
+
+
+def test_version_2_checkpoints_with_gate_sites_still_load(trained, tmp_path):
+    """Files written before the groups were unified call them "sites" (with producers, norms and
+    consumers stored alongside): they load into the same gated model."""
+    from bmrs_surgery.loading import load_model
+
+    ck = torch.load(trained[0] / "gated.pt", weights_only=True)
+    groups = ck.pop("groups")
+    ck["format"] = "bmrs-surgery/checkpoint/2"
+    ck["sites"] = [{k: v for k, v in g.items() if k not in ("id", "tags")} | {"producers": [g["name"]], "norms": [],
+                                                                          "consumers": []} for g in groups]
+    old = tmp_path / "v2.pt"
+    torch.save(ck, old)
+    a, b = load_model(str(trained[0] / "gated.pt")).model, load_model(str(old)).model
+    assert [g.name for g in b.bmrs_gates.groups] == ["0", "3", "7", "9"]
+    assert all(x.same_structure(y) for x, y in zip(a.bmrs_gates.groups, b.bmrs_gates.groups))
+    assert torch.equal(a.bmrs_gates.posterior, b.bmrs_gates.posterior)
 
 
 @pytest.mark.slow
@@ -430,9 +449,9 @@ def test_read_only_out_folder_is_refused_before_any_work(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_write_failure_leaves_no_folder(trained, tmp_path, monkeypatch):
     """A write error halfway (disk full, say) removes what this run created: one line, exit 2."""
-    import bmrs_surgery.loading as loading
+    import bmrs_surgery.outputs as outputs
 
-    real = loading.atomic_write
+    real = outputs.atomic_write
     calls = []
 
     def flaky(path, write):
@@ -441,7 +460,7 @@ def test_write_failure_leaves_no_folder(trained, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real(path, write)
 
-    monkeypatch.setattr(loading, "atomic_write", flaky)
+    monkeypatch.setattr(outputs, "atomic_write", flaky)
     out = tmp_path / "new" / "out"
     assert_one_line_error(invoke(trained[0] / "gated.pt", "--out", out, "-q"), "No space left")
     assert not (tmp_path / "new").exists()

@@ -3,13 +3,15 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import bmrs_surgery as bmrs
 from bmrs_surgery import bmrs as math_
-from bmrs_surgery.gates import GateBank, GateSite
+from bmrs_surgery.gates import GateBank
+from bmrs_surgery.graph.group import Group, Tap
 from models import get_model
 
 X = torch.randn(8, 1, 32, 32)
@@ -73,8 +75,8 @@ def test_training_noise_modes_shape_and_sharing(noise):
 
 
 def test_training_mean_matches_expected_theta():
-    sites = [GateSite("s", 4, taps=[{"module": "m", "axis": 1, "index": [0, 1, 2, 3]}])]
-    bank = GateBank(sites, noise="sample")
+    groups = [Group(0, 4, name="s", taps=[Tap("m", 1, np.arange(4))])]
+    bank = GateBank(groups, noise="sample")
     with torch.no_grad():
         bank.posterior[0] = torch.tensor([-1.0, -3.0, -5.0, -8.0])
         bank.posterior[1] = torch.log(torch.tensor([0.5, 1.0, 2.0, 3.0]))

@@ -262,7 +262,7 @@ def test_plan_rounds_widths_and_never_empties_a_group():
     keep[6:6 + 5] = True  # 5 of 16 channels of group "3"; group "0" loses everything
     score = torch.arange(bank.num_gates, dtype=torch.float64)
     plan = plan_keep(bank, keep, score, round_to=8)
-    kept = [int(plan[bank.slice_of(i)].sum()) for i in range(len(bank.sites))]
+    kept = [int(plan[bank.slice_of(i)].sum()) for i in range(len(bank.groups))]
     assert kept == [6, 8, 8, 8]  # 6 structures only (capped), 5 -> 8, 0 -> 1 -> 8
     assert bool(plan[6:11].all()) and bool(plan[11:14].all())  # the best-scored pruned come back first
     assert plan_keep(bank, keep)[:6].sum() == 1

@@ -69,4 +69,4 @@ def test_scratch_capacity_trains_the_cut_network(tmp_path):
     assert rows[(10, 96)]["params"] == 1025 * 10 + 11 * 96 + 97 * 10  # the shrunk network, gates gone
     assert 60 < rows[(10, 96)]["accuracy"][0] < 100  # one epoch already learns
     bad = subprocess.run(cmd[:5] + ["10"] + cmd[7:], capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "2 gate sites, got 1 widths" in bad.stderr
+    assert bad.returncode != 0 and "2 groups, got 1 widths" in bad.stderr

@@ -22,18 +22,24 @@ def test_readme_python_example_runs_and_prunes(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "gated.pt").stat().st_size > 0
 
 
-def test_every_package_is_listed_for_installation():
-    """A subpackage missing from pyproject's list works in an editable install and is absent from
-    a wheel: list them all."""
+def test_every_package_is_installed_from_a_wheel_too():
+    """Packages are found, not listed (a listed one can be forgotten: it then works in an editable
+    install and is missing from a wheel): every folder with an __init__.py under bmrs_surgery/,
+    cli/ and models/ matches the find pattern, and the data files are package data."""
     import tomllib
+    from setuptools import find_packages
 
     root = Path(__file__).resolve().parents[1]
     cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(cfg["packages"])
-    found = {".".join(p.relative_to(root).parent.parts) for p in (root / "bmrs_surgery").rglob("__init__.py")}
-    assert found <= listed, found - listed
-    assert {"cli", "models"} <= listed
-    assert "*.pt" in cfg["package-data"]["models"]
+    found = set(find_packages(str(root), include=cfg["packages"]["find"]["include"]))
+    on_disk = {".".join(p.relative_to(root).parent.parts)
+               for top in ("bmrs_surgery", "cli", "models") for p in (root / top).rglob("__init__.py")}
+    assert on_disk == found, on_disk ^ found
+    assert {"cli", "models", "bmrs_surgery.graph.rules"} <= found
+    assert not any(n.startswith(("tests", "benchmarks")) for n in found)
+    assert "*.pt" in cfg["package-data"]["models"] and list((root / "models").glob("*.pt"))
+    assert "samples/*.npz" in cfg["package-data"]["bmrs_surgery"]
+    assert (root / "bmrs_surgery" / "samples" / "fashion_mnist_sample.npz").is_file()
 
 
 def test_readme_first_command_runs_the_whole_job(tmp_path, monkeypatch):

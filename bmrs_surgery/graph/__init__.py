@@ -1,1 +1,3 @@
-"""Dependency analysis: tracing, channel propagation, coupled groups."""
+"""Dependency analysis: tracing, channel propagation by registered rules, coupled groups."""
+
+from . import rules  # noqa: F401 - registers the built-in operation rules

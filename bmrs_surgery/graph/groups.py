@@ -20,64 +20,14 @@ import torch
 from torch import fx, nn
 
 from ..errors import GatePlacementError
-from .propagate import Propagation, propagate
+from .group import Group, Slot, Tap
 from .lower import lower_attention
+from .propagate import Propagation, propagate
 from .trace import propagate_shapes, symbolic_trace, to_networkx
 from .unionfind import Solution
 
 KIND_ORDER = ("heads", "concat", "interleave", "grouped", "depthwise", "residual", "scale", "flatten")
 KIND_NAMES = {"interleave": "shuffle"}
-
-
-@dataclass
-class GroupSlot:
-    target: str  # parameter or buffer, fully qualified
-    dim: int
-    index: np.ndarray  # structure index per index of the dimension, -1 where not in this group
-    role: str
-    module: str
-
-
-@dataclass
-class Tap:
-    module: str  # module whose input the gate scales
-    axis: int
-    index: np.ndarray  # structure index per input index along axis, -1 where not in this group
-    node: str
-
-
-@dataclass
-class Group:
-    id: int
-    kind: str
-    tags: list[str]
-    classes: np.ndarray  # class ids, one per structure
-    slots: list[GroupSlot] = field(default_factory=list)
-    taps: list[Tap] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return len(self.classes)
-
-    @property
-    def channels(self) -> int:
-        """Channels of the first producer (structures x channels per structure)."""
-        for s in self.slots:
-            if s.role in ("out", "norm", "param"):
-                return int((s.index >= 0).sum())
-        return self.size
-
-    def members(self) -> list[dict]:
-        seen: dict[tuple[str, str], dict] = {}
-        for s in self.slots:
-            key = (s.module or s.target, s.role)
-            if key not in seen:
-                seen[key] = {"name": s.module or s.target, "role": s.role, "channels": int((s.index >= 0).sum())}
-        return list(seen.values())
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "structures": self.size, "channels": self.channels,
-                "tags": self.tags, "members": self.members(), "gates": [t.module for t in self.taps]}
 
 
 @dataclass
@@ -172,7 +122,7 @@ def build_groups(prop: Propagation, sol: Solution) -> list[Group]:
     for gi, classes in enumerate(class_groups):
         gid_of[classes] = gi
         idx_of[classes] = np.arange(len(classes))
-        groups.append(Group(gi, "", [], classes))
+        groups.append(Group(gi, len(classes), classes=classes))
 
     def per_group(c):
         c = np.where(c >= 0, c, n)
@@ -181,7 +131,7 @@ def build_groups(prop: Propagation, sol: Solution) -> list[Group]:
     for s, c in zip(prop.slots, slot_cls):
         g, idx = per_group(c)
         for gi in _unique_small(g[g >= 0]):
-            groups[gi].slots.append(GroupSlot(s.target, s.dim, np.where(g == gi, idx, -1), s.role, s.module))
+            groups[gi].slots.append(Slot(s.target, s.dim, np.where(g == gi, idx, -1), s.role, s.module))
     for s, c in zip(prop.sinks, sink_cls):
         g, idx = per_group(c)
         for gi in _unique_small(g[g >= 0]):
@@ -197,7 +147,19 @@ def build_groups(prop: Propagation, sol: Solution) -> list[Group]:
         grp.tags = sorted(KIND_NAMES.get(t, t) for t in tags)
         kind = next((k for k in KIND_ORDER if k in tags), "channels")
         grp.kind = KIND_NAMES.get(kind, kind)
+    _name_groups(groups)
     return groups
+
+
+def _name_groups(groups: list[Group]) -> None:
+    """Each group named after its first producer (``group<id>`` without one), unique."""
+    used: set[str] = set()
+    for g in groups:
+        name = g.producers[0] if g.producers else f"group{g.id}"
+        if name in used:
+            name = f"{name}#{g.id}"
+        used.add(name)
+        g.name = name
 
 
 def analyse(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> Analysis:

@@ -23,7 +23,7 @@ class Label:
     def labelled(self) -> bool:
         return self.axis is not None
 
-    def moved(self, axis: int | None, ndim: int | None = None) -> "Label":
+    def moved(self, axis: int | None, ndim: int | None = None) -> Label:
         if axis is None:
             return Label(self.ndim if ndim is None else ndim)
         return Label(self.ndim if ndim is None else ndim, axis, self.ids)

@@ -17,7 +17,9 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import GraphError, first_line as _first_line
+from ..errors import GraphError
+from ..errors import first_line as _first_line
+from . import registry
 
 MAX_FALLBACKS = 64
 
@@ -30,7 +32,8 @@ class _Tracer(fx.Tracer):
         self.failed: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        """Layers with a registered rule are one call (also a user's own); fx's own leaves stay."""
+        return qualname in self.leaves or registry.module_rule(m) is not None or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         qual = self.path_of_module(m)
@@ -47,6 +50,7 @@ class _Tracer(fx.Tracer):
 
 def symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
     """Trace ``model`` (in eval mode); returns the graph module and the modules kept opaque."""
+    registry._load_builtin()
     leaves: set[str] = set()
     was_training = model.training
     model.eval()

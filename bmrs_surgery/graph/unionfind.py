@@ -57,7 +57,7 @@ class Recorder:
         ids = np.asarray(ids, dtype=np.int64).ravel()
         self._tags.append((ids[ids >= 0], tag))
 
-    def solve(self) -> "Solution":
+    def solve(self) -> Solution:
         n = self.size
         root = np.arange(n, dtype=np.int64)
         if self._a:

@@ -1,0 +1,35 @@
+"""Every default of the toolkit, in one place: the library's functions, :class:`~.job.Job`,
+:class:`~.fit.FitConfig` and the command line's options all read them from here (a test checks
+that ``--help`` shows these values).
+
+The choices were measured (see docs/results.md): BMRS_U with 8 bits is the default rule (exact
+BMRS_N pruned nothing while fitting, because dF approaches 0 from below for a gate at its prior);
+continuous pruning; a gate learning rate 10x the weights' for the default 20-epoch budget; two
+epochs of fine-tuning with the deployed gates (E[theta] * mask).
+"""
+
+PRIOR = "uniform"  # reduced prior: "uniform" (BMRS_U) or "normal" (BMRS_N)
+PRECISION_BITS = 8  # BMRS_U: bits of precision below which a gate counts as zero
+MODE = "continuous"  # prune while fitting ("continuous") or once after it ("post-training")
+EPOCHS = 20  # fitting epochs for a model without fitted gates
+FINETUNE_EPOCHS = 2
+PRUNE_EVERY = 1
+BATCH_SIZE = 128
+LR = 1.5e-3
+GATE_LR = 1.5e-2
+KL_WEIGHTING = "mean"  # mean KL over structures (the authors' code) or "elbo"
+KL_SCALE = 1.0
+KL_WARMUP_EPOCHS = 0
+NOISE = "sample"  # one gate draw per example
+INIT_MU = 0.0
+INIT_LOG_SIGMA = -5.0
+FINETUNE_GATES = "expected"  # fine-tune the deployed network (E[theta] * mask, posteriors frozen)
+SEED = 0
+DEVICE = "cpu"
+BENCH_BATCH_SIZES = (1, 8, 32)
+BENCH_RUNS = 20
+THREADS = 0  # ONNX Runtime intra-op threads (0: all cores)
+TOLERANCE = 1e-4  # proof: max abs output difference relative to the output scale
+SWEEP_LEVELS = 0
+ROUND_TO = None  # keep a multiple of N channels per group (None: exact widths)
+CHECK_RATIO = 0.3  # check: share of every group pruned at random

@@ -1,0 +1,103 @@
+"""One compression job, described as plain data: what :func:`bmrs_surgery.compress` runs and
+what ``bmrs-compress MODEL ...`` builds from its options. Every default comes from
+:mod:`defaults`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from . import defaults
+from .errors import JobError
+from .fit import FINETUNE_GATES, MODES, FitConfig
+from .gated import KL_WEIGHTINGS
+from .gates import NOISE_MODES
+
+
+@dataclass
+class Job:
+    """What to compress, on what data, how, and where the outputs go.
+
+    ``model``: a bundled name (``lenet5``), ``torchvision:NAME`` or a model file; ``data``:
+    ``fashion-mnist``, ``fashion-mnist-sample``, ``digits`` or an ``.npz`` file (None for a model
+    that already carries fitted gates); ``out``: the output folder (None: nothing written, the
+    outputs are in the result). ``epochs=None`` means 20 for a model without fitted gates and 0
+    for one with them.
+    """
+
+    model: str
+    data: str | None = None
+    out: str | Path | None = None
+    arch: str | None = None
+    trust_model: bool = False
+    prior: str = defaults.PRIOR
+    precision_bits: int = defaults.PRECISION_BITS
+    mode: str = defaults.MODE
+    epochs: int | None = None
+    finetune_epochs: int = defaults.FINETUNE_EPOCHS
+    prune_every: int = defaults.PRUNE_EVERY
+    batch_size: int = defaults.BATCH_SIZE
+    lr: float = defaults.LR
+    gate_lr: float = defaults.GATE_LR
+    kl_weighting: str = defaults.KL_WEIGHTING
+    noise: str = defaults.NOISE
+    finetune_gates: str = defaults.FINETUNE_GATES
+    seed: int = defaults.SEED
+    device: str = defaults.DEVICE
+    amp: bool = False
+    sweep_levels: int = defaults.SWEEP_LEVELS
+    round_to: int | None = defaults.ROUND_TO
+    bench_batch_sizes: tuple[int, ...] = defaults.BENCH_BATCH_SIZES
+    threads: int = defaults.THREADS
+    resume: bool = False
+
+    def validate(self) -> None:
+        """Every option in range and the options consistent (a :class:`JobError` naming the option)."""
+        choices = {"prior": ("normal", "uniform"), "mode": MODES, "kl_weighting": KL_WEIGHTINGS,
+                   "noise": NOISE_MODES, "finetune_gates": FINETUNE_GATES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise JobError(f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}", param=name)
+        if not isinstance(self.model, str) or not self.model:
+            raise JobError("must name a model", param="model")
+        ranges = {"precision_bits": (1, 22), "finetune_epochs": (0, None), "prune_every": (1, None),
+                  "batch_size": (1, None), "sweep_levels": (0, 100), "threads": (0, None)}
+        for name, (lo, hi) in ranges.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+                span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+                raise JobError(f"must be an integer {span}, got {v!r}", param=name)
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
+                                        or self.epochs < 0):
+            raise JobError(f"must be an integer >= 0, got {self.epochs!r}", param="epochs")
+        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise JobError(f"must be a positive integer, got {self.round_to!r}", param="round_to")
+        for name in ("lr", "gate_lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise JobError(f"must be a finite positive number, got {v!r}", param=name)
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.bench_batch_sizes):
+            raise JobError(f"must be positive integers, got {self.bench_batch_sizes!r}", param="bench_batch_sizes")
+        if self.data is None:
+            if self.epochs:
+                raise JobError(f"needed to fit {self.epochs} epoch(s)", param="data")
+            if self.sweep_levels:
+                raise JobError("needed for a sweep", param="data")
+
+    def fit_config(self, epochs: int) -> FitConfig:
+        return FitConfig(
+            epochs=epochs, mode=self.mode, prior=self.prior, precision_bits=self.precision_bits,
+            prune_every=self.prune_every, finetune_epochs=self.finetune_epochs, batch_size=self.batch_size,
+            lr=self.lr, gate_lr=self.gate_lr, kl_weighting=self.kl_weighting, device=self.device, seed=self.seed,
+            amp=self.amp, finetune_gates=self.finetune_gates,
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = None if self.out is None else str(self.out)
+        d["bench_batch_sizes"] = list(self.bench_batch_sizes)
+        return d
+
+
+JOB_FIELDS = tuple(f.name for f in fields(Job))

@@ -1,0 +1,181 @@
+"""The compression job, stage by stage: what ``bmrs-compress MODEL`` runs, as one library call.
+
+    load -> (trace -> dependency graph -> coupled groups -> gates) -> fit on data -> dF
+         -> keep-masks (no group emptied, widths rounded) -> surgery (shrink, fold E[theta])
+         -> proof -> ONNX -> ONNX Runtime -> report -> outputs
+
+``compress(Job(...))`` returns a :class:`Result` with everything the run made; with ``job.out``
+it also writes the outputs there, all at once at the end (a failure before that leaves the folder
+untouched). The command line only turns options into a :class:`~.job.Job` and prints the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import defaults, loading, report, report_html
+from .criteria import Decision, apply_decision, criterion_for, decision
+from .data import check_fits, load_data
+from .deploy import Deployment, deploy
+from .errors import DataError, FitError, JobError
+from .fit import FitResult, accuracy, distributed_rank, fit
+from .gated import attach_gates, gate_bank, unmask
+from .job import Job
+from .outputs import RESUME_FILE, ResumeWriter, prepare_out_dir, read_resume_state, write_outputs
+
+OUTPUTS = {"pruned_model": "pruned.pt", "onnx": "pruned.onnx", "gated_model": "gated.pt",
+           "scores": "scores.csv", "report": "report.json", "html": "report.html"}
+
+
+@dataclass
+class Result:
+    """What a compression job made. ``files`` (name -> bytes) is what was written to ``out``
+    (or would have been, without one). On a data-parallel rank other than 0 only ``gated`` and
+    ``fit`` are set: rank 0 decides, prunes and writes."""
+
+    job: Job
+    gated: nn.Module
+    fit: FitResult | None = None
+    decision: Decision | None = None
+    deployment: Deployment | None = None
+    report: dict | None = None
+    files: dict[str, bytes] | None = None
+    out: Path | None = None
+
+    @property
+    def pruned(self) -> nn.Module | None:
+        return self.deployment.pruned if self.deployment is not None else None
+
+
+def check_device(device: str) -> None:
+    """``device`` names a device this machine has (checked before any work)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise JobError(f"{device}: not a device name (use cpu, cuda or cuda:N)", param="device") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise JobError(f"{device}: CUDA is not available on this machine", param="device")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise JobError(f"{device}: this machine has {count} CUDA device(s)", param="device")
+        return
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise JobError(f"{device}: unsupported or unavailable device (use cpu, cuda or cuda:N)", param="device")
+
+
+def resume_key(job: Job, cfg) -> dict:
+    """What identifies a fit for ``resume``: the model, data and every fitting option."""
+    key = {"model": job.model, "data": job.data, "arch": job.arch, "noise": job.noise, **cfg.__dict__}
+    key.pop("device")
+    return key
+
+
+def compress(job: Job, reporter=None) -> Result:
+    """Run ``job`` (see the module docstring); ``reporter`` receives fitting progress
+    (:class:`~.progress.RichReporter` or anything with its methods)."""
+    job.validate()
+    start = time.perf_counter()
+    out = Path(job.out) if job.out is not None else None
+    if out is not None:
+        prepare_out_dir(out, create=False)
+    elif job.resume:
+        raise JobError("needs an output folder (out) holding the interrupted run", param="resume")
+    check_device(job.device)
+    torch.manual_seed(job.seed)  # the seed fixes everything, the initial weights of a fresh network included
+
+    # load
+    loaded = loading.load_model(job.model, arch=job.arch, trust=job.trust_model)
+    data = load_data(job.data, seed=job.seed) if job.data else None
+    if not loaded.gated and data is None:
+        raise DataError(f"{job.model} carries no fitted gates: give data to fit them", param="data")
+    epochs = job.epochs if job.epochs is not None else (0 if loaded.gated else defaults.EPOCHS)
+    acc: dict = {}
+    net = loaded.model
+
+    # trace, groups, gates
+    if data is not None:
+        check_fits(net, data)
+        acc["split"] = "test"
+        if not loaded.gated:
+            acc["before"] = accuracy(net, data.test)
+            net = attach_gates(net, data.train.tensors[0][:2], noise=job.noise)
+        else:
+            unmask(net)
+            acc["before"] = accuracy(net, data.test)
+    gated = net
+
+    # fit
+    fit_result = None
+    if epochs or (data is not None and job.finetune_epochs and not loaded.gated):
+        cfg = job.fit_config(epochs)
+        key = resume_key(job, cfg)
+        state = read_resume_state(out, key) if job.resume else None
+        rank, _ = distributed_rank()
+        saver = ResumeWriter(out, key) if out is not None and rank == 0 else None  # one writer: rank 0
+        with reporter if hasattr(reporter, "__enter__") else contextlib.nullcontext():  # a live display
+            fit_result = fit(gated, data, cfg, reporter, checkpoint=saver, resume=state)
+        gated.to("cpu")
+    elif job.resume:
+        raise FitError("this job fits nothing (no epochs, no fine-tuning), so there is nothing to resume", param="resume")
+    if distributed_rank()[0] != 0:
+        return Result(job, gated, fit_result)  # every rank holds the same fitted model
+    if data is not None:
+        mask = gate_bank(gated).mask.clone()
+        unmask(gated)
+        acc["gated"] = accuracy(gated, data.test)
+        gate_bank(gated).mask.copy_(mask)
+    sweep_result = None
+    if job.sweep_levels:
+        from .sweep import sweep as run_sweep
+
+        sweep_result = run_sweep(gated, data, levels=job.sweep_levels, precision_bits=job.precision_bits)
+
+    # dF -> keep-masks (no group emptied; rounded widths)
+    raw = decision(gated, criterion_for(job.prior), precision_bits=job.precision_bits)
+    keep = apply_decision(gated, raw, job.round_to).keep
+    dec = Decision(raw.criterion, raw.score, keep)
+    if data is not None:
+        acc["after"] = accuracy(gated, data.test)
+
+    # surgery -> proof -> ONNX -> ONNX Runtime
+    shape = loaded.input_shape or getattr(gated, "input_shape", None) or (data.input_shape if data is not None else None)
+    if shape is None:
+        raise DataError(f"{job.model}: input shape unknown (give data, or save the model with its input shape)",
+                        param="data")
+    real = [data.test.tensors[0][:64]] if data is not None else None
+    dep = deploy(gated, keep, (1,) + tuple(shape), real, tuple(job.bench_batch_sizes) or None, threads=job.threads)
+    if data is not None:
+        acc["pruned"] = accuracy(dep.pruned, data.test)
+
+    # report; everything is serialised in memory first: a failure up to here leaves ``out`` untouched
+    rows = report.structure_table(gated, dec)
+    buf = io.BytesIO()
+    torch.save(dep.pruned, buf)
+    doc = report.build_report(
+        gated=gated, decision=dec, model_spec=job.model, data_spec=job.data, prior=job.prior,
+        precision_bits=job.precision_bits, fit_result=fit_result, accuracy=acc,
+        wall_time_s=time.perf_counter() - start, outputs=OUTPUTS, deployment=dep, sweep=sweep_result,
+    )
+    doc_bytes = report.report_json(doc)
+    files = {
+        OUTPUTS["pruned_model"]: buf.getvalue(), OUTPUTS["onnx"]: dep.onnx,
+        OUTPUTS["gated_model"]: loading.checkpoint_bytes(gated, loaded.arch, shape),
+        OUTPUTS["scores"]: report.scores_csv(rows), OUTPUTS["report"]: doc_bytes,
+        OUTPUTS["html"]: report_html.render(report._finite(doc), rows),
+    }
+    if out is not None:
+        write_outputs(out, files)
+        (out / RESUME_FILE).unlink(missing_ok=True)  # the job is complete: nothing left to resume
+    return Result(job, gated, fit_result, dec, dep, json.loads(doc_bytes), files, out)
