@@ -27,6 +27,8 @@ import math
 import torch
 from torch.special import log_ndtr, ndtr, ndtri
 
+from .errors import JobError
+
 LOWER = -20.0
 UPPER = 0.0
 LOG_SIGMA_MIN = -20.0
@@ -393,11 +395,11 @@ def sample_log_theta(mu, log_sigma, u, a: float = LOWER, b: float = UPPER) -> to
 def uniform_interval(precision_bits: int, a: float = LOWER, b: float = UPPER) -> tuple[float, float]:
     """[a', b'] of BMRS_U: from log(2^-23) (float32 mantissa) to log(2^-p), clipped to [a, b]."""
     if not 1 <= int(precision_bits) < FLOAT32_MANTISSA_BITS:
-        raise ValueError(f"precision_bits must be in 1..{FLOAT32_MANTISSA_BITS - 1}, got {precision_bits}")
+        raise JobError(f"must be in 1..{FLOAT32_MANTISSA_BITS - 1}, got {precision_bits}", param="precision_bits")
     lo = max(a, -FLOAT32_MANTISSA_BITS * _LN2)
     hi = min(b, -int(precision_bits) * _LN2)
     if not lo < hi:
-        raise ValueError(f"BMRS_U interval [{lo:.3f}, {hi:.3f}] is empty for bounds [{a}, {b}]")
+        raise JobError(f"BMRS_U interval [{lo:.3f}, {hi:.3f}] is empty for bounds [{a}, {b}]", param="precision_bits")
     return lo, hi
 
 
@@ -445,7 +447,7 @@ def delta_f_normal(
     log_r_q = _log_r(am / sigma, bm / sigma, (b - a) / sigma)
     if prior_var == 0.0:
         if prior_mu != a:
-            raise ValueError("prior_var == 0 is only defined for prior_mu == a")
+            raise JobError("prior_var == 0 is only defined for prior_mu == a", param="prior_var")
         # log phi(alpha) - log Z_q = -(alpha^2 - m^2)/2 - log(2 pi)/2 - log R_q
         return (
             math.log(b - a)
@@ -455,7 +457,7 @@ def delta_f_normal(
             - log_r_q
         )
     if prior_var < 0.0:
-        raise ValueError(f"prior_var must be >= 0, got {prior_var}")
+        raise JobError(f"must be >= 0, got {prior_var}", param="prior_var")
     total = var_q + prior_var
     s_p = math.sqrt(prior_var)
     s_qt = sigma * s_p / torch.sqrt(total)
@@ -506,7 +508,7 @@ def delta_f(
         uniform_interval(precision_bits, a, b)  # validate before any work
         fn = lambda m, ls: delta_f_uniform(m, ls, precision_bits, a, b)  # noqa: E731
     else:
-        raise ValueError(f"unknown prior {prior!r}; expected one of {', '.join(PRIORS)}")
+        raise JobError(f"unknown prior {prior!r}; expected one of {', '.join(PRIORS)}", param="prior")
     return _in_chunks(fn, mu, log_sigma)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import bmrs, fused
+from .errors import JobError
 from .graph.group import Group
 
 NOISE_MODES = ("sample", "structure", "element")
@@ -39,7 +40,7 @@ class GateBank(nn.Module):
     ):
         super().__init__()
         if noise not in NOISE_MODES:
-            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+            raise JobError(f"must be one of {NOISE_MODES}, got {noise!r}", param="noise")
         self.groups = list(groups)
         self.noise = noise
         self.a, self.b = float(bounds[0]), float(bounds[1])
@@ -208,7 +209,7 @@ class GateBank(nn.Module):
             return kl.mean()
         if reduction == "sum":
             return kl.sum()
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        raise JobError(f"must be 'mean' or 'sum', got {reduction!r}", param="reduction")
 
 
 class Gate:

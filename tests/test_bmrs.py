@@ -596,7 +596,7 @@ def test_python_floats_and_lists_accepted():
 
 @pytest.mark.parametrize("bits", [0, 23, -1, 24])
 def test_uniform_interval_rejects_bad_precision(bits):
-    message = rf"precision_bits must be in 1\.\.22, got {bits}$"
+    message = rf"precision_bits: must be in 1\.\.22, got {bits}$"
     with pytest.raises(ValueError, match=message):
         bmrs.uniform_interval(bits)
     with pytest.raises(ValueError, match=message):
