@@ -86,18 +86,17 @@ class Job:
                 raise JobError("needed for a sweep", param="data")
 
     def fit_config(self, epochs: int) -> FitConfig:
-        return FitConfig(
-            epochs=epochs, mode=self.mode, prior=self.prior, precision_bits=self.precision_bits,
-            prune_every=self.prune_every, finetune_epochs=self.finetune_epochs, batch_size=self.batch_size,
-            lr=self.lr, gate_lr=self.gate_lr, kl_weighting=self.kl_weighting, device=self.device, seed=self.seed,
-            amp=self.amp, finetune_gates=self.finetune_gates,
-        )
+        """The fitting part of the job (the fields it shares with :class:`FitConfig`)."""
+        shared = {f.name: getattr(self, f.name) for f in fields(FitConfig) if f.name in JOB_FIELDS}
+        return FitConfig(**{**shared, "epochs": epochs})
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["out"] = None if self.out is None else str(self.out)
         d["bench_batch_sizes"] = list(self.bench_batch_sizes)
         return d
+
+
 
 
 JOB_FIELDS = tuple(f.name for f in fields(Job))
