@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import bmrs, fused
+from . import bmrs, defaults, fused
 from .errors import JobError
 from .graph.group import Group
 
@@ -33,10 +33,10 @@ class GateBank(nn.Module):
     def __init__(
         self,
         groups: list[Group],
-        noise: str = "sample",
+        noise: str = defaults.NOISE,
         bounds: tuple[float, float] = (bmrs.LOWER, bmrs.UPPER),
-        init_mu: float = 0.0,
-        init_log_sigma: float = -5.0,
+        init_mu: float = defaults.INIT_MU,
+        init_log_sigma: float = defaults.INIT_LOG_SIGMA,
     ):
         super().__init__()
         if noise not in NOISE_MODES:

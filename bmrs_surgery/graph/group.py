@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ROLES = ("out", "in", "norm", "param")
-
 
 @dataclass
 class Slot:
