@@ -61,6 +61,7 @@ def test_cli_and_library_give_identical_outputs(tmp_path):
     assert torch.equal(pruned.eval()(x), result.pruned.eval()(x))
 
 
+@pytest.mark.slow  # a whole job: fine-tuning on the 4,800-image sample, surgery, ONNX, reports
 def test_a_job_without_out_writes_nothing_and_returns_the_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = bmrs_surgery.compress(bmrs_surgery.Job(model="lenet5", data="fashion-mnist-sample", epochs=0,

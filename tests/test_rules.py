@@ -149,6 +149,7 @@ def test_a_subclass_that_keeps_the_forward_uses_the_base_rule():
     assert (res.groups, res.structures, res.structures_kept) == (1, 8, 4)
 
 
+@pytest.mark.slow  # r3d_18: 33M parameters traced, gated and pruned
 def test_torchvision_video_resnet_prunes_its_3d_convolutions():
     from torchvision.models.video import r3d_18
 
