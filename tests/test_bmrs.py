@@ -174,6 +174,7 @@ def _log_quad(logf, lo, hi, peak, width):
     return top + math.log(val)
 
 
+@pytest.mark.slow  # 30 adaptive quadratures at epsrel 1e-12
 @pytest.mark.parametrize("prior_mu,prior_var", [(-20.0, 0.25), (-18.0, 0.25), (-20.0, 0.01)])
 @pytest.mark.parametrize("mu,sigma", QUAD_CASES)
 def test_quad_delta_f_normal(mu, sigma, prior_mu, prior_var):

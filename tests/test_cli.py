@@ -272,6 +272,7 @@ def test_empty_test_split_gives_null_accuracy(files, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gated_checkpoint_rescored_without_data(trained, tmp_path):
     out = tmp_path / "again"
     ok(invoke(trained[0] / "gated.pt", "--prior", "normal", "--out", out))
@@ -283,6 +284,7 @@ def test_gated_checkpoint_rescored_without_data(trained, tmp_path):
     assert len(read_scores(out)) == LENET5_STRUCTURES
 
 
+@pytest.mark.slow
 def test_gated_checkpoint_round_trip_same_scores(trained, tmp_path):
     """Re-scoring the saved gates with the same prior gives the scores of the run that fitted them."""
     out = tmp_path / "same"
