@@ -13,6 +13,7 @@ A MODEL spec is one of
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,23 +43,41 @@ class LoadedModel:
         return has_gates(self.model)
 
 
-def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """A fresh network for a bundled name or ``torchvision:NAME``, and its example input shape."""
+MAX_NUM_CLASSES = 100_000  # a file may not ask for a larger output layer (it would choose our memory use)
+MAX_INPUT_ELEMENTS = 1 << 26  # nor for an example input larger than this (64 Mi values, 256 MiB of float32)
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".onnx")
+
+
+def is_factory_spec(arch: str) -> bool:
+    """``module:factory``: the user's own code (not a bundled name, not ``torchvision:NAME``)."""
+    return ":" in arch and not arch.startswith("torchvision:")
+
+
+def build_arch(arch: str, num_classes: int | None = None, *,
+               allow_code: bool = True) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """A fresh network for a bundled name, ``torchvision:NAME`` or (only with ``allow_code``, for
+    an architecture the user named) ``module:factory``, and its example input shape."""
     import models
 
+    if num_classes is not None and not 1 <= num_classes <= MAX_NUM_CLASSES:
+        raise ModelLoadError(f"{arch}: num_classes {num_classes} is out of range (1 to {MAX_NUM_CLASSES:,})")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if arch.startswith("torchvision:"):
         import torchvision
 
         name = arch.split(":", 1)[1]
+        if name not in torchvision.models.list_models():
+            raise ModelLoadError(f"unknown torchvision model {name!r}")
         try:
             net = torchvision.models.get_model(name, weights=None, **kwargs)
-        except ValueError:
-            raise ModelLoadError(f"unknown torchvision model {name!r}") from None
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"torchvision model {name!r}: {_first_line(exc)}") from None
         return net, (3, 224, 224)
     if arch in models.list_models():
         return models.get_model(arch, **kwargs), models.input_shape(arch)
-    if ":" in arch:  # module:factory, the user's own code, named explicitly
+    if is_factory_spec(arch):  # module:factory, the user's own code, named explicitly
+        if not allow_code:
+            raise ModelLoadError(f"architecture {arch!r} is code outside the toolkit")
         return _from_factory(arch, kwargs), None
     raise ModelLoadError(
         f"unknown model {arch!r}: give a file path, torchvision:NAME, or a bundled name "
@@ -67,36 +86,62 @@ def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, tu
 
 
 def _from_factory(arch: str, kwargs: dict) -> nn.Module:
-    """``package.module:factory`` -> ``factory()`` (with ``num_classes`` when the factory takes it)."""
+    """``package.module:factory`` -> ``factory()`` (with ``num_classes`` when the factory takes it).
+
+    Importing the module and calling the factory run the user's code: anything it raises, exits
+    (``SystemExit``) included, is a one-line ModelLoadError; only Ctrl-C goes through."""
     import importlib
     import inspect
 
     module_name, _, attr = arch.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the spec's fault
-        raise ModelLoadError(f"--arch {arch}: cannot import {module_name} ({_first_line(exc)})") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any import failure (or exit) is the spec's fault
+        raise ModelLoadError(f"--arch {arch}: cannot import {module_name} ({_why(exc)})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelLoadError(f"--arch {arch}: {module_name} has no callable {attr!r}")
     try:
-        params = inspect.signature(factory).parameters
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            params = {}
         net = factory(**{k: v for k, v in kwargs.items() if k in params})
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"--arch {arch}: {attr}() failed ({_first_line(exc)})") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        raise ModelLoadError(f"--arch {arch}: {attr}() failed ({_why(exc)})") from None
     if not isinstance(net, nn.Module):
         raise ModelLoadError(f"--arch {arch}: {attr}() returned a {type(net).__name__}, not an nn.Module")
     return net
 
 
+def _why(exc: BaseException) -> str:
+    """One line for an exception from user code (``SystemExit(0)`` has the message ``0``)."""
+    if isinstance(exc, SystemExit):
+        return f"it called exit({exc.code!r})"
+    return _first_line(exc)
+
+
 def _looks_like_path(spec: str) -> bool:
-    return os.sep in spec or spec.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors")) or Path(spec).exists()
+    """A MODEL spec is a file only when it looks like one: a folder separator (``./lenet5``) or a
+    model-file suffix. A bundled name stays a name even when a file of that name is in the working
+    folder (a stray file must not hijack ``bmrs-compress lenet5``)."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(c in spec for c in seps) or spec.lower().endswith(MODEL_FILE_SUFFIXES)
 
 
 def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
     """Resolve a MODEL spec (see module doc); every failure is a one-line ModelLoadError."""
     if not _looks_like_path(spec):
-        net, shape = build_arch(spec)
+        try:
+            net, shape = build_arch(spec)
+        except ModelLoadError as exc:
+            if Path(spec).is_file():  # a file without a suffix: the user says so with ./NAME
+                raise ModelLoadError(f"{exc}; for the file {spec} in this folder, write ./{spec}") from None
+            raise
         return LoadedModel(net, spec, shape)
     path = Path(spec)
     if path.is_dir():
@@ -129,7 +174,7 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
             )
         return LoadedModel(obj, None, _shape_or_none(getattr(obj, "bmrs_input_shape", None), spec))
     if isinstance(obj, dict) and obj.get("format") in READABLE_FORMATS:
-        return _from_checkpoint(obj, spec)
+        return _from_checkpoint(obj, spec, user_arch=arch, trust=trust)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
             raise ModelLoadError(f"{spec} is a state dict: give its architecture with --arch NAME")
@@ -164,6 +209,8 @@ def _shape_or_none(shape, spec: str) -> tuple[int, ...] | None:
         raise ModelLoadError(f"{spec}: damaged input shape {shape!r}") from None
     if not out or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in out):
         raise ModelLoadError(f"{spec}: damaged input shape {shape!r}")
+    if math.prod(out) > MAX_INPUT_ELEMENTS:
+        raise ModelLoadError(f"{spec}: input shape {out!r} is too large (over {MAX_INPUT_ELEMENTS:,} values)")
     return out
 
 
@@ -200,21 +247,32 @@ def _state_dict_problem(exc: RuntimeError) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _from_checkpoint(ck: dict, spec: str) -> LoadedModel:
+def _from_checkpoint(ck: dict, spec: str, *, user_arch: str | None = None, trust: bool = False) -> LoadedModel:
+    """A checkpoint's network. The file names its architecture, but a file chooses no code: it may
+    name a bundled network or ``torchvision:NAME``; a ``module:factory`` is built only when the user
+    named the same one (``arch=``/--arch) or trusts the file; sizes it asks for are bounded."""
     arch = ck.get("arch")
     if not isinstance(arch, str) or not arch:
         raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (architecture {arch!r})")
+    if is_factory_spec(arch) and not trust and arch != user_arch:
+        raise ModelLoadError(
+            f"{spec} names the architecture {arch!r}, code outside the toolkit: to run it, give the same "
+            "--arch yourself, or pass --trust-model if you trust the file"
+        )
     num_classes = ck.get("num_classes")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 1):
-        raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (num_classes {num_classes!r})")
+                                    or not 1 <= num_classes <= MAX_NUM_CLASSES):
+        raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (num_classes {num_classes!r}, "
+                             f"expected 1 to {MAX_NUM_CLASSES:,})")
     state = ck.get("state_dict")
     if not isinstance(state, dict):
         raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (no state dict)")
     shape = _shape_or_none(ck.get("input_shape"), spec)
     try:
-        net, _ = build_arch(arch, num_classes)
+        net, _ = build_arch(arch, num_classes, allow_code=True)  # a factory only as checked above
         groups = [Group.from_state(g, i) for i, g in enumerate(ck.get("groups") or ck.get("sites") or [])]
+        if any(g.size < 1 for g in groups) or sum(g.size for g in groups) > sum(p.numel() for p in net.parameters()):
+            raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (gate groups do not fit {arch!r})")
         if groups and ck.get("traced"):
             if shape is None:
                 raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (traced network, no input shape)")
