@@ -20,7 +20,7 @@ from .gated import attach_gates, detach_gates
 from .placement import analyse_model
 from .plan import plan_keep
 from .surgery import parameter_count, shrink
-from .verify import compare, failing_group, outputs, random_inputs
+from .verify import check_weights, compare, failing_group, outputs, random_inputs
 
 STAGES = ("trace", "groups", "gates", "surgery", "verify", "onnx")
 
@@ -92,7 +92,10 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
                 seed: int = 0, onnx: bool = True, real_inputs: list[torch.Tensor] | None = None,
                 ignore: tuple[str, ...] = (), tolerance: float = defaults.TOLERANCE, keep_weights: bool = False,
                 round_to: int | None = defaults.ROUND_TO) -> CheckResult:
-    """Run every stage on ``model`` (never modified: it works on a copy)."""
+    """Run every stage on ``model`` (never modified: it works on a copy). With ``keep_weights``, a
+    model with a non-finite, integer or complex weight is refused (a :class:`ModelLoadError`)."""
+    if keep_weights:
+        check_weights(model, name)
     res = CheckResult(name, tuple(input_shape))
     res.params_before = parameter_count(model)
     gen = torch.Generator().manual_seed(seed)

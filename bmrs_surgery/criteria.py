@@ -18,7 +18,7 @@ from torch import nn
 
 from . import bmrs, defaults
 from .accounting import compression
-from .errors import JobError
+from .errors import FitError, JobError
 from .gated import gate_bank, network
 from .gates import GateBank
 from .plan import plan_keep
@@ -162,7 +162,32 @@ def decide(model: nn.Module, bank: GateBank, criterion: str, **opts) -> Decision
     fn = _CRITERIA.get(criterion)
     if fn is None:
         raise JobError(f"unknown criterion {criterion!r}; expected one of {', '.join(_CRITERIA)}", param="criterion")
-    return fn(model, bank, **opts)
+    check_posteriors(bank)
+    dec = fn(model, bank, **opts)
+    bad = ~torch.isfinite(dec.score)
+    if bool(bad.any()):  # a NaN compares false with everything: it would silently count as "prune"
+        i = int(bad.nonzero()[0])
+        raise FitError(f"{dec.criterion} score of structure {_locate(bank, i)} is {float(dec.score[i])}: "
+                       "nothing is pruned on a non-finite score")
+    return dec
+
+
+def _locate(bank: GateBank, i: int) -> str:
+    """``"3 of group conv1"`` for structure ``i`` in gate order."""
+    for g, group in enumerate(bank.groups):
+        sl = bank.slice_of(g)
+        if sl.start <= i < sl.stop:
+            return f"{i - sl.start} of group {group.name}"
+    return str(i)
+
+
+def check_posteriors(bank: GateBank) -> None:
+    """Every gate posterior is finite (a :class:`~.errors.FitError` naming the group otherwise)."""
+    for name, t in (("mu", bank.mu), ("log_sigma", bank.log_sigma)):
+        bad = ~torch.isfinite(t.detach())
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise FitError(f"gate posterior {name} of structure {_locate(bank, i)} is {float(t.detach()[i])}")
 
 
 def criterion_for(prior: str) -> str:

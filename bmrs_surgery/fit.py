@@ -23,7 +23,7 @@ from torch import nn
 from . import defaults
 from .criteria import CRITERIA, Decision, PruneResult, apply_decision, criterion_for, decision
 from .data import DataSplits
-from .errors import JobError
+from .errors import FitError, JobError
 from .gated import KL_WEIGHTINGS, gate_bank, kl_term
 
 MODES = ("post-training", "continuous")
@@ -219,6 +219,14 @@ def training_state(gated: nn.Module, opt: torch.optim.Optimizer, result: FitResu
     }
 
 
+def _stop_on_nonfinite(first_bad: torch.Tensor, epoch: int, phase: str) -> None:
+    """A NaN or infinite loss stops the fit (before the epoch's resume state is saved)."""
+    bad = int(first_bad)
+    if bad >= 0:
+        raise FitError(f"the loss became non-finite at epoch {epoch} ({phase}), step {bad}: the weights or gate "
+                       "posteriors diverged (try a smaller --lr / --gate-lr); nothing written")
+
+
 def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, checkpoint=None,
         resume: dict | None = None) -> FitResult:
     """Train ``gated`` (a GatedModel) on ``data.train``; mask structures by ``cfg.mode``.
@@ -270,6 +278,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             reporter.start_epoch(epoch, total_epochs, phase, steps)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
         seen = 0
         for step, idx in enumerate(batches(n, cfg.batch_size, gen)):
             total = len(idx)
@@ -287,10 +296,14 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             loss.backward()
             opt.step()
             loss_sum += loss.detach()
+            # recorded on the device (no sync per step), checked at every progress update and epoch end
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
-            if reporter and (step % REPORT_EVERY == REPORT_EVERY - 1 or step == steps - 1):
-                reporter.step(step + 1, float(loss_sum) / (step + 1))
+            if step % REPORT_EVERY == REPORT_EVERY - 1 or step == steps - 1:
+                _stop_on_nonfinite(first_bad, epoch, phase)
+                if reporter:
+                    reporter.step(step + 1, float(loss_sum) / (step + 1))
         if cfg.mode == "continuous" and phase == "fit" and (epoch + 1) % cfg.prune_every == 0:
             result.prune = _prune(gated, cfg)
         bank = gate_bank(gated)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import ModelLoadError
 from .gates import GateBank
 
 
@@ -35,6 +36,32 @@ def max_abs_diff(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     if not (bool(torch.isfinite(reference).all()) and bool(torch.isfinite(candidate).all())):
         return float("inf")
     return float((reference.double() - candidate.double()).abs().max())
+
+
+def nonfinite_tensor(t: torch.Tensor) -> str | None:
+    """What is not finite in a floating-point tensor ("NaN (3 of 120 values)", "an infinity (...)"), else None."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return None
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return None
+    nan = int(torch.isnan(t).sum())
+    bad = int((~finite).sum())
+    kind = "NaN" if nan else "an infinity"
+    return f"{kind} ({bad} of {t.numel()} values not finite)"
+
+
+def check_weights(net: nn.Module, spec: str) -> None:
+    """Every parameter and buffer of a loaded model is a finite floating-point tensor (integer and
+    complex weights are refused, not cast; integer buffers such as BatchNorm's batch count are fine)."""
+    for kind, items in (("parameter", net.named_parameters()), ("buffer", net.named_buffers())):
+        for name, t in items:
+            if t.is_complex() or (kind == "parameter" and not t.is_floating_point()):
+                raise ModelLoadError(f"{spec}: {kind} {name} is {str(t.dtype).replace('torch.', '')}; weights must be "
+                                     "real floating-point numbers (not cast)")
+            bad = nonfinite_tensor(t) if t.is_floating_point() else None
+            if bad:
+                raise ModelLoadError(f"{spec}: {kind} {name} holds {bad}")
 
 
 def max_abs(t: torch.Tensor) -> float:

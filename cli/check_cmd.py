@@ -9,13 +9,14 @@ import click
 from bmrs_surgery.errors import BmrsError
 
 from ._common import fail, input_shape_option, load_network
+from ._finite import finite
 
 
 @click.command()
 @click.argument("model")
 @input_shape_option
 @click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), default=0.3, show_default=True,
-              help="Share of every group's structures removed at random.")
+              callback=finite, help="Share of every group's structures removed at random.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--keep-weights", is_flag=True,
               help="Check with the model's own weights (default: a copy with random weights and norm statistics).")

@@ -10,6 +10,7 @@ from bmrs_surgery.errors import BmrsError, DataError
 from bmrs_surgery.outputs import prepare_out_dir, write_outputs
 
 from ._common import fail, out_dir_option
+from ._finite import finite
 
 
 @click.command()
@@ -25,8 +26,9 @@ from ._common import fail, out_dir_option
               help="Fine-tuning epochs at each level (masks frozen).")
 @click.option("--precision-bits", type=click.IntRange(1, 22), default=8, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1.5e-3, show_default=True)
-@click.option("--gate-lr", type=click.FloatRange(min=0, min_open=True), default=1.5e-2, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1.5e-3, show_default=True, callback=finite)
+@click.option("--gate-lr", type=click.FloatRange(min=0, min_open=True), default=1.5e-2, show_default=True,
+              callback=finite)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
 @click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
