@@ -22,7 +22,8 @@ class Job:
     ``model``: a bundled name (``lenet5``), ``torchvision:NAME`` or a model file; ``data``:
     ``fashion-mnist``, ``fashion-mnist-sample``, ``digits`` or an ``.npz`` file (None for a model
     that already carries fitted gates); ``out``: the output folder (None: nothing written, the
-    outputs are in the result). ``epochs=None`` means 20 for a model without fitted gates and 0
+    outputs are in the result; a folder holding an earlier run's outputs needs ``overwrite=True``).
+    ``epochs=None`` means 20 for a model without fitted gates and 0
     for one with them.
     """
 
@@ -51,6 +52,7 @@ class Job:
     bench_batch_sizes: tuple[int, ...] = defaults.BENCH_BATCH_SIZES
     threads: int = defaults.THREADS
     resume: bool = False
+    overwrite: bool = False  # replace the outputs of an earlier run in ``out`` (``resume`` allows it too)
 
     def validate(self) -> None:
         """Every option in range and the options consistent (a :class:`JobError` naming the option)."""

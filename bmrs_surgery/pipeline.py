@@ -5,8 +5,11 @@
          -> proof -> ONNX -> ONNX Runtime -> report -> outputs
 
 ``compress(Job(...))`` returns a :class:`Result` with everything the run made; with ``job.out``
-it also writes the outputs there, all at once at the end (a failure before that leaves the folder
-untouched). The command line only turns options into a :class:`~.job.Job` and prints the result.
+it also writes the outputs there, as one set at the end (a failure or an interruption leaves the
+folder's earlier set as it was), holding ``out/.bmrs-lock`` for the whole job so that a second job
+into the same folder fails at once. It refuses, before any work, an ``out`` where an output would
+replace the model or data file, or one holding earlier results (unless ``overwrite`` or
+``resume``). The command line only turns options into a :class:`~.job.Job` and prints the result.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,8 @@ from .errors import DataError, FitError, JobError
 from .fit import FitResult, accuracy, distributed_rank, fit
 from .gated import attach_gates, gate_bank, unmask
 from .job import Job
-from .outputs import RESUME_FILE, ResumeWriter, prepare_out_dir, read_resume_state, write_outputs
+from .outputs import OutLock, ResumeWriter, clean_stale, prepare_out_dir, read_resume_state, write_outputs
+from .verify import check_weights, nonfinite_tensor
 
 OUTPUTS = {"pruned_model": "pruned.pt", "onnx": "pruned.onnx", "gated_model": "gated.pt",
            "scores": "scores.csv", "report": "report.json", "html": "report.html"}
@@ -82,21 +87,57 @@ def resume_key(job: Job, cfg) -> dict:
     return key
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_out_contents(job: Job, out: Path) -> None:
+    """Before any work: no output may replace the model or data file, and ``out`` may hold the
+    outputs of an earlier run only with ``overwrite`` (or ``resume``)."""
+    for param, spec in (("model", job.model), ("data", job.data)):
+        if not spec or not Path(spec).is_file():
+            continue
+        for name in OUTPUTS.values():
+            target = out / name
+            if Path(spec).resolve() == target.resolve() or (target.exists() and _same_file(Path(spec), target)):
+                raise JobError(f"{out / name} is the {param} file {spec}: writing the outputs would replace it; "
+                               "choose another output folder", param="out")
+    earlier = [name for name in OUTPUTS.values() if (out / name).exists()]
+    if earlier and not (job.overwrite or job.resume):
+        raise JobError(f"{out} holds the results of an earlier run ({', '.join(earlier)}); choose another folder, "
+                       "or allow replacing them (overwrite, --overwrite)", param="out")
+
+
 def compress(job: Job, reporter=None) -> Result:
     """Run ``job`` (see the module docstring); ``reporter`` receives fitting progress
     (:class:`~.progress.RichReporter` or anything with its methods)."""
     job.validate()
-    start = time.perf_counter()
     out = Path(job.out) if job.out is not None else None
     if out is not None:
         prepare_out_dir(out, create=False)
     elif job.resume:
         raise JobError("needs an output folder (out) holding the interrupted run", param="resume")
     check_device(job.device)
+    if out is None or distributed_rank()[0] != 0:  # one job per folder: rank 0 holds the lock and writes
+        if out is not None:
+            check_out_contents(job, out)
+        return _compress(job, out, reporter)
+    with OutLock(out):
+        clean_stale(out, OUTPUTS.values())
+        check_out_contents(job, out)
+        return _compress(job, out, reporter)
+
+
+def _compress(job: Job, out: Path | None, reporter) -> Result:
+    start = time.perf_counter()
     torch.manual_seed(job.seed)  # the seed fixes everything, the initial weights of a fresh network included
 
     # load
     loaded = loading.load_model(job.model, arch=job.arch, trust=job.trust_model)
+    check_weights(loaded.model, job.model)
     data = load_data(job.data, seed=job.seed) if job.data else None
     if not loaded.gated and data is None:
         raise DataError(f"{job.model} carries no fitted gates: give data to fit them", param="data")
@@ -118,6 +159,7 @@ def compress(job: Job, reporter=None) -> Result:
 
     # fit
     fit_result = None
+    saver = None
     if epochs or (data is not None and job.finetune_epochs and not loaded.gated):
         cfg = job.fit_config(epochs)
         key = resume_key(job, cfg)
@@ -126,6 +168,10 @@ def compress(job: Job, reporter=None) -> Result:
         saver = ResumeWriter(out, key) if out is not None and rank == 0 else None  # one writer: rank 0
         with reporter if hasattr(reporter, "__enter__") else contextlib.nullcontext():  # a live display
             fit_result = fit(gated, data, cfg, reporter, checkpoint=saver, resume=state)
+        for name, t in gated.state_dict().items():  # the fit stops on a non-finite loss; this catches the rest
+            bad = nonfinite_tensor(t)
+            if bad:
+                raise FitError(f"after fitting, {name} holds {bad}; nothing written")
         gated.to("cpu")
     elif job.resume:
         raise FitError("this job fits nothing (no epochs, no fine-tuning), so there is nothing to resume", param="resume")
@@ -177,5 +223,6 @@ def compress(job: Job, reporter=None) -> Result:
     }
     if out is not None:
         write_outputs(out, files)
-        (out / RESUME_FILE).unlink(missing_ok=True)  # the job is complete: nothing left to resume
+        if saver is not None:  # the job is complete: its own resume state (only) goes
+            saver.path.unlink(missing_ok=True)
     return Result(job, gated, fit_result, dec, dep, json.loads(doc_bytes), files, out)

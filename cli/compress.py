@@ -95,11 +95,13 @@ def _terminate(signum, frame):
 @out_dir_option
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted fit from the state saved after its last complete epoch in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the outputs of an earlier run in --out (refused otherwise; --resume allows it too).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of a summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,  # noqa: PLR0913
              batch_size, lr, gate_lr, kl_weighting, noise, finetune_gates, seed, device, amp, arch, trust_model,
-             sweep_levels, round_to, bench_batch_sizes, threads, out, resume, as_json, quiet):
+             sweep_levels, round_to, bench_batch_sizes, threads, out, resume, overwrite, as_json, quiet):
     """Fit BMRS gates on MODEL (or use its fitted gates), prune where dF >= 0, remove the pruned
     structures for real, prove the result, export and benchmark it.
 
@@ -117,7 +119,7 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
             noise=noise, finetune_gates=finetune_gates, seed=seed, device=_init_distributed(device), amp=amp,
             sweep_levels=sweep_levels, round_to=round_to,
             bench_batch_sizes=parse_batch_sizes(bench_batch_sizes, "--bench-batch-sizes") if bench_batch_sizes.strip() else (),
-            threads=threads, resume=resume,
+            threads=threads, resume=resume, overwrite=overwrite,
         )
         result = _run(job, quiet or as_json)
     except BmrsError as exc:

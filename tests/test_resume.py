@@ -17,7 +17,13 @@ from bmrs_surgery.data import load_data
 from bmrs_surgery.fit import FitConfig, fit
 from models import get_model
 
-RESUME = ".bmrs-resume.pt"
+RESUME = ".bmrs-resume-*.pt"  # one per job: .bmrs-resume-<hash of the job>.pt
+
+
+def _resume_states(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob(RESUME))
+
+
 JOB = ["lenet5", "--data", "digits", "--epochs", "12", "--batch-size", "32", "--finetune-epochs", "1",
        "--bench-batch-sizes", "", "-q"]
 
@@ -57,7 +63,7 @@ def _start(out: Path, *extra: str) -> subprocess.Popen:
 
 def _kill_after_first_epoch(proc: subprocess.Popen, out: Path) -> tuple[int, str]:
     deadline = time.time() + 120
-    while not (out / RESUME).exists():
+    while not _resume_states(out):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no epoch finished in 120 s"
         time.sleep(0.02)
@@ -72,7 +78,7 @@ def test_killed_fit_writes_nothing_and_resume_finishes(tmp_path):
     rc, err = _kill_after_first_epoch(_start(out), out)
     assert rc == 130, err
     assert "Interrupted after epoch" in err and "--resume" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == [RESUME]  # no partial outputs
+    assert sorted(p.name for p in out.iterdir()) == _resume_states(out) and len(_resume_states(out)) == 1  # no partial outputs
     done = subprocess.run([sys.executable, "-m", "cli.main", *JOB, "--out", str(out), "--resume"],
                           capture_output=True, text=True, cwd="/")
     assert done.returncode == 0, done.stderr
@@ -90,9 +96,9 @@ def test_killed_rerun_keeps_the_previous_complete_outputs(tmp_path):
                            capture_output=True, text=True, cwd="/")
     assert first.returncode == 0, first.stderr
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    rc, err = _kill_after_first_epoch(_start(out), out)
+    rc, err = _kill_after_first_epoch(_start(out, "--overwrite"), out)
     assert rc == 130, err
-    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != RESUME}
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name not in _resume_states(out)}
     assert after == before
 
 
