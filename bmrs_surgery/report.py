@@ -56,11 +56,29 @@ def structure_table(gated, decision) -> list[dict]:
     return rows
 
 
+def printable(text) -> str:
+    """``text`` safe for a terminal or a plot: every character that is not printable (escape
+    sequences, newlines, carriage returns, bidi overrides; layer names come from the model) shown as
+    its Python escape (``\\x1b``), so the text cannot move the cursor, recolour or hide anything."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """A cell a spreadsheet shows as text: a string (a layer name, from the model) that starts like
+    a formula gets a leading single quote (OWASP's rule against CSV injection); numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def scores_csv(rows: list[dict]) -> bytes:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["site"])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     return buf.getvalue().encode()
 
 

@@ -7,6 +7,8 @@ import html
 import io
 import math
 
+from .report import printable
+
 
 def _png(fig) -> str:
     buf = io.BytesIO()
@@ -17,10 +19,20 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+# Names in the plots come from the model (layer names): matplotlib must draw them as they are, never
+# parse them as mathtext (a name like ``$\frac{`` would end the run after the network was pruned).
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
 def _figures(doc: dict, rows: list[dict]) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
+    with matplotlib.rc_context(PLAIN_TEXT):
+        return _draw_figures(doc, rows)
+
+
+def _draw_figures(doc: dict, rows: list[dict]) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     figs = {}
@@ -54,7 +66,7 @@ def _figures(doc: dict, rows: list[dict]) -> dict[str, str]:
     ax.bar([x - 0.2 for x in xs], [lay["channels_before"] for lay in layers], width=0.4, label="before", color="#bbbbbb")
     ax.bar([x + 0.2 for x in xs], [lay["channels_after"] for lay in layers], width=0.4, label="after", color="#2b7bba")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([lay["name"] for lay in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([printable(lay["name"]) for lay in layers], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("channels")
     ax.legend()
     ax.set_title("Widths per group")
@@ -160,18 +172,9 @@ def sweep_page(result: dict) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for crit, pts in result["curves"].items():
-        ax.plot([p["compression"] * 100 for p in pts], [p["accuracy"] * 100 for p in pts], marker="o", ms=3, label=crit)
+    with matplotlib.rc_context(PLAIN_TEXT):
+        img = _sweep_figure(result)
     stop = result.get("bmrs_stop")
-    if stop:
-        ax.axvline(stop["compression"] * 100, color="#d95f02", linestyle="--", label=f"{stop['criterion']} stops")
-    ax.set_xlabel("parameter compression (%)")
-    ax.set_ylabel(f"{result['split']} accuracy (%)")
-    ax.legend(fontsize=8)
-    img = _png(fig)
     rows = []
     for crit, k in result["knees"].items():
         if k:
@@ -185,3 +188,18 @@ def sweep_page(result: dict) -> bytes:
             + f"<p class='small'>{result['levels']} levels per criterion; fine-tuning epochs per level: "
               f"{result['finetune_epochs']}.</p></body></html>\n")
     return page.encode()
+
+
+def _sweep_figure(result: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for crit, pts in result["curves"].items():
+        ax.plot([p["compression"] * 100 for p in pts], [p["accuracy"] * 100 for p in pts], marker="o", ms=3, label=crit)
+    stop = result.get("bmrs_stop")
+    if stop:
+        ax.axvline(stop["compression"] * 100, color="#d95f02", linestyle="--", label=f"{stop['criterion']} stops")
+    ax.set_xlabel("parameter compression (%)")
+    ax.set_ylabel(f"{result['split']} accuracy (%)")
+    ax.legend(fontsize=8)
+    return _png(fig)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from bmrs_surgery.errors import BmrsError
+from bmrs_surgery.report import printable
 
 # library parameter -> command-line name, where it is not "--" + the parameter with dashes
 FLAG_NAMES = {"model": "MODEL", "data": "--data", "sweep_levels": "--sweep", "example_input": "--input-shape"}
@@ -17,6 +18,15 @@ def flag(param: str) -> str:
     return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
 
 
+def markup_safe(text) -> str:
+    """``text`` for a rich console: printable (see :func:`printable`) and rich markup escaped, so a
+    name like ``[link=...]`` or ``[/x]`` is shown as it is, never interpreted (or crashing).
+    Plain click output uses :func:`printable` alone."""
+    from rich.markup import escape
+
+    return escape(printable(text))
+
+
 def fail(error: BaseException | str) -> None:
     """One line on stderr, exit code 2: how every user mistake ends. A library error that names a
     parameter is shown with the option's flag."""
@@ -24,7 +34,8 @@ def fail(error: BaseException | str) -> None:
         message = f"{flag(error.param)}: {error.message}"
     else:
         message = str(error)
-    click.echo(f"Error: {message.splitlines()[0] if message.strip() else 'failed'}", err=True)
+    first = next((ln for ln in message.splitlines() if ln.strip()), "failed")
+    click.echo(f"Error: {printable(first)}", err=True)
     sys.exit(2)
 
 

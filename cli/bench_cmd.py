@@ -10,7 +10,7 @@ import click
 
 from bmrs_surgery.errors import BmrsError
 
-from ._common import fail, input_shape_option, parse_batch_sizes, parse_shape
+from ._common import fail, input_shape_option, markup_safe, parse_batch_sizes, parse_shape
 
 
 def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str) -> Path:
@@ -88,7 +88,7 @@ def _print(result: dict) -> None:
         table.add_column(col, justify="left" if col == "model" else "right")
     for m in result["models"]:
         for b in m["batches"]:
-            table.add_row(m["model"], str(b["batch"]), f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}",
+            table.add_row(markup_safe(m["model"]), str(b["batch"]), f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}",
                           f"{b['min_ms']:.3f}", f"{b['throughput_per_s']:.1f}", f"{m['file_size_bytes'] / 1e6:.2f}",
                           f"{b['peak_rss_mb']:.0f}")
     console = Console(width=max(120, Console().width))

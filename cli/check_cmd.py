@@ -8,7 +8,7 @@ import click
 
 from bmrs_surgery.errors import BmrsError
 
-from ._common import fail, input_shape_option, load_network
+from ._common import fail, input_shape_option, load_network, markup_safe
 from ._finite import finite
 
 
@@ -56,7 +56,8 @@ def _print(res, no_onnx: bool) -> None:
     stages = ["trace", "groups", "gates", "surgery", "verify"] + ([] if no_onnx else ["onnx"])
     for stage in stages:
         status = res.stages.get(stage)
-        mark = "[green]ok[/]" if status == "ok" else "[yellow]skipped[/]" if status is None else f"[red]{status}[/]"
+        # a failed stage's message names layers of the model: shown as text, never as markup
+        mark = "[green]ok[/]" if status == "ok" else "[yellow]skipped[/]" if status is None else f"[red]{markup_safe(status)}[/]"
         console.print(f"{stage:8s} {mark}", highlight=False)
     after = "n/a" if res.params_after is None else f"{res.params_after:,}"
     console.print(f"{res.groups} groups, {res.structures_kept}/{res.structures} structures kept; "

@@ -17,7 +17,7 @@ from bmrs_surgery.gates import NOISE_MODES
 from bmrs_surgery.job import Job
 from bmrs_surgery.pipeline import compress as compress_job
 
-from ._common import fail, out_dir_option, parse_batch_sizes
+from ._common import fail, markup_safe, out_dir_option, parse_batch_sizes
 
 
 def _init_distributed(device: str) -> str:
@@ -152,15 +152,17 @@ def _run(job: Job, quiet: bool):
 
 
 def _print_summary(doc: dict, out_path: Path) -> None:
+    """The summary on stdout. Layer names come from the model and the path from the user: both go
+    through :func:`markup_safe` (no rich markup, no control characters reach the terminal)."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"BMRS ({doc['criterion']}): structures kept per layer")
+    table = Table(title=f"BMRS ({markup_safe(doc['criterion'])}): structures kept per layer")
     for col in ("layer", "before", "after", "min dF", "max dF"):
         table.add_column(col, justify="right" if col != "layer" else "left")
     for layer in doc["layers"]:
-        table.add_row(layer["name"], str(layer["structures_before"]), str(layer["structures_after"]),
+        table.add_row(markup_safe(layer["name"]), str(layer["structures_before"]), str(layer["structures_after"]),
                       _fmt(layer["dF"].get("min"), ".3g"), _fmt(layer["dF"].get("max"), ".3g"))
     console.print(table)
     t = doc["totals"]
@@ -184,7 +186,8 @@ def _print_summary(doc: dict, out_path: Path) -> None:
             console.print("ONNX Runtime latency pruned/original: " + ", ".join(
                 f"batch {x['batch']}: {y['median_ms']:.3f}/{x['median_ms']:.3f} ms = {y['median_ms'] / x['median_ms']:.2f}x"
                 for x, y in zip(a["batches"], b["batches"])), highlight=False)
-    console.print(f"wall time {t['wall_time_s']:.1f} s; report: {out_path / 'report.html'}")
+    console.print(f"wall time {t['wall_time_s']:.1f} s; report: {markup_safe(out_path / 'report.html')}",
+                  highlight=False)
 
 
 def _fmt(value, spec: str) -> str:

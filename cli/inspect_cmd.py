@@ -9,7 +9,7 @@ import click
 
 from bmrs_surgery.errors import BmrsError
 
-from ._common import fail, input_shape_option, load_network
+from ._common import fail, input_shape_option, load_network, markup_safe, printable
 
 FORMATS = ("text", "json", "dot", "graphml")
 
@@ -70,27 +70,29 @@ def render(analysis, model: str, shape, fmt: str) -> str:
 
 
 def to_text(analysis, model: str, shape) -> str:
+    """The groups as a table. Every name (the MODEL spec, layers, operations) goes through
+    :func:`markup_safe`: markup or escape sequences in a name are shown, never interpreted."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     doc = document(analysis, model, shape)
-    table = Table(title=f"{model}: {len(doc['groups'])} coupled groups, {doc['structures']} prunable structures")
+    table = Table(title=f"{markup_safe(model)}: {len(doc['groups'])} coupled groups, "
+                        f"{doc['structures']} prunable structures")
     for col in ("id", "kind", "structures", "channels", "members", "gates at"):
         table.add_column(col, justify="right" if col in ("id", "structures", "channels") else "left")
     for g in doc["groups"]:
-        members = escape(", ".join(f"{m['name']}[{m['role']}]" for m in g["members"]))
-        table.add_row(str(g["id"]), g["kind"], str(g["structures"]), str(g["channels"]), members,
-                      ", ".join(g["gates"]))
+        members = markup_safe(", ".join(f"{m['name']}[{m['role']}]" for m in g["members"]))
+        table.add_row(str(g["id"]), markup_safe(g["kind"]), str(g["structures"]), str(g["channels"]), members,
+                      markup_safe(", ".join(g["gates"])))
     buf = io.StringIO()
-    console = Console(file=buf, width=160, force_terminal=False)
+    console = Console(file=buf, width=160, force_terminal=False, highlight=False)
     console.print(table)
     console.print(f"graph: {doc['nodes']} nodes; input {tuple(shape)}")
     if doc["opaque"]:
         console.print(f"channels kept by {len(doc['opaque'])} operations, e.g. "
-                      + "; ".join(f"{o['node']} ({o['why']})" for o in doc["opaque"][:3]))
+                      + "; ".join(f"{markup_safe(o['node'])} ({markup_safe(o['why'])})" for o in doc["opaque"][:3]))
     if doc["untraceable_modules"]:
-        console.print("traced as opaque leaves: " + ", ".join(doc["untraceable_modules"]))
+        console.print("traced as opaque leaves: " + ", ".join(markup_safe(m) for m in doc["untraceable_modules"]))
     return buf.getvalue()
 
 
@@ -102,19 +104,24 @@ def _node_groups(analysis) -> dict[str, list[int]]:
     return out
 
 
+def _dot(text) -> str:
+    """Text inside a double-quoted DOT string: quotes and backslashes escaped, no raw control characters."""
+    return printable(text).replace("\\", "\\\\").replace('"', '\\"')
+
+
 def to_dot(analysis) -> str:
     graph = analysis.graph
     lines = ["digraph model {", "  rankdir=TB;", '  node [shape=box, fontsize=10, fontname="Helvetica"];']
     for name, data in graph.nodes(data=True):
-        label = f"{name}\\n{data['kind']}"
+        label = f"{_dot(name)}\\n{_dot(data['kind'])}"
         if data.get("shape"):
             label += "\\n" + "x".join(str(d) for d in data["shape"])
         if data.get("groups"):
             label += "\\ngates: " + ",".join(f"g{g}" for g in data["groups"])
         style = ', style=filled, fillcolor="#cfe8ff"' if data.get("groups") else ""
-        lines.append(f'  "{name}" [label="{label}"{style}];')
+        lines.append(f'  "{_dot(name)}" [label="{label}"{style}];')
     for a, b in graph.edges():
-        lines.append(f'  "{a}" -> "{b}";')
+        lines.append(f'  "{_dot(a)}" -> "{_dot(b)}";')
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,7 @@ import click
 from bmrs_surgery.errors import BmrsError, DataError
 from bmrs_surgery.outputs import prepare_out_dir, write_outputs
 
-from ._common import fail, out_dir_option
+from ._common import fail, out_dir_option, printable
 from ._finite import finite
 
 
@@ -98,4 +98,4 @@ def _run(model, data_spec, epochs, levels, criteria, finetune_epochs, precision_
         d = result["stop_minus_knee"]
         click.echo(f"stop minus knee: {d['compression_points']:+.1f} compression points, "
                    f"{d['accuracy_points']:+.1f} accuracy points")
-    click.echo(f"written: {out / 'sweep.html'}")
+    click.echo(f"written: {printable(out / 'sweep.html')}")

@@ -162,3 +162,162 @@ def test_model_file_suffixes_are_paths(tmp_path, monkeypatch):
     save_checkpoint(get_model("mlp"), tmp_path / "net.pt", "mlp", (1, 32, 32))
     assert load_model("net.pt").arch == "mlp"
     assert_one_line_error(invoke("inspect", "missing.pth"), "does not exist")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Names from a model are data, never markup, escape sequences, formulas, mathtext or code
+# ------------------------------------------------------------------------------------------------
+
+HOSTILE_NAMES = [
+    "[link=http://evil-example]a[/link]",  # rich markup: a hyperlink
+    "[/x]b",  # rich markup: a closing tag without an opening one crashed the summary (exit 1)
+    "c\x1b[31mred\x1b]0;title\x07",  # escape sequences: colour, window title
+    "=cmd|' /C calc'!A0",  # a spreadsheet formula
+    "$x^$",  # matplotlib mathtext that does not parse
+    "<script>alert(1)</script>",  # HTML (report.html escaped it already)
+]
+
+
+def hostile_network() -> torch.nn.Module:
+    """An MLP for digits (1x32x32) whose prunable layers carry hostile names."""
+    from collections import OrderedDict
+
+    layers, width = [("flat", torch.nn.Flatten())], 1024
+    for i, name in enumerate(HOSTILE_NAMES):
+        layers += [(name, torch.nn.Linear(width, 8)), (f"act{i}", torch.nn.ReLU())]
+        width = 8
+    layers.append(("out", torch.nn.Linear(width, 10)))
+    return torch.nn.Sequential(OrderedDict(layers))
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    """The whole job on the hostile network, through the command line, into an --out with markup."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    path = tmp / "hostile.pt"
+    torch.save(hostile_network(), path)
+    out = tmp / "[/o]run"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("COLUMNS", "200")  # the summary table is not wrapped
+    try:
+        result = invoke(path, "--trust-model", *FAST, "--out", out)
+    finally:
+        mp.undo()
+    return result, out
+
+
+def test_hostile_names_run_the_whole_job(hostile_run):
+    result, out = hostile_run
+    ok(result)
+    for name in ("scores.csv", "report.json", "report.html", "pruned.pt", "pruned.onnx", "gated.pt"):
+        assert (out / name).is_file(), name
+
+
+def test_summary_shows_names_as_text(hostile_run):
+    result, out = hostile_run
+    ok(result)
+    text = result.stdout
+    assert "\x1b" not in text and "\x07" not in text  # no raw escape sequence reaches the terminal
+    assert "c\\x1b[31mred\\x1b]0;title\\x07" in text  # shown as escapes
+    for name in HOSTILE_NAMES[:2] + HOSTILE_NAMES[3:]:
+        assert name in text, name  # markup shown literally, not interpreted
+    assert str(out / "report.html") in text
+
+
+def test_scores_csv_neutralises_formulas(hostile_run):
+    import csv
+
+    _, out = hostile_run
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    sites = {r["site"] for r in rows}
+    assert "'=cmd|' /C calc'!A0" in sites and "=cmd|' /C calc'!A0" not in sites
+    for row in rows:
+        for value in row.values():
+            if value.startswith(("=", "+", "@", "\t", "\r")):
+                raise AssertionError(f"formula-like cell {value!r}")
+            if value.startswith("-"):
+                float(value)  # a negative number stays a number
+    assert any(r["score"].startswith("-") for r in rows)
+
+
+def test_report_json_keeps_names_exactly(hostile_run):
+    import json
+
+    _, out = hostile_run
+    doc = json.loads((out / "report.json").read_text())
+    assert {lay["name"] for lay in doc["layers"]} >= set(HOSTILE_NAMES)
+
+
+def test_report_html_escapes_names(hostile_run):
+    _, out = hostile_run
+    page = (out / "report.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script" not in page
+
+
+def test_csv_cell_rule():
+    from bmrs_surgery.report import csv_cell
+
+    for bad in ("=1+1", "+1", "-1+cmd", "@SUM(A1)", "\tx", "\rx"):
+        assert csv_cell(bad) == "'" + bad
+    assert csv_cell("conv1") == "conv1" and csv_cell(-1.5) == -1.5 and csv_cell(3) == 3
+
+
+def test_report_html_draws_mathtext_names_as_text(recwarn):
+    """A layer name that is invalid mathtext crashed the widths plot after the network was pruned."""
+    from bmrs_surgery import report_html
+
+    doc = {"criterion": "bmrs_u8", "layers": [{"name": n, "channels_before": 4, "channels_after": 2}
+                                              for n in ("$x^$", "$\\frac{", "a$b")]}
+    rows = [{"keep": True, "expected_theta": 0.9, "score": -1.0}, {"keep": False, "expected_theta": 0.1, "score": 2.0}]
+    figs = report_html._figures(doc, rows)
+    assert figs["widths"].startswith("data:image/png;base64,")
+
+
+@pytest.mark.parametrize("name", ['q"uote', "new\nline", "back\\slash", "a\\bc", "cr\rx"])
+def test_names_fx_cannot_write_are_one_line_graph_errors(tmp_path, name):
+    from collections import OrderedDict
+
+    from bmrs_surgery.errors import GraphError
+    from bmrs_surgery.graph.trace import symbolic_trace
+
+    net = torch.nn.Sequential(OrderedDict([("flat", torch.nn.Flatten()), (name, torch.nn.Linear(1024, 8)),
+                                           ("act", torch.nn.ReLU()), ("out", torch.nn.Linear(8, 10))]))
+    with pytest.raises(GraphError, match="rename it"):
+        symbolic_trace(net)
+    path = tmp_path / "net.pt"
+    torch.save(net, path)
+    assert_one_line_error(invoke("inspect", path, "--trust-model", "--input-shape", "1,1,32,32"), "rename it")
+    out = tmp_path / "run"
+    assert_one_line_error(invoke(path, "--trust-model", *FAST, "--out", out), "rename it")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["c\x1b[31mred", "tab\tx", "sp ace", "[/x]b", "$x^$", "é\u202eevil"])
+def test_odd_but_writable_names_trace(name):
+    from collections import OrderedDict
+
+    from bmrs_surgery.graph.trace import symbolic_trace
+
+    net = torch.nn.Sequential(OrderedDict([("flat", torch.nn.Flatten()), (name, torch.nn.Linear(1024, 8))]))
+    gm, _ = symbolic_trace(net)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(gm(x), net(x))
+
+
+def test_inspect_text_shows_names_as_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    path = tmp_path / "hostile.pt"
+    torch.save(hostile_network(), path)
+    r = ok(invoke("inspect", path, "--trust-model", "--input-shape", "1,1,32,32"))
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "[/x]b" in r.stdout and "[link=http://evil-example]a[/link]" in r.stdout
+    dot = ok(invoke("inspect", path, "--trust-model", "--input-shape", "1,1,32,32", "--format", "dot")).stdout
+    assert "\x1b" not in dot
+
+
+def test_error_lines_carry_no_escape_sequences(tmp_path):
+    result = invoke("lenet5", "--data", str(tmp_path / "x\x1b[2Jy.npz"), "--out", tmp_path / "run")
+    line = assert_one_line_error(result)
+    assert "\x1b" not in line and "\\x1b" in line

@@ -138,6 +138,20 @@ def test_a_nan_resume_state_is_refused(tmp_path, digits):
         read_resume_state(tmp_path, key)
 
 
+def test_a_non_finite_output_stops_the_run_before_surgery(tmp_path):
+    from bmrs_surgery.errors import SurgeryError
+    from bmrs_surgery.loading import save_checkpoint
+
+    gated = bmrs.attach_gates(get_model("lenet5"), torch.randn(2, 1, 32, 32))
+    with torch.no_grad():
+        for n, p in gated.named_parameters():
+            if "bmrs_gates" not in n and n.endswith("weight"):
+                p.fill_(1e30)  # finite weights, outputs overflow to infinity
+    save_checkpoint(gated, tmp_path / "big.pt", "lenet5", (1, 32, 32))
+    with pytest.raises(SurgeryError, match="gated network's output on random input 0 holds"):
+        bmrs.compress(bmrs.Job(model=str(tmp_path / "big.pt"), bench_batch_sizes=()))
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. An output never replaces an input, nor an earlier run unasked
 

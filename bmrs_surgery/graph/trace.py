@@ -48,9 +48,29 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
+def _unwritable_name(model: nn.Module) -> str | None:
+    """The first submodule, parameter or buffer path torch.fx cannot write into its generated code.
+
+    fx writes a name that is not an identifier as ``getattr(self, "NAME")`` without escaping it: a
+    quote, a backslash, a line break or a NUL (all possible in ``add_module``/``setattr`` names and
+    ModuleDict keys) breaks that code, or silently names another attribute (``\\b``). Other odd
+    characters (spaces, markup, escape sequences) trace; the outputs escape them."""
+    for kind, names in (("module", (n for n, _ in model.named_modules(remove_duplicate=False))),
+                        ("parameter", (n for n, _ in model.named_parameters(remove_duplicate=False))),
+                        ("buffer", (n for n, _ in model.named_buffers(remove_duplicate=False)))):
+        for name in names:
+            if any(c in '"\\\n\r\0' for c in name):
+                return f"{kind} {name!r}"
+    return None
+
+
 def symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
     """Trace ``model`` (in eval mode); returns the graph module and the modules kept opaque."""
     registry._load_builtin()
+    bad = _unwritable_name(model)
+    if bad is not None:
+        raise GraphError(f"cannot trace {type(model).__name__}: the {bad} has a quote, backslash, line break "
+                         "or NUL in its name, which torch.fx cannot write into code; rename it")
     leaves: set[str] = set()
     was_training = model.training
     model.eval()
