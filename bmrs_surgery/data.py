@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .errors import DataError
+from .limits import check_npz, check_seed
 
 __all__ = ["DATASETS", "DataSplits", "check_fits", "load_data"]
 
@@ -92,6 +93,7 @@ def load_data(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer, got {limit!r}")
+    seed = check_seed(seed, error=DataError)  # torch, numpy and scikit-learn all take 0..2**32-1
 
     raw = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
     if not isinstance(raw, str) or not raw.strip():
@@ -359,6 +361,7 @@ def _load_npz(path: Path, val_fraction: float, seed: int) -> DataSplits:
     if not path.is_file():
         raise DataError(f"data file {path} not found")
     try:
+        check_npz(path, error=DataError)  # sizes from the .npy headers, before anything is decompressed
         with np.load(path, allow_pickle=False) as npz:
             if not hasattr(npz, "files"):
                 raise DataError(f"{path} is not a valid .npz archive")
