@@ -66,6 +66,9 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise BmrsError(f"--input-shape {text!r}: expected comma-separated positive integers, e.g. 1,3,224,224") from None
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise BmrsError(f"--input-shape {text!r}: expected at least a batch and one more dimension, all positive")
+    from bmrs_surgery.limits import check_input_bytes
+
+    check_input_bytes(shape)  # 1,3,100000,100000 would be 120 GB of float32: refused before any allocation
     return shape
 
 
@@ -86,4 +89,7 @@ def load_network(spec: str, input_shape: str | None, arch: str | None, trust: bo
         if loaded.input_shape is None:
             raise BmrsError(f"{spec}: input shape unknown; give --input-shape, e.g. 1,3,224,224")
         shape = (1,) + tuple(loaded.input_shape)
+    from bmrs_surgery.limits import check_first_layer
+
+    check_first_layer(net, shape)  # e.g. 64 channels at full resolution of a large image
     return net, shape
