@@ -3,12 +3,33 @@
 It imports only onnxruntime and numpy, never torch: timings are taken in a process without
 torch's thread pools. It holds one session and answers JSON requests on stdin, one per line:
 ``{"batch": 8, "warmup": 3, "runs": 10}`` -> ``{"times_ms": [...], "peak_rss_mb": ...}``.
+
+It never outlives the process that started it: on Linux the kernel kills it when its parent
+dies (``PR_SET_PDEATHSIG``), however the parent ended (SIGKILL included); the parent kills it on
+a time-out, an error or a signal (:mod:`bench`).
 """
 
 import json
+import os
 import resource
+import signal
 import sys
 import time
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGKILL when the parent exits (Linux); exit now if it already has."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent or parent == 1:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _rss_mb() -> float:
@@ -17,6 +38,7 @@ def _rss_mb() -> float:
 
 
 def main() -> None:
+    _die_with_parent()
     path, threads = sys.argv[1], int(sys.argv[2])
     import numpy as np
     import onnxruntime as ort

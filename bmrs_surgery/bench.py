@@ -3,29 +3,78 @@
 Each model gets its own worker process (:mod:`_ort_worker`, no torch inside) holding one
 session; the parent asks them in turn (A, B, A, B, ...) for a few runs at a time, so the two are
 measured under the same machine load, and only one session computes at any moment.
+
+Every answer from a worker (loading the model, one batch size's warm-up, one round of timed runs)
+must come within ``timeout`` seconds: a worker past it is killed and the run ends with a
+:class:`BenchTimeout` naming the model and the limit (an ONNX ``Loop`` of 2**63 - 1 trips never
+answers). Workers end with the parent whatever happens: on any exception, Ctrl-C included, the
+parent kills them, and each worker asks the kernel to kill it when its parent dies.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import statistics
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BmrsError, first_line
+from .limits import check_threads
 
 WORKER = Path(__file__).with_name("_ort_worker.py")
+DEFAULT_TIMEOUT_S = 300.0
+"""How long one answer from a worker may take by default (loading, a warm-up, a round of runs)."""
 
 
 class BenchError(BmrsError):
     """A model ONNX Runtime cannot load or run, or inputs that do not agree."""
 
 
+class BenchTimeout(BenchError):
+    """A worker did not answer within the time limit (it has been killed)."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGINT) arrived while benchmarking; ``code`` is the exit status to end with
+    (128 + the signal number). A BaseException, like KeyboardInterrupt, so that no ``except
+    Exception`` swallows it and every ``finally`` (workers killed, temporary folders removed) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.code = 128 + signum
+
+
+@contextmanager
+def signals_raise(signums=(signal.SIGTERM, signal.SIGINT)):
+    """Within the block the given signals raise :class:`Interrupted` in the main thread, so that
+    the ``finally`` blocks below end the workers and ``with TemporaryDirectory`` removes its folder;
+    the earlier handlers come back afterwards. Does nothing outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 class _Worker:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, timeout: float | None = DEFAULT_TIMEOUT_S):
+        self.path, self.timeout = path, timeout
         env = dict(os.environ)
         if threads > 0:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -33,28 +82,65 @@ class _Worker:
             [sys.executable, str(WORKER), str(path), str(threads)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )
-        self.info = self._read(path)
+        # A thread reads the answers, so that waiting for one can time out (and be interrupted).
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        try:
+            self.info = self._read()
+        except BaseException:  # not yet in the caller's list of workers: end it here
+            self.kill()
+            raise
 
-    def _read(self, path) -> dict:
-        line = self.proc.stdout.readline()
+    def _pump(self) -> None:
+        try:
+            for line in self.proc.stdout:
+                self._lines.put(line)
+        except (OSError, ValueError):
+            pass
+        self._lines.put("")
+
+    def _read(self) -> dict:
+        try:
+            line = self._lines.get(timeout=self.timeout)
+        except queue.Empty:
+            self.kill()
+            raise BenchTimeout(f"{self.path}: ONNX Runtime did not answer within the {self.timeout:g} s limit "
+                               "(--timeout); the worker was stopped") from None
         if not line:
-            raise BenchError(f"{path}: ONNX Runtime worker exited without an answer")
+            raise BenchError(f"{self.path}: ONNX Runtime worker exited without an answer")
         msg = json.loads(line)
         if "error" in msg:
-            raise BenchError(f"{path}: ONNX Runtime cannot run it ({msg['error']})")
+            raise BenchError(f"{self.path}: ONNX Runtime cannot run it ({msg['error']})")
         return msg
 
-    def ask(self, path, **req) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        return self._read(path)
+    def ask(self, path=None, **req) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the worker is gone: _read says so
+        return self._read()
+
+    def kill(self) -> None:
+        """End the worker now (it may be inside a run that never returns)."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
 
     def close(self) -> None:
+        """Let an idle worker end by itself (end of its input); kill it if it does not."""
         try:
             self.proc.stdin.close()
             self.proc.wait(timeout=10)
-        except Exception:  # noqa: BLE001
-            self.proc.kill()
+        except BaseException:  # noqa: BLE001 - a signal while waiting included: the worker must not outlive us
+            self.kill()
+            raise
 
 
 @dataclass
@@ -87,15 +173,28 @@ def check_onnx(path: Path) -> None:
         raise BenchError(f"{path} is not a valid ONNX model ({first_line(exc)[:200]})") from None
 
 
+def check_timeout(timeout) -> float:
+    """A time limit in seconds: a finite number > 0."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise BenchError(f"must be a number of seconds > 0, got {timeout!r}", param="timeout")
+    return float(timeout)
+
+
 def benchmark(paths: list[Path], batch_sizes=(1, 8, 32), threads: int = 0, warmup: int = 5, runs: int = 30,
-              rounds: int = 5, shape: list[int] | None = None) -> dict:
-    """Latency of each ONNX model per batch size, interleaved across models; ratios vs the first."""
+              rounds: int = 5, shape: list[int] | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> dict:
+    """Latency of each ONNX model per batch size, interleaved across models; ratios vs the first.
+
+    ``threads``: 0 (ONNX Runtime's default) up to the machine's cores; ``timeout``: seconds each
+    answer of a worker may take (a worker past it is killed: :class:`BenchTimeout`)."""
+    check_threads(threads)
+    timeout = check_timeout(timeout)
     for p in paths:
         check_onnx(p)
     workers: list[_Worker] = []
+    ok = False
     try:
         for p in paths:
-            workers.append(_Worker(p, threads))
+            workers.append(_Worker(p, threads, timeout))
         shapes = [w.info["input_shape"][1:] for w in workers]
         if any(s != shapes[0] for s in shapes[1:]):
             raise BenchError(f"the models take different inputs: {' vs '.join(str(s) for s in shapes)}")
@@ -114,9 +213,13 @@ def benchmark(paths: list[Path], batch_sizes=(1, 8, 32), threads: int = 0, warmu
                     s.peak_rss_mb = max(s.peak_rss_mb, ans["peak_rss_mb"])
                     s.base_rss_mb = ans["base_rss_mb"]
         info = workers[0].info
+        ok = True
     finally:
         for w in workers:
-            w.close()
+            if ok:
+                w.close()
+            else:  # an error, a time-out or a signal: nothing more to ask, end them now
+                w.kill()
     models = []
     for i, p in enumerate(paths):
         models.append({"path": str(p), "file_size_bytes": p.stat().st_size,

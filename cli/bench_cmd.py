@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import click
 
+from bmrs_surgery.bench import DEFAULT_TIMEOUT_S, Interrupted, signals_raise
 from bmrs_surgery.errors import BmrsError
+from bmrs_surgery.limits import machine_cores
 
 from ._common import fail, input_shape_option, markup_safe, parse_batch_sizes, parse_shape
 
@@ -41,40 +44,62 @@ def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str) -> Path:
 @click.argument("model_a")
 @click.argument("model_b", required=False)
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="ONNX Runtime intra-op threads (0: ONNX Runtime's default, all cores).")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help=f"ONNX Runtime intra-op threads, 0 to the machine's cores ({machine_cores()} here; more are "
+                   "refused); 0: ONNX Runtime's default, all cores.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs per batch size.")
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs per batch size.")
 @input_shape_option
 @click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
 @click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
+@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True, metavar="SECONDS",
+              help="Time limit for each answer of an ONNX Runtime worker (loading a model, a batch size's "
+                   "warm-up, one round of timed runs); a worker past it is stopped and bench ends with exit code 2.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch, trust_model, as_json):
+def bench(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch, trust_model, timeout, as_json):
     """Benchmark MODEL_A (and MODEL_B, interleaved) in ONNX Runtime on the CPU.
 
     Models are .onnx files, or .pt models / bundled names exported on the fly. Reports per batch
     size the median, p90 and min latency, throughput, file size and peak memory, and with B the
     ratio B/A.
+
+    SIGINT (Ctrl-C) and SIGTERM stop the workers, remove the temporary files and end with exit
+    code 130 or 143.
     """
     try:
-        from bmrs_surgery.bench import benchmark
-
-        sizes = parse_batch_sizes(batch_sizes)
-        shape = parse_shape(input_shape)
-        with tempfile.TemporaryDirectory(prefix="bmrs-bench-") as tmp:
-            paths = [_as_onnx(m, input_shape, arch, trust_model, Path(tmp), f"model{i}")
-                     for i, m in enumerate([model_a] + ([model_b] if model_b else []))]
-            result = benchmark(paths, sizes, threads=threads, warmup=warmup, runs=runs,
-                               shape=list(shape) if shape else None)
-        for m, spec in zip(result["models"], [model_a, model_b]):
-            m["model"] = spec
+        with signals_raise():
+            result = _run(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch, trust_model,
+                          timeout)
     except BmrsError as exc:
         fail(exc)
         return
+    except (Interrupted, KeyboardInterrupt) as exc:
+        code = exc.code if isinstance(exc, Interrupted) else 130
+        name = "SIGINT" if code == 130 else str(exc)
+        click.echo(f"Interrupted ({name}): bench stopped, its workers ended and temporary files removed", err=True)
+        sys.exit(code)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     _print(result)
+
+
+def _run(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch, trust_model, timeout) -> dict:
+    from bmrs_surgery.bench import benchmark, check_timeout
+    from bmrs_surgery.limits import check_threads
+
+    sizes = parse_batch_sizes(batch_sizes)
+    shape = parse_shape(input_shape)
+    check_threads(threads)  # before any export: a mistake ends at once
+    check_timeout(timeout)
+    with tempfile.TemporaryDirectory(prefix="bmrs-bench-") as tmp:
+        paths = [_as_onnx(m, input_shape, arch, trust_model, Path(tmp), f"model{i}")
+                 for i, m in enumerate([model_a] + ([model_b] if model_b else []))]
+        result = benchmark(paths, sizes, threads=threads, warmup=warmup, runs=runs,
+                           shape=list(shape) if shape else None, timeout=timeout)
+    for m, spec in zip(result["models"], [model_a, model_b]):
+        m["model"] = spec
+    return result
 
 
 def _print(result: dict) -> None:
