@@ -82,9 +82,11 @@ def test_checkpoint_naming_a_module_does_not_import_it(tmp_path, marker_module):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a subprocess each (the in-process tests above cover the same refusal quickly)
 @pytest.mark.parametrize("arch", ["os:abort", "signal:pause", "http.server:test"])
 def test_checkpoint_naming_crashing_or_hanging_code_is_refused(tmp_path, arch):
-    """Before the fix these crashed the process (abort) or hung (pause, a listening server)."""
+    """Before the fix these crashed the process (abort) or hung (pause, a listening server): run in
+    a subprocess with a timeout, so that the old behaviour fails the test instead of ending it."""
     ck = crafted_checkpoint(tmp_path / "gated.pt", arch)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "cli.main", str(ck), "--data", "digits", "-q", "--out", str(out)],
