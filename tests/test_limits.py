@@ -95,8 +95,11 @@ def _env(tmp: Path) -> dict:
 
 
 pytestmark_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+# The subprocess runs are in the slow tier (python -m pytest -m 'not slow' leaves them out); the
+# in-process tests check the same refusals quickly.
 
 
+@pytest.mark.slow
 @pytestmark_linux
 def test_bench_endless_loop_model_stops_at_the_timeout(tmp_path):
     model = _loop_model(tmp_path / "endless.onnx")
@@ -125,6 +128,7 @@ def test_bench_bad_timeout_is_one_line(value, tmp_path):
     assert_one_line_error(invoke("bench", str(model), "--timeout", value), "--timeout")
 
 
+@pytest.mark.slow
 @pytestmark_linux
 def test_bench_threads_above_the_cores_are_refused_at_once(tmp_path):
     model = _loop_model(tmp_path / "m.onnx")
@@ -134,6 +138,11 @@ def test_bench_threads_above_the_cores_are_refused_at_once(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "--threads" in lines[0] and str(os.cpu_count()) in lines[0]
     assert not _workers(model)
+
+
+def test_bench_threads_above_the_cores_in_process(tmp_path):
+    model = _loop_model(tmp_path / "m.onnx")
+    assert_one_line_error(invoke("bench", str(model), "--threads", str(os.cpu_count() + 1)), "--threads")
 
 
 def test_check_threads():
@@ -153,6 +162,7 @@ def _wait_for(predicate, seconds: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytestmark_linux
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_bench_signal_ends_workers_and_removes_temporary_folders(tmp_path, signum, code):
