@@ -152,6 +152,19 @@ def test_a_non_finite_output_stops_the_run_before_surgery(tmp_path):
         bmrs.compress(bmrs.Job(model=str(tmp_path / "big.pt"), bench_batch_sizes=()))
 
 
+def test_resume_from_a_nan_state_is_one_line_not_exit_0(tmp_path, digits):
+    from bmrs_surgery.pipeline import resume_key
+
+    out = tmp_path / "o"
+    job = bmrs.Job(model="lenet5", data="fashion-mnist-sample", epochs=1, finetune_epochs=0, batch_size=256)
+    state = {k: v.clone() for k, v in _gated(digits).state_dict().items()}
+    next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
+    writer = ResumeWriter(out, resume_key(job, job.fit_config(1)))
+    writer({"epochs_done": 1, "model": state, "optimizer": {}, "history": []})
+    assert_one_line_error(invoke("lenet5", *FAST, "--out", out, "--resume"), "--resume", "NaN in model")
+    assert sorted(p.name for p in out.iterdir()) == [writer.path.name]
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. An output never replaces an input, nor an earlier run unasked
 
