@@ -17,6 +17,7 @@ from torch import nn
 from . import defaults
 from .errors import BmrsError, first_line
 from .gated import attach_gates, detach_gates
+from .limits import check_seed
 from .placement import analyse_model
 from .plan import plan_keep
 from .surgery import parameter_count, shrink
@@ -98,7 +99,7 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
         check_weights(model, name)
     res = CheckResult(name, tuple(input_shape))
     res.params_before = parameter_count(model)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed))
     model = copy.deepcopy(model) if keep_weights else randomized_copy(model, gen)
     example = torch.randn((1,) + tuple(input_shape[1:]), generator=gen)
     model.eval()

@@ -13,6 +13,7 @@ from .errors import JobError
 from .fit import FINETUNE_GATES, MODES, FitConfig
 from .gated import KL_WEIGHTINGS
 from .gates import NOISE_MODES
+from .limits import check_seed, check_threads
 
 
 @dataclass
@@ -64,12 +65,14 @@ class Job:
         if not isinstance(self.model, str) or not self.model:
             raise JobError("must name a model", param="model")
         ranges = {"precision_bits": (1, 22), "finetune_epochs": (0, None), "prune_every": (1, None),
-                  "batch_size": (1, None), "sweep_levels": (0, 100), "threads": (0, None)}
+                  "batch_size": (1, None), "sweep_levels": (0, 100)}
         for name, (lo, hi) in ranges.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
                 span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
                 raise JobError(f"must be an integer {span}, got {v!r}", param=name)
+        check_seed(self.seed)  # the range torch, numpy and scikit-learn all take
+        check_threads(self.threads)  # 0 (all cores) up to this machine's cores
         if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
                                         or self.epochs < 0):
             raise JobError(f"must be an integer >= 0, got {self.epochs!r}", param="epochs")

@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import limits
 from .errors import GatePlacementError, ModelLoadError
 from .errors import first_line as _first_line
 from .gated import attach_gates, gate_bank, has_gate_hooks, has_gates, network
 from .gates import GateBank
 from .graph.group import Group
+from .limits import check_state_shapes
 from .outputs import atomic_write
 
 CHECKPOINT_FORMAT = "bmrs-surgery/checkpoint/3"
@@ -43,7 +45,7 @@ class LoadedModel:
         return has_gates(self.model)
 
 
-MAX_NUM_CLASSES = 100_000  # a file may not ask for a larger output layer (it would choose our memory use)
+MAX_NUM_CLASSES = limits.MAX_NUM_CLASSES  # a file may not ask for a larger output layer (it would choose our memory use)
 MAX_INPUT_ELEMENTS = 1 << 26  # nor for an example input larger than this (64 Mi values, 256 MiB of float32)
 MODEL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".onnx")
 
@@ -178,6 +180,7 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
             raise ModelLoadError(f"{spec} is a state dict: give its architecture with --arch NAME")
+        check_state_shapes(obj, spec)
         net, shape = _arch_for_state(arch, obj)
         _load_state(net, obj, spec)
         return LoadedModel(net, arch, shape)
@@ -194,6 +197,7 @@ def _from_safetensors(path: Path, spec: str, arch: str | None) -> LoadedModel:
         raise ModelLoadError(f"cannot read {spec}: not a safetensors file, or a damaged one ({_first_line(exc)})") from None
     if arch is None:
         raise ModelLoadError(f"{spec} holds weights only: give its architecture with --arch NAME")
+    check_state_shapes(state, spec)
     net, shape = _arch_for_state(arch, state)
     _load_state(net, state, spec)
     return LoadedModel(net, arch, shape)
@@ -233,6 +237,15 @@ def _arch_for_state(arch: str, state: dict):
 
 
 def _load_state(net: nn.Module, state: dict, spec: str) -> None:
+    """Load ``state`` into ``net``; a tensor whose kind differs from the network's own (integer or
+    complex numbers for floating-point weights) is refused, never cast."""
+    own = net.state_dict()
+    for key, value in state.items():
+        mine = own.get(key)
+        if isinstance(value, torch.Tensor) and mine is not None and mine.is_floating_point() and (
+                value.is_complex() or not value.is_floating_point()):
+            raise ModelLoadError(f"{spec}: {key} holds {value.dtype} numbers where the network has {mine.dtype}; "
+                                 "convert the file's weights to floating point yourself")
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from bmrs_surgery import defaults
+from bmrs_surgery.bench import Interrupted
 from bmrs_surgery.errors import BmrsError
 from bmrs_surgery.fit import FINETUNE_GATES, MODES
 from bmrs_surgery.gated import KL_WEIGHTINGS
@@ -124,11 +125,12 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
         result = _run(job, quiet or as_json)
     except BmrsError as exc:
         fail(exc)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as exc:
+        code = getattr(exc, "code", 130)
         done = epochs_saved(out)
         where = f" after epoch {done}" if done else ""
         click.echo(f"Interrupted{where}: no outputs written; continue with the same command and --resume", err=True)
-        sys.exit(130)
+        sys.exit(code)
     finally:
         signal.signal(signal.SIGTERM, previous)
         _end_distributed()

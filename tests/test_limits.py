@@ -328,3 +328,57 @@ def test_data_limit_env(monkeypatch):
         limits.data_limit()
     monkeypatch.setenv(limits.DATA_LIMIT_ENV, "1")
     assert limits.data_limit() <= limits.GIB
+
+
+# -- the bounds wired into the job, check and loading -----------------------------------------------
+
+@pytest.mark.parametrize("seed", [-1, 2**70])
+def test_job_and_check_refuse_a_seed_out_of_range(seed):
+    import bmrs_surgery
+    from bmrs_surgery.check import check_model
+    from bmrs_surgery.errors import BmrsError
+    from models import get_model
+
+    with pytest.raises(BmrsError, match="seed") as caught:
+        bmrs_surgery.compress(bmrs_surgery.Job(model="lenet5", data="digits", seed=seed))
+    assert caught.value.param == "seed"
+    with pytest.raises(BmrsError, match="seed"):
+        check_model(get_model("mlp"), (2, 1, 32, 32), seed=seed)
+
+
+def test_a_job_asking_for_more_threads_than_cores_is_refused_before_any_work():
+    import os
+
+    import bmrs_surgery
+    from bmrs_surgery.errors import BmrsError
+
+    with pytest.raises(BmrsError) as caught:
+        bmrs_surgery.compress(bmrs_surgery.Job(model="lenet5", data="digits", threads=(os.cpu_count() or 1) + 1))
+    assert caught.value.param == "threads"
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_state_dict_with_integer_or_complex_weights_is_refused_not_cast(tmp_path, dtype):
+    from bmrs_surgery.errors import ModelLoadError
+    from bmrs_surgery.loading import load_model
+    from models import get_model
+
+    state = get_model("lenet5").state_dict()
+    state["0.weight"] = state["0.weight"].to(dtype)
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    with pytest.raises(ModelLoadError, match=r"0\.weight holds torch\.(int64|complex64) numbers"):
+        load_model(str(path), arch="lenet5")
+
+
+def test_state_dict_with_absurd_shapes_is_refused_before_building(tmp_path):
+    from bmrs_surgery.errors import BmrsError
+    from bmrs_surgery.loading import load_model
+    from models import get_model
+
+    state = get_model("lenet5").state_dict()
+    state["11.weight"] = torch.empty(10**9, 0)
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    with pytest.raises(BmrsError):
+        load_model(str(path), arch="lenet5")
