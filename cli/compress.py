@@ -128,8 +128,11 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
     except (KeyboardInterrupt, Interrupted) as exc:
         code = getattr(exc, "code", 130)
         done = epochs_saved(out)
-        where = f" after epoch {done}" if done else ""
-        click.echo(f"Interrupted{where}: no outputs written; continue with the same command and --resume", err=True)
+        if done:
+            click.echo(f"Interrupted after epoch {done}: no outputs written; continue with the same command and "
+                       "--resume", err=True)
+        else:
+            click.echo("Interrupted: no outputs written (no complete epoch to resume from)", err=True)
         sys.exit(code)
     finally:
         signal.signal(signal.SIGTERM, previous)

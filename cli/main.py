@@ -7,6 +7,8 @@ and exit code 2; nothing is written to ``--out`` unless the whole job succeeds.
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from bmrs_surgery.errors import BmrsError
@@ -51,10 +53,22 @@ cli.add_command(sweep)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script: click's own usage errors become one line too (exit code 2)."""
     try:
-        cli.main(args=argv, prog_name="bmrs-compress", standalone_mode=True)
+        code = cli.main(args=argv, prog_name="bmrs-compress", standalone_mode=False)
+    except click.UsageError as exc:
+        where = f"bmrs-compress {exc.ctx.info_name} --help" if exc.ctx and exc.ctx.parent else "bmrs-compress --help"
+        click.echo(f"Error: {exc.format_message()} (see {where})", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted", err=True)
+        sys.exit(130)
     except BmrsError as exc:  # raised outside a command's own handler
         fail(exc)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -503,6 +503,21 @@ def test_console_script_error_is_one_line(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["lenet5", "--prior", "flat", "--out", "X"], "Error: Invalid value for '--prior': 'flat' is not one of"),
+    (["lenet5", "--bogus", "--out", "X"], "Error: No such option '--bogus'"),
+    (["check", "mlp", "--ratio", "x"], "Error: Invalid value for '--ratio'"),
+])
+def test_console_script_option_errors_are_one_line(tmp_path, args, expected):
+    """click's own usage errors (four lines by default) end like every other mistake."""
+    proc = subprocess.run([sys.executable, "-c", "import sys; from cli.main import main; main(sys.argv[1:])", *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(expected), proc.stderr
+    assert "--help" in proc.stderr and not (tmp_path / "X").exists()
+
+
 @pytest.mark.slow
 def test_console_script_help():
     for args in (["--help"], ["compress", "--help"]):
