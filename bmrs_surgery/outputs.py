@@ -60,6 +60,13 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
 def prepare_out_dir(path: Path, create: bool) -> Path:
     """Check (and with ``create``, make) the output folder; a file there is an error."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():  # a dangling link: mkdir would fail only after the work
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise OutputError(f"{path} is a symlink to {target}, which does not exist (or is a symlink loop)",
+                          param="out")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path} is a file, not a folder", param="out")
     if not create:

@@ -29,10 +29,11 @@ from . import defaults, loading, report, report_html
 from .criteria import Decision, apply_decision, criterion_for, decision
 from .data import check_fits, load_data
 from .deploy import Deployment, deploy
-from .errors import DataError, FitError, JobError, SurgeryError
+from .errors import BmrsError, DataError, FitError, JobError, SurgeryError
 from .fit import FitResult, accuracy, distributed_rank, fit
 from .gated import attach_gates, gate_bank, unmask
 from .job import Job
+from .limits import check_input_bytes
 from .outputs import OutLock, ResumeWriter, clean_stale, prepare_out_dir, read_resume_state, write_outputs
 from .verify import check_weights, nonfinite_tensor, outputs, random_inputs
 
@@ -111,6 +112,19 @@ def check_out_contents(job: Job, out: Path) -> None:
                        "or allow replacing them (overwrite, --overwrite)", param="out")
 
 
+def input_shape_for(job: Job, loaded, gated: nn.Module, data) -> tuple[int, ...]:
+    """One example's shape for export, proof and benchmarks: the data's own when data is given
+    (``check_fits`` has run the model on it, so a shape recorded in the file that differs gives way
+    to the data), else the one the model file or architecture records."""
+    if data is not None:
+        return tuple(data.input_shape)
+    shape = loaded.input_shape or getattr(gated, "input_shape", None)
+    if shape is None:
+        raise DataError(f"{job.model}: input shape unknown (give data, or save the model with its input shape)",
+                        param="data")
+    return tuple(shape)
+
+
 def check_outputs(gated: nn.Module, input_shape: tuple[int, ...], real: list[torch.Tensor] | None) -> None:
     """The gated network's outputs on the proof's inputs are finite: a NaN or an infinity there
     would make any proof meaningless (a SurgeryError naming the input, before surgery)."""
@@ -170,6 +184,15 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
             acc["before"] = accuracy(net, data.test)
     gated = net
 
+    # everything checkable is checked before the fit: the input shape (the data's own when data is
+    # given: it has just run through the model), and the benchmark's largest input
+    shape = input_shape_for(job, loaded, gated, data)
+    if job.bench_batch_sizes:
+        try:
+            check_input_bytes((max(job.bench_batch_sizes),) + tuple(shape), what="a benchmark input of shape")
+        except BmrsError as exc:
+            raise JobError(exc.message, param="bench_batch_sizes") from None
+
     # fit
     fit_result = None
     saver = None
@@ -209,10 +232,6 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
         acc["after"] = accuracy(gated, data.test)
 
     # surgery -> proof -> ONNX -> ONNX Runtime
-    shape = loaded.input_shape or getattr(gated, "input_shape", None) or (data.input_shape if data is not None else None)
-    if shape is None:
-        raise DataError(f"{job.model}: input shape unknown (give data, or save the model with its input shape)",
-                        param="data")
     real = [data.test.tensors[0][:64]] if data is not None else None
     check_outputs(gated, (1,) + tuple(shape), real)
     dep = deploy(gated, keep, (1,) + tuple(shape), real, tuple(job.bench_batch_sizes) or None, threads=job.threads)
