@@ -16,6 +16,7 @@ import gzip
 import math
 import os
 import struct
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .errors import DataError
-from .limits import check_npz, check_seed
+from .errors import DataError, file_problem
+from .limits import MAX_NUM_CLASSES, check_npz, check_seed
 
 __all__ = ["DATASETS", "DataSplits", "check_fits", "load_data"]
 
@@ -344,22 +345,44 @@ def _check_x(path: Path, key: str, x: np.ndarray) -> np.ndarray:
 def _check_y(path: Path, key: str, y: np.ndarray) -> np.ndarray:
     if y.ndim != 1:
         raise DataError(f"{path}: '{key}' must be 1-D class labels, got shape {y.shape}")
-    if y.dtype.kind in "iu":
-        labels = y.astype(np.int64)
-    elif y.dtype.kind == "f":
+    if y.dtype.kind == "f":
         if not np.isfinite(y).all() or not np.all(y == np.round(y)):
             raise DataError(f"{path}: '{key}' must hold integer class labels 0..K-1, got non-integer values")
-        labels = y.astype(np.int64)
-    else:
+    elif y.dtype.kind not in "iu":
         raise DataError(f"{path}: '{key}' must hold integer class labels 0..K-1, got dtype {y.dtype}")
-    if labels.size and labels.min() < 0:
-        raise DataError(f"{path}: '{key}' has negative labels (min {int(labels.min())}); labels must be 0..K-1")
-    return labels
+    if y.size:  # the range checked in the labels' own type (exact Python ints), before any cast to int64
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0:
+            raise DataError(f"{path}: '{key}' has negative labels (min {lo}); labels must be 0..K-1")
+        if hi >= MAX_NUM_CLASSES:
+            raise DataError(f"{path}: '{key}' labels must be 0..K-1, got {hi} (K at most {MAX_NUM_CLASSES:,})")
+    return y.astype(np.int64)
+
+
+_NPZ_HINT = "save x and y with numpy.savez(path, x=..., y=...)"
+
+
+def _check_npz_kind(path: Path) -> None:
+    """An .npz is a zip archive: a single .npy array, or any other file, renamed .npz is named as
+    such (numpy would read either as something else, and its own messages suggest unsafe loading)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except PermissionError:
+        raise DataError(f"data file {path} cannot be read: permission denied") from None
+    except OSError as exc:
+        raise DataError(f"data file {path} cannot be read ({exc.strerror})") from None
+    if head == b"\x93NUMPY":
+        raise DataError(f"{path} is a single .npy array, not an .npz archive with x and y: {_NPZ_HINT}")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not an .npz archive (not a zip file): {_NPZ_HINT}")
 
 
 def _load_npz(path: Path, val_fraction: float, seed: int) -> DataSplits:
-    if not path.is_file():
-        raise DataError(f"data file {path} not found")
+    problem = file_problem(path, missing="not found")  # a FIFO, a loop or an unreadable file is not "missing"
+    if problem:
+        raise DataError(f"data file {path} {problem}")
+    _check_npz_kind(path)
     try:
         check_npz(path, error=DataError)  # sizes from the .npy headers, before anything is decompressed
         with np.load(path, allow_pickle=False) as npz:
@@ -368,8 +391,12 @@ def _load_npz(path: Path, val_fraction: float, seed: int) -> DataSplits:
             arrays = {k: npz[k] for k in npz.files}
     except DataError:
         raise
+    except PermissionError:
+        raise DataError(f"data file {path} cannot be read: permission denied") from None
     except Exception as exc:  # noqa: BLE001 - np.load raises many types on bad input
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if "pickle" in reason:  # never suggest numpy's unsafe loading
+            reason = "it holds pickled Python objects, which are never loaded"
         raise DataError(f"{path} is not a valid .npz file ({reason})") from None
 
     missing = [k for k in ("x", "y") if k not in arrays]
@@ -469,5 +496,6 @@ def check_fits(model: nn.Module, splits: DataSplits) -> None:
             f"data of shape {shape} does not fit the model: output has shape {tuple(out.shape)}, "
             f"expected ({len(x)}, {splits.num_classes})"
         )
-    if out.shape[1] != splits.num_classes:
-        raise DataError(f"model has {out.shape[1]} outputs but the data has {splits.num_classes} classes")
+    if out.shape[1] < splits.num_classes:  # data with fewer classes than the model's outputs is fine
+        raise DataError(f"the data has {splits.num_classes} classes (labels up to {splits.num_classes - 1}) but the "
+                        f"model has {out.shape[1]} outputs: labels must be 0..{out.shape[1] - 1}")

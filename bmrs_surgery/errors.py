@@ -8,11 +8,51 @@ every :class:`BmrsError` into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+
 
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (its type name if it has none)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def file_problem(path: str | os.PathLike, *, missing: str = "does not exist") -> str | None:
+    """Why ``path`` is not a regular file we can read, as the end of a sentence naming it ("does
+    not exist", "is a symlink loop", "is not a regular file (a FIFO)", "cannot be read: permission
+    denied", ...), or None when it is one. Never opens anything but a regular file (a FIFO's open
+    would block)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            if os.path.islink(path):
+                return f"is a symlink to {os.readlink(path)}, which does not exist"
+            return missing
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "cannot be read: permission denied"
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
+        return f"is not a regular file ({kind})"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:
+        return "cannot be read: permission denied"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    os.close(fd)
+    return None
 
 
 class BmrsError(Exception):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import limits
-from .errors import GatePlacementError, ModelLoadError
+from .errors import GatePlacementError, ModelLoadError, file_problem
 from .errors import first_line as _first_line
 from .gated import attach_gates, gate_bank, has_gate_hooks, has_gates, network
 from .gates import GateBank
@@ -55,10 +55,13 @@ def is_factory_spec(arch: str) -> bool:
     return ":" in arch and not arch.startswith("torchvision:")
 
 
-def build_arch(arch: str, num_classes: int | None = None, *,
-               allow_code: bool = True) -> tuple[nn.Module, tuple[int, ...] | None]:
+def build_arch(arch: str, num_classes: int | None = None, *, allow_code: bool = True,
+               source: str | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
     """A fresh network for a bundled name, ``torchvision:NAME`` or (only with ``allow_code``, for
-    an architecture the user named) ``module:factory``, and its example input shape."""
+    an architecture the user named) ``module:factory``, and its example input shape. ``source``
+    names where ``arch`` came from in messages (default ``--arch NAME``; a checkpoint's own
+    architecture must not be blamed on an option the user did not give)."""
+    label = source or f"--arch {arch}"
     import models
 
     if num_classes is not None and not 1 <= num_classes <= MAX_NUM_CLASSES:
@@ -80,14 +83,17 @@ def build_arch(arch: str, num_classes: int | None = None, *,
     if is_factory_spec(arch):  # module:factory, the user's own code, named explicitly
         if not allow_code:
             raise ModelLoadError(f"architecture {arch!r} is code outside the toolkit")
-        return _from_factory(arch, kwargs), None
+        return _from_factory(arch, kwargs, label), None
+    if source:
+        raise ModelLoadError(f"{source} is not one this toolkit knows (bundled names: "
+                             f"{', '.join(models.list_models())}; or torchvision:NAME)")
     raise ModelLoadError(
         f"unknown model {arch!r}: give a file path, torchvision:NAME, or a bundled name "
         f"({', '.join(models.list_models())})"
     )
 
 
-def _from_factory(arch: str, kwargs: dict) -> nn.Module:
+def _from_factory(arch: str, kwargs: dict, label: str | None = None) -> nn.Module:
     """``package.module:factory`` -> ``factory()`` (with ``num_classes`` when the factory takes it).
 
     Importing the module and calling the factory run the user's code: anything it raises, exits
@@ -96,15 +102,16 @@ def _from_factory(arch: str, kwargs: dict) -> nn.Module:
     import inspect
 
     module_name, _, attr = arch.partition(":")
+    label = label or f"--arch {arch}"
     try:
         module = importlib.import_module(module_name)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - any import failure (or exit) is the spec's fault
-        raise ModelLoadError(f"--arch {arch}: cannot import {module_name} ({_why(exc)})") from None
+        raise ModelLoadError(f"{label}: cannot import {module_name} ({_why(exc)})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ModelLoadError(f"--arch {arch}: {module_name} has no callable {attr!r}")
+        raise ModelLoadError(f"{label}: {module_name} has no callable {attr!r}")
     try:
         try:
             params = inspect.signature(factory).parameters
@@ -114,9 +121,9 @@ def _from_factory(arch: str, kwargs: dict) -> nn.Module:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001
-        raise ModelLoadError(f"--arch {arch}: {attr}() failed ({_why(exc)})") from None
+        raise ModelLoadError(f"{label}: {attr}() failed ({_why(exc)})") from None
     if not isinstance(net, nn.Module):
-        raise ModelLoadError(f"--arch {arch}: {attr}() returned a {type(net).__name__}, not an nn.Module")
+        raise ModelLoadError(f"{label}: {attr}() returned a {type(net).__name__}, not an nn.Module")
     return net
 
 
@@ -139,23 +146,24 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
     """Resolve a MODEL spec (see module doc); every failure is a one-line ModelLoadError."""
     if not _looks_like_path(spec):
         try:
-            net, shape = build_arch(spec)
+            net, shape = build_arch(spec, source=f"model {spec}" if is_factory_spec(spec) else None)
         except ModelLoadError as exc:
             if Path(spec).is_file():  # a file without a suffix: the user says so with ./NAME
                 raise ModelLoadError(f"{exc}; for the file {spec} in this folder, write ./{spec}") from None
             raise
         return LoadedModel(net, spec, shape)
     path = Path(spec)
-    if path.is_dir():
-        raise ModelLoadError(f"model file {spec} is a folder, not a file")
-    if not path.is_file():
-        raise ModelLoadError(f"model file {spec} does not exist")
+    problem = file_problem(path)  # a FIFO, a symlink loop or an unreadable file is not "missing"
+    if problem:
+        raise ModelLoadError(f"model file {spec} {problem}")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"model file {spec} is empty")
     if path.suffix == ".safetensors":
         return _from_safetensors(path, spec, arch)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise ModelLoadError(f"model file {spec} cannot be read: permission denied") from None
     except Exception as exc:  # noqa: BLE001 - any failure here is the file's fault
         if "Unsupported global" not in str(exc):
             raise ModelLoadError(f"cannot read {spec}: not a PyTorch model file, or a damaged one") from None
@@ -282,7 +290,8 @@ def _from_checkpoint(ck: dict, spec: str, *, user_arch: str | None = None, trust
         raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (no state dict)")
     shape = _shape_or_none(ck.get("input_shape"), spec)
     try:
-        net, _ = build_arch(arch, num_classes, allow_code=True)  # a factory only as checked above
+        source = None if arch == user_arch else f"{spec}: the checkpoint's architecture {arch!r}"
+        net, _ = build_arch(arch, num_classes, allow_code=True, source=source)  # a factory only as checked above
         groups = [Group.from_state(g, i) for i, g in enumerate(ck.get("groups") or ck.get("sites") or [])]
         if any(g.size < 1 for g in groups) or sum(g.size for g in groups) > sum(p.numel() for p in net.parameters()):
             raise ModelLoadError(f"{spec} is a damaged bmrs-surgery checkpoint (gate groups do not fit {arch!r})")

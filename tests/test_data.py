@@ -386,12 +386,16 @@ def test_check_fits_wrong_shape(tmp_path, model_name):
 
 @pytest.mark.parametrize("model_name", ["lenet5", "mlp"])
 def test_check_fits_wrong_num_classes(tmp_path, model_name):
+    """Labels at or above the model's outputs are an error; data using fewer classes than the model
+    has outputs (3 of 10) fits."""
     path = _npz(tmp_path, "three.npz", x=np.zeros((20, 1, 32, 32), np.float32), y=np.arange(20) % 3)
     splits = load_data(path)
     assert splits.num_classes == 3
+    check_fits(get_model(model_name), splits)
+    path = _npz(tmp_path, "twelve.npz", x=np.zeros((24, 1, 32, 32), np.float32), y=np.arange(24) % 12)
     with pytest.raises(DataError) as exc:
-        check_fits(get_model(model_name), splits)
-    assert _one_line(exc) == "model has 10 outputs but the data has 3 classes"
+        check_fits(get_model(model_name), load_data(path))
+    assert _one_line(exc) == "the data has 12 classes (labels up to 11) but the model has 10 outputs: labels must be 0..9"
 
 
 def test_check_fits_non_2d_output():

@@ -7,6 +7,7 @@ and the input left as it was.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,128 @@ def test_dangling_out_symlink_refused_before_any_work(tmp_path, no_fit):
     r = invoke("mlp", "--data", "digits", *QUICK, "--out", link)
     assert_one_line_error(r, "--out", "does not exist")
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 10: messages that say what is wrong
+# ------------------------------------------------------------------------------------------------
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _loop(path: Path) -> Path:
+    path.symlink_to(path)
+    return path
+
+
+@pytest.mark.parametrize("make,fragment", [(_fifo, "is not a regular file (a FIFO)"), (_loop, "is a symlink loop")],
+                         ids=["fifo", "symlink-loop"])
+def test_model_path_not_a_regular_file(tmp_path, no_fit, make, fragment):
+    path = make(tmp_path / "model.pt")
+    out = tmp_path / "out"
+    line = assert_one_line_error(invoke(path, "--data", "digits", *QUICK, "--out", out), fragment)
+    assert "does not exist" not in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("make,fragment", [(_fifo, "is not a regular file (a FIFO)"), (_loop, "is a symlink loop")],
+                         ids=["fifo", "symlink-loop"])
+def test_data_path_not_a_regular_file(tmp_path, no_fit, make, fragment):
+    path = make(tmp_path / "data.npz")
+    out = tmp_path / "out"
+    line = assert_one_line_error(invoke("mlp", "--data", path, *QUICK, "--out", out), fragment)
+    assert "not found" not in line
+    assert not out.exists()
+
+
+def _deny(monkeypatch, path: Path):
+    """A file we may not read (simulated: the tests may run as root, whom chmod does not stop)."""
+    real_open = os.open
+
+    def fake_open(p, flags, *args, **kwargs):
+        if os.fspath(p) == os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real_open(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_model_permission_denied_is_not_damaged(tmp_path, monkeypatch, no_fit):
+    path = tmp_path / "model.pt"
+    torch.save({"format": "x"}, path)
+    _deny(monkeypatch, path)
+    out = tmp_path / "out"
+    line = assert_one_line_error(invoke(path, "--data", "digits", *QUICK, "--out", out), "permission denied")
+    assert "damaged" not in line
+    assert not out.exists()
+
+
+def test_data_permission_denied_is_not_damaged(tmp_path, monkeypatch, no_fit):
+    path = _flat_npz(tmp_path / "data.npz")
+    _deny(monkeypatch, path)
+    out = tmp_path / "out"
+    line = assert_one_line_error(invoke("mlp", "--data", path, *QUICK, "--out", out), "permission denied")
+    assert "valid" not in line
+    assert not out.exists()
+
+
+def test_csv_renamed_npz_never_suggests_pickle(tmp_path, no_fit):
+    path = tmp_path / "data.npz"
+    path.write_text("x,y\n0.5,1\n0.25,0\n")
+    before = path.read_bytes()
+    line = assert_one_line_error(invoke("mlp", "--data", path, *QUICK, "--out", tmp_path / "out"),
+                                 "not an .npz archive")
+    assert "pickle" not in line
+    assert path.read_bytes() == before
+
+
+def test_npy_renamed_npz_is_named_as_such(tmp_path, no_fit):
+    path = tmp_path / "data.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((4, 1024), np.float32))
+    line = assert_one_line_error(invoke("mlp", "--data", path, *QUICK, "--out", tmp_path / "out"),
+                                 "single .npy array", "not an .npz archive")
+    assert "pickle" not in line
+
+
+def test_uint64_label_2_63_is_not_called_negative(tmp_path, no_fit):
+    path = tmp_path / "data.npz"
+    y = (np.arange(40) % 10).astype(np.uint64)
+    y[3] = 2**63
+    np.savez(path, x=np.zeros((40, 1, 32, 32), np.float32), y=y)
+    line = assert_one_line_error(invoke("mlp", "--data", path, *QUICK, "--out", tmp_path / "out"),
+                                 "labels must be 0..K-1, got 9223372036854775808")
+    assert "negative" not in line
+
+
+def _checkpoint_naming(path: Path, arch: str) -> Path:
+    from bmrs_surgery.loading import CHECKPOINT_FORMAT
+
+    torch.save({"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": 10, "input_shape": [1, 32, 32],
+                "groups": [], "state_dict": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("arch,fragment", [("nope_module_xyz:small", "cannot import"),
+                                           ("no-such-net", "not one this toolkit knows")])
+def test_checkpoint_architecture_errors_do_not_blame_arch_option(tmp_path, no_fit, arch, fragment):
+    path = _checkpoint_naming(tmp_path / "ck.pt", arch)
+    line = assert_one_line_error(invoke(path, "--trust-model", "--data", "digits", *QUICK, "--out", tmp_path / "out"),
+                                 "the checkpoint's architecture", fragment)
+    assert "--arch" not in line
+
+
+def test_fewer_classes_than_outputs_is_accepted(tmp_path):
+    """9-class data for the 10-output mlp fits (only labels >= 10 would not)."""
+    data = _flat_npz(tmp_path / "nine.npz", classes=9)
+    out = tmp_path / "out"
+    ok(invoke("mlp", "--data", data, *QUICK, "--out", out))
+    assert (out / "report.json").is_file()
+
+
+def test_labels_at_or_above_outputs_are_refused(tmp_path, no_fit):
+    data = _flat_npz(tmp_path / "eleven.npz", classes=11)
+    assert_one_line_error(invoke("mlp", "--data", data, *QUICK, "--out", tmp_path / "out"), "labels must be 0..9")
