@@ -33,6 +33,16 @@ def _die_with_parent() -> None:
 
 
 def _rss_mb() -> float:
+    """This worker's own peak resident memory, in MiB. On Linux it is ``VmHWM`` of
+    /proc/self/status: ``getrusage(RUSAGE_SELF).ru_maxrss`` survives ``execve`` and so starts at
+    the high-water mark of the process that started the worker (the parent, torch and all)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
 

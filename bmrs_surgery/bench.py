@@ -13,6 +13,7 @@ parent kills them, and each worker asks the kernel to kill it when its parent di
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -80,11 +81,15 @@ class _Worker:
             env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(path), str(threads)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", env=env,
         )
-        # A thread reads the answers, so that waiting for one can time out (and be interrupted).
+        # A thread reads the answers, so that waiting for one can time out (and be interrupted);
+        # another drains stderr, keeping its last lines to say why a worker died.
         self._lines: queue.Queue = queue.Queue()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=20)
+        self._stderr_done = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
         try:
             self.info = self._read()
         except BaseException:  # not yet in the caller's list of workers: end it here
@@ -99,6 +104,34 @@ class _Worker:
             pass
         self._lines.put("")
 
+    def _pump_stderr(self) -> None:
+        try:
+            for line in self.proc.stderr:
+                if line.strip():
+                    self._stderr.append(line.strip())
+        except (OSError, ValueError):
+            pass
+        self._stderr_done.set()
+
+    def _death(self) -> str:
+        """How the worker ended: its exit code or signal, and the last line it wrote to stderr."""
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._stderr_done.wait(timeout=2)
+        if code is None:
+            how = "closed its output"
+        elif code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        last = self._stderr[-1] if self._stderr else None
+        return f"{how}{f' ({last[:200]})' if last else ', nothing on stderr'}"
+
     def _read(self) -> dict:
         try:
             line = self._lines.get(timeout=self.timeout)
@@ -107,7 +140,7 @@ class _Worker:
             raise BenchTimeout(f"{self.path}: ONNX Runtime did not answer within the {self.timeout:g} s limit "
                                "(--timeout); the worker was stopped") from None
         if not line:
-            raise BenchError(f"{self.path}: ONNX Runtime worker exited without an answer")
+            raise BenchError(f"{self.path}: the ONNX Runtime worker {self._death()} without an answer")
         msg = json.loads(line)
         if "error" in msg:
             raise BenchError(f"{self.path}: ONNX Runtime cannot run it ({msg['error']})")

@@ -204,3 +204,50 @@ def test_fewer_classes_than_outputs_is_accepted(tmp_path):
 def test_labels_at_or_above_outputs_are_refused(tmp_path, no_fit):
     data = _flat_npz(tmp_path / "eleven.npz", classes=11)
     assert_one_line_error(invoke("mlp", "--data", data, *QUICK, "--out", tmp_path / "out"), "labels must be 0..9")
+
+
+# ------------------------------------------------------------------------------------------------
+# bench: a worker's crash and its memory are its own
+# ------------------------------------------------------------------------------------------------
+
+
+def _identity_onnx(path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("body,fragments", [
+    ("import sys; sys.stderr.write('worker boom: out of widgets\\n'); sys.exit(3)",
+     ["exited with code 3", "worker boom: out of widgets"]),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", ["killed by SIGKILL"]),
+], ids=["exit-code", "signal"])
+def test_bench_worker_crash_says_how_it_ended(tmp_path, monkeypatch, body, fragments):
+    from bmrs_surgery import bench
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(body + "\n")
+    monkeypatch.setattr(bench, "WORKER", worker)
+    with pytest.raises(bench.BenchError) as exc:
+        bench.benchmark([_identity_onnx(tmp_path / "m.onnx")], batch_sizes=(1,), runs=1, rounds=1, warmup=0)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for fragment in fragments:
+        assert fragment in msg, msg
+
+
+def test_bench_peak_rss_is_the_workers_own(tmp_path):
+    """The parent holds 600 MiB more than a worker ever does: the worker's figure must not include it."""
+    from bmrs_surgery import bench
+
+    ballast = np.ones(600 * 2**20, dtype=np.uint8)  # touched: resident in the parent
+    result = bench.benchmark([_identity_onnx(tmp_path / "m.onnx")], batch_sizes=(1,), runs=2, rounds=1, warmup=0)
+    peak = result["models"][0]["batches"][0]["peak_rss_mb"]
+    assert 0 < peak < 500, peak
+    del ballast
