@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +162,9 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
     if path.suffix == ".safetensors":
         return _from_safetensors(path, spec, arch)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols on stderr: the error says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise ModelLoadError(f"model file {spec} cannot be read: permission denied") from None
     except Exception as exc:  # noqa: BLE001 - any failure here is the file's fault
