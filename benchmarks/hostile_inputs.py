@@ -4,8 +4,8 @@ Builds hostile files and options in a temporary folder and runs the real console
 (``python -m cli.main ...``, ``cwd`` = the case's folder, ``PYTHONPATH`` = the repository root)
 once per case, with a hard timeout. For every case it records: the command, the exit code,
 whether stderr is exactly one line starting ``Error:``, a traceback, a hang (timeout), what was
-written into ``--out``, whether any input file changed (SHA-256 before and after), the child's
-peak memory (``os.wait4`` rusage), what was expected and whether it held.
+written into ``--out``, whether any input file changed (SHA-256 before and after), the command's
+own peak memory (GNU ``time``'s ``%M``; ``os.wait4`` rusage without it), what was expected and whether it held.
 
     python benchmarks/hostile_inputs.py                 # all cases, writes the results
     python benchmarks/hostile_inputs.py --only npz      # cases whose name contains 'npz'
@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "hostile_inputs"
 CASE_TIMEOUT = 60.0
 FAST = ["--data", "digits", "--epochs", "1", "--finetune-epochs", "0", "-q", "--bench-batch-sizes", ""]
-MARKER = "CODE_RAN_MARKER"  # a file that appears only if code from a hostile file ran
+MARKER = "CODE_RAN_MARKER"
+TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None  # GNU time: the command's own peak  # a file that appears only if code from a hostile file ran
 
 try:
     sys.path.insert(0, str(REPO))
@@ -75,30 +76,62 @@ def _env() -> dict:
 
 
 class Child:
-    """A console-script run in its own session; reaped with os.wait4 for its own peak memory."""
+    """A console-script run in its own session (with GNU time around it when present), reaped with os.wait4."""
 
     def __init__(self, args: list[str], cwd: Path, tag: str):
         self.argv = [sys.executable, "-m", "cli.main", *[str(a) for a in args]]
         self._out = open(cwd / f".probe-{tag}.stdout", "w+b")
         self._err = open(cwd / f".probe-{tag}.stderr", "w+b")
+        # ru_maxrss survives execve: a child spawned from this (torch-importing) process starts at
+        # our own high-water mark. GNU time forks the command from its own small process, so its
+        # %M is the command's own peak; it also reports a death by a signal as such.
+        self._time = cwd / f".probe-{tag}.time"
+        launcher = [TIME, "-f", "%M", "-o", str(self._time)] if TIME else []
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, cwd=cwd, env=_env(), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(launcher + self.argv, cwd=cwd, env=_env(), stdin=subprocess.DEVNULL,
                                      stdout=self._out, stderr=self._err, start_new_session=True)
         self.rc: int | None = None
         self.peak_kib = 0
+
+    def _target(self) -> int:
+        """The command's pid (under GNU time, its only child)."""
+        if not TIME:
+            return self.proc.pid
+        for _ in range(50):
+            try:
+                kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            except OSError:
+                kids = []
+            if kids:
+                return int(kids[0])
+            time.sleep(0.02)
+        return self.proc.pid
+
+    def _reaped(self, status: int, usage) -> None:
+        self.rc = os.waitstatus_to_exitcode(status)
+        self.peak_kib = usage.ru_maxrss
+        if TIME and self._time.is_file():
+            lines = self._time.read_text().split("\n")
+            self._time.unlink()
+            for line in lines:
+                if line.startswith("Command terminated by signal "):
+                    self.rc = -int(line.split()[-1])
+                elif line.startswith("Command exited with non-zero status "):
+                    self.rc = int(line.split()[-1])
+                elif line.strip().isdigit():
+                    self.peak_kib = int(line)
+        self.proc.returncode = self.rc
 
     def poll(self) -> int | None:
         if self.rc is None:
             pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
             if pid:
-                self.rc = os.waitstatus_to_exitcode(status)
-                self.proc.returncode = self.rc
-                self.peak_kib = usage.ru_maxrss
+                self._reaped(status, usage)
         return self.rc
 
     def signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.proc.pid, sig)
+            os.kill(self._target(), sig)
 
     def finish(self, timeout: float = CASE_TIMEOUT) -> Run:
         hang = False
@@ -110,7 +143,7 @@ class Child:
                 except ProcessLookupError:
                     pass
                 _, status, usage = os.wait4(self.proc.pid, 0)
-                self.rc, self.peak_kib = os.waitstatus_to_exitcode(status), usage.ru_maxrss
+                self._reaped(status, usage)
                 break
             time.sleep(0.05)
         try:  # leftovers of its session (ONNX Runtime workers) never outlive the case
@@ -695,7 +728,7 @@ def write_md(path: Path, doc: dict) -> None:
         f"- code run from a file: {t['code_run_from_a_file']}",
         f"- non-finite values passing: {t['non_finite_values_passing']}", "",
         "Columns: *one line*: stderr is exactly one line starting `Error:`; *out*: what the case left in "
-        "`--out` (`-`: no folder); *peak*: the child's peak resident memory (MiB, `os.wait4`).", "",
+        "`--out` (`-`: no folder); *peak*: the command's own peak resident memory (MiB, GNU time's `%M`).", "",
         "| group | case | command | exit | one line | traceback | hang | out | input modified | peak MiB | "
         "expected | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
