@@ -7,18 +7,29 @@ and exit code 2; nothing is written to ``--out`` unless the whole job succeeds.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
-import click
 
-from bmrs_surgery.errors import BmrsError
+def _interrupted_while_starting(signum, frame):  # Ctrl-C during the imports below (torch takes seconds)
+    os.write(2, b"Interrupted while starting: nothing was done\n")
+    os._exit(130)
 
-from ._common import fail
-from .bench_cmd import bench
-from .check_cmd import check
-from .compress import compress
-from .inspect_cmd import inspect
-from .sweep_cmd import sweep
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import click  # noqa: E402 - after the start-up handler
+
+from bmrs_surgery.errors import BmrsError  # noqa: E402
+
+from ._common import fail  # noqa: E402
+from .bench_cmd import bench  # noqa: E402
+from .check_cmd import check  # noqa: E402
+from .compress import compress  # noqa: E402
+from .inspect_cmd import inspect  # noqa: E402
+from .sweep_cmd import sweep  # noqa: E402
 
 
 class DefaultGroup(click.Group):
@@ -54,6 +65,8 @@ cli.add_command(sweep)
 
 def main(argv: list[str] | None = None) -> None:
     """The console script: click's own usage errors become one line too (exit code 2)."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     try:
         code = cli.main(args=argv, prog_name="bmrs-compress", standalone_mode=False)
     except click.UsageError as exc:

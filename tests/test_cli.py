@@ -524,3 +524,20 @@ def test_console_script_help():
         proc = subprocess.run([*_script(), *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "Usage:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path):
+    """Ctrl-C during the seconds the imports take (torch) ends with one line and exit 130."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "lenet5", "--data", "digits", "--out", str(tmp_path / "o")],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.splitlines() == ["Interrupted while starting: nothing was done"], err
+    assert not (tmp_path / "o").exists()
