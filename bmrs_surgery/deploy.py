@@ -22,7 +22,7 @@ from .errors import SurgeryError, first_line
 from .export import onnx_bytes, ort_parity
 from .gated import analysis_of, gate_bank, network, remove_gate_hooks
 from .surgery import parameter_count, shrink
-from .verify import Proof, failing_group, prove, random_inputs
+from .verify import Proof, failing_group, nonfinite_tensor, outputs, prove, random_inputs
 
 
 @dataclass
@@ -54,6 +54,19 @@ def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     return int(macs), int(params)
 
 
+def check_finite_outputs(reference: list[list[torch.Tensor]], randoms: int) -> None:
+    """The gated network's outputs on the proof's inputs (the first ``randoms`` random, the rest
+    test data) are finite: a NaN or an infinity there would make any proof meaningless (a
+    SurgeryError naming the input, before surgery)."""
+    for i, outs in enumerate(reference):
+        for t in outs:
+            bad = nonfinite_tensor(t)
+            if bad:
+                which = f"random input {i}" if i < randoms else "the test data"
+                raise SurgeryError(f"the gated network's output on {which} holds {bad}: the network "
+                                   "overflows or its weights are broken; nothing written")
+
+
 def deploy(gated: nn.Module, keep: torch.Tensor, input_shape: tuple[int, ...],
            real_inputs: list[torch.Tensor] | None = None,
            bench_batch_sizes: tuple[int, ...] | None = defaults.BENCH_BATCH_SIZES,
@@ -65,10 +78,13 @@ def deploy(gated: nn.Module, keep: torch.Tensor, input_shape: tuple[int, ...],
     with torch.no_grad():
         bank.mask.copy_(keep.to(bank.mask))
     gated.eval()
+    randoms = random_inputs(input_shape)
+    inputs = randoms + [x for x in (real_inputs or []) if x.numel()]
+    reference = outputs(gated, inputs)
+    check_finite_outputs(reference, len(randoms))
     pruned = shrink(analysis, bank, keep)
-    inputs = random_inputs(input_shape) + [x for x in (real_inputs or []) if x.numel()]
     try:
-        proof = prove(gated, pruned, inputs, tolerance)
+        proof = prove(gated, pruned, inputs, tolerance, reference=reference)
     except Exception as exc:  # noqa: BLE001 - the pruned network does not even run
         proof = Proof(float("inf"), 1.0, tolerance, len(inputs))
         cause = first_line(exc)

@@ -106,10 +106,13 @@ def compare(reference: list[list[torch.Tensor]], candidate: list[list[torch.Tens
     return Proof(diff, scale if scale > 0 else 1.0, tolerance, len(reference))
 
 
-def prove(gated: nn.Module, pruned: nn.Module, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> Proof:
+def prove(gated: nn.Module, pruned: nn.Module, inputs: list[torch.Tensor], tolerance: float = 1e-4,
+          reference: list[list[torch.Tensor]] | None = None) -> Proof:
     """Max abs output difference over ``inputs`` against ``tolerance`` x the gated output's scale;
-    a pruned network with an emptied layer fails whatever its outputs (a group is never emptied)."""
-    proof = compare(outputs(gated, inputs), outputs(pruned, inputs), tolerance)
+    a pruned network with an emptied layer fails whatever its outputs (a group is never emptied).
+    ``reference``: the gated network's :func:`outputs` on ``inputs``, when already computed."""
+    reference = outputs(gated, inputs) if reference is None else reference
+    proof = compare(reference, outputs(pruned, inputs), tolerance)
     empty = emptied_layers(pruned)
     if empty:
         proof.problem = f"layer parameter {empty[0]} was pruned to size 0"
