@@ -17,8 +17,9 @@ from torch import nn
 from . import defaults
 from .errors import BmrsError, first_line
 from .gated import attach_gates, detach_gates
+from .graph.export_trace import analyse_model as analyse_traced
+from .inputs import outputs as named_outputs
 from .limits import check_seed
-from .placement import analyse_model
 from .plan import plan_keep
 from .surgery import parameter_count, shrink
 from .verify import check_weights, compare, failing_group, outputs, random_inputs
@@ -41,6 +42,8 @@ class CheckResult:
     output_scale: float | None = None
     opaque: list = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    tracer: str | None = None  # fx or export: the front end that captured the graph
+    inputs: list[str] = field(default_factory=list)  # named inputs (NAME:DTYPE:SHAPE), if any
 
     @property
     def ok(self) -> bool:
@@ -92,20 +95,30 @@ def randomized_copy(model: nn.Module, generator: torch.Generator) -> nn.Module:
 def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "model", ratio: float = defaults.CHECK_RATIO,
                 seed: int = 0, onnx: bool = True, real_inputs: list[torch.Tensor] | None = None,
                 ignore: tuple[str, ...] = (), tolerance: float = defaults.TOLERANCE, keep_weights: bool = False,
-                round_to: int | None = defaults.ROUND_TO) -> CheckResult:
+                round_to: int | None = defaults.ROUND_TO, specs: list | None = None,
+                tracer: str = "auto") -> CheckResult:
     """Run every stage on ``model`` (never modified: it works on a copy). With ``keep_weights``, a
-    model with a non-finite, integer or complex weight is refused (a :class:`ModelLoadError`)."""
+    model with a non-finite, integer or complex weight is refused (a :class:`ModelLoadError`).
+    ``specs``: named inputs (:class:`~bmrs_surgery.inputs.InputSpec`, e.g. token ids and a mask),
+    given to the model as keyword arguments instead of one float tensor of ``input_shape``;
+    ``tracer``: ``auto``, ``fx`` or ``export`` (see :mod:`bmrs_surgery.graph.export_trace`)."""
     if keep_weights:
         check_weights(model, name)
     res = CheckResult(name, tuple(input_shape))
     res.params_before = parameter_count(model)
     gen = torch.Generator().manual_seed(check_seed(seed))
     model = copy.deepcopy(model) if keep_weights else randomized_copy(model, gen)
-    example = torch.randn((1,) + tuple(input_shape[1:]), generator=gen)
+    if specs:
+        from .inputs import make_inputs
+
+        res.inputs = [str(s) for s in specs]
+        example = make_inputs(specs, model, batch=1, seed=seed)
+    else:
+        example = torch.randn((1,) + tuple(input_shape[1:]), generator=gen)
     model.eval()
     t = time.perf_counter()
     try:
-        analysis = analyse_model(model, example, ignore)
+        analysis = analyse_traced(model, example, ignore, tracer)
     except BmrsError as exc:
         msg = _err(exc)
         if exc.stage == "groups":  # traced, but nothing to prune
@@ -118,6 +131,7 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
         res.stages["trace"] = _err(exc)
         return res
     res.seconds["analysis"] = time.perf_counter() - t
+    res.tracer = getattr(analysis, "tracer", "fx")
     res.stages["trace"] = "ok"
     res.stages["groups"] = "ok"
     res.groups = len(analysis.groups)
@@ -138,7 +152,13 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
             bank.mask.copy_(keep.float())
         res.structures_kept = int(keep.sum())
         gated.eval()
-        inputs = random_inputs(input_shape, seed=seed) + list(real_inputs or [])
+        if specs:
+            from .inputs import make_inputs
+
+            inputs = [make_inputs(specs, model, batch=2, seed=seed + 1 + i) for i in range(2)]
+        else:
+            inputs = random_inputs(input_shape, seed=seed) + list(real_inputs or [])
+        run = named_outputs if specs else outputs
         res.stages["gates"] = "ok"
         t = time.perf_counter()
         try:
@@ -150,9 +170,9 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
         res.stages["surgery"] = "ok"
         res.params_after = parameter_count(pruned)
         t = time.perf_counter()
-        reference = outputs(gated, inputs)
+        reference = run(gated, inputs)
         try:
-            proof = compare(reference, outputs(pruned, inputs), tolerance)
+            proof = compare(reference, run(pruned, inputs), tolerance)
         except Exception as exc:  # noqa: BLE001
             proof = None
             res.stages["verify"] = f"pruned model fails to run: {_err(exc)}"
@@ -164,7 +184,7 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
             else:
                 res.stages["verify"] = f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
         if res.stages["verify"] != "ok":
-            group = failing_group(analysis, bank, keep, gated, inputs, tolerance)
+            group = None if specs else failing_group(analysis, bank, keep, gated, inputs, tolerance)
             if group is not None:
                 res.stages["verify"] += f" (group {group.name}, {group.kind}, layers {', '.join(group.consumers[:3])})"
             return res

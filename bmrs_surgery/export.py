@@ -33,8 +33,52 @@ def _quiet_logs():
             lg.setLevel(lvl)
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") -> tuple[bytes, str]:
+def _named_axes(example: dict) -> tuple[dict, dict]:
+    """dynamic_shapes (dynamo) and dynamic_axes (TorchScript) for named inputs: batch on axis 0,
+    sequence on axis 1 of every input with two or more axes."""
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    shapes = {n: ({0: batch, 1: seq} if t.ndim >= 2 else {0: batch}) for n, t in example.items()}
+    axes = {n: ({0: "batch", 1: "sequence"} if t.ndim >= 2 else {0: "batch"}) for n, t in example.items()}
+    return shapes, axes
+
+
+def _onnx_named(model: nn.Module, example: dict, kind: str) -> bytes:
+    """Export a model that takes named (keyword) inputs: one ONNX input per name, dtypes kept
+    (token ids stay int64), dynamic batch and sequence axes. The example needs a batch and a
+    sequence of at least 2 (torch.export fixes a size of 1)."""
+    shapes, axes = _named_axes(example)
+    names = list(example)
+    wrapped, args = _Positional(model, names).eval(), tuple(example.values())
+    if kind == "dynamo":
+        prog = torch.onnx.export(wrapped, args, dynamo=True, external_data=False, verbose=False, opset_version=OPSET,
+                                 input_names=names, output_names=["output"], dynamic_shapes=tuple(shapes.values()),
+                                 optimize=True)
+        return prog.model_proto.SerializeToString()
+    buf = io.BytesIO()
+    torch.onnx.export(wrapped, args, buf, dynamo=False, opset_version=OPSET, input_names=names,
+                      output_names=["output"], dynamic_axes={**axes, "output": {0: "batch", 1: "sequence"}})
+    return buf.getvalue()
+
+
+class _Positional(nn.Module):
+    """A model that takes named inputs, called with them in order; returns its first output tensor
+    (a transformers model's ``last_hidden_state`` or ``logits``)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, *tensors):
+        out = self.model(**dict(zip(self.names, tensors)))
+        while not isinstance(out, torch.Tensor):
+            out = next(iter(out.values())) if isinstance(out, dict) else out[0]
+        return out
+
+
+def onnx_bytes(model: nn.Module, example, exporter: str = "auto") -> tuple[bytes, str]:
     """The model as an ONNX file in memory, with a dynamic batch axis; returns (bytes, exporter used).
+    ``example`` is a tensor, or a dict of named inputs (see :func:`_onnx_named`).
 
     ``auto`` tries torch's dynamo exporter first and the TorchScript one if it fails.
     """
@@ -47,6 +91,8 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") 
         try:
             with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():
                 warnings.simplefilter("ignore")
+                if isinstance(example, dict):
+                    return _onnx_named(model, example, kind), kind
                 if kind == "dynamo":
                     prog = torch.onnx.export(
                         model, (example,), dynamo=True, external_data=False, verbose=False,
@@ -112,17 +158,25 @@ def ort_parity(model: nn.Module, data: bytes | str, inputs: list[torch.Tensor], 
     sess = session(data)
     name = sess.get_inputs()[0].name
     example = inputs[0]
-    batches = list(inputs) + [torch.cat([example, example[:1]])]
+    if isinstance(example, dict):  # named inputs: one more batch row and one token fewer
+        batches = list(inputs) + [{k: torch.cat([v, v[:1]]) for k, v in example.items()},
+                                  {k: v[:, :-1] if v.ndim >= 2 and v.shape[1] > 2 else v for k, v in example.items()}]
+    else:
+        batches = list(inputs) + [torch.cat([example, example[:1]])]
     diff, scale = 0.0, 0.0
     model = model.eval()
     with torch.no_grad():
         for x in batches:
-            ref = model(x)
+            ref = model(**x) if isinstance(x, dict) else model(x)
+            ref = next(iter(ref.values())) if isinstance(ref, dict) else ref  # a transformers ModelOutput
             ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+            feed = ({i.name: x[i.name].numpy() for i in sess.get_inputs()} if isinstance(x, dict)
+                    else {name: x.float().numpy()})
             try:
-                got = sess.run(None, {name: x.float().numpy()})[0]
+                got = sess.run(None, feed)[0]
             except Exception as exc:  # noqa: BLE001
-                raise ExportError(f"ONNX Runtime failed on batch {tuple(x.shape)}: {_first_line(exc)}") from None
+                shape = tuple(next(iter(x.values())).shape) if isinstance(x, dict) else tuple(x.shape)
+                raise ExportError(f"ONNX Runtime failed on batch {shape}: {_first_line(exc)}") from None
             if got.shape != tuple(ref.shape):
                 raise ExportError(f"ONNX Runtime output shape {got.shape} != torch {tuple(ref.shape)}")
             r = ref.float().numpy()

@@ -142,6 +142,10 @@ def shrink(analysis: Analysis, bank: GateBank, keep: torch.Tensor | None = None)
     with torch.no_grad():
         e = (bank.expected().detach().double().cpu() * keep.double().cpu()).numpy()
     expected = {g.id: e[bank.slice_of(i)] for i, g in enumerate(bank.groups)}
+    if getattr(analysis, "tracer", "fx") == "export":  # the eager model itself, sliced by qualified names
+        from .graph.export_trace import shrink_module
+
+        return shrink_module(analysis, expected, keep_by)
     gm = _copy_without_gates(analysis.gm)
     gm.eval()
     fold_expected(gm, analysis, expected)

@@ -7,4 +7,15 @@ batch_norm and instance_norm), elementwise (activations, binary operations), poo
 scaled_dot_product_attention).
 """
 
-from . import attention, batch_norm, conv_functional, elementwise, layers, norms, pooling, shape_ops  # noqa: F401
+from . import (  # noqa: F401 - aten: torch.export graphs; transformers_layers: GPT-2's Conv1D
+    aten,
+    attention,
+    batch_norm,
+    conv_functional,
+    elementwise,
+    layers,
+    norms,
+    pooling,
+    shape_ops,
+    transformers_layers,
+)

@@ -1,0 +1,363 @@
+"""The torch.export front end: capture a model with ``torch.export.export(..., strict=False)`` and
+give the channel analysis a graph it reads like an fx trace.
+
+Hugging Face transformers no longer traces with torch.fx; torch.export captures it (and any model
+whose forward takes token ids, masks or several keyword inputs). The captured graph is used for
+*analysis only*; the model itself stays as it is:
+
+1. **capture**: ``torch.export.export(model, (), example, strict=False)`` in eval mode; the graph
+   of its ``module()`` names every parameter by its qualified name in the model;
+2. **normalize** (graph in, graph out): shape assertions are dropped, ``aten.sym_size`` becomes
+   ``size``, and every ATen overload (``aten.view.default``) is named by its packet
+   (``aten.view``), whose arguments are those of the torch function with that name, so the rules
+   of :mod:`.rules` apply; :mod:`.rules.aten` covers what only ATen graphs hold;
+3. **outline**: every call of a module with a registered rule (``nn.Linear``, transformers'
+   ``Conv1D``, ``nn.Embedding``, ``nn.LayerNorm``...) that reads one tensor and writes one becomes
+   one ``call_module`` node of that very module (found through ``nn_module_stack``), so gates sit
+   on the model's own layers as forward pre-hooks and parameters are sliced by their names.
+
+Surgery (:func:`shrink_module`) then works on a copy of the eager model: gates folded, parameters
+sliced by qualified name, size attributes updated (layer rules' ``resize``, then the attention and
+MLP attributes of :func:`bmrs_surgery.hf.update_size_attributes`). The pruned model keeps its own
+class and forward, which is what a recipe replays (:mod:`bmrs_surgery.recipe`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..errors import GatePlacementError, GraphError
+from ..errors import first_line as _first_line
+from . import registry
+from .groups import Analysis, build_groups
+from .propagate import propagate
+
+TRACERS = ("auto", "fx", "export")
+_DROP = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range_for_size",
+         "sym_constrain_range", "_assert_tensor_metadata.default"}
+
+
+@dataclass
+class ExportAnalysis(Analysis):
+    """An :class:`Analysis` of a graph captured with torch.export: ``gm`` is for analysis only,
+    gates go on ``model`` and surgery works on a copy of ``model``."""
+
+    tracer: str = "export"
+    example: Any = None
+
+
+@contextlib.contextmanager
+def _quiet():
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._dynamo", "torch._export",
+                                              "torch.fx.experimental.symbolic_shapes", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+@contextlib.contextmanager
+def _no_cache(model: nn.Module):
+    """A transformers model without its key/value cache output (``use_cache=False``) for the capture."""
+    config = getattr(model, "config", None)
+    had = getattr(config, "use_cache", None)
+    if had:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if had:
+            config.use_cache = had
+
+
+def _construct(exc: BaseException) -> str:
+    """The construct that stopped torch.export, from the innermost frame of the model's own code."""
+    tb = exc.__traceback__
+    where = ""
+    while tb is not None:
+        f = tb.tb_frame.f_code
+        if "site-packages/torch" not in f.co_filename and "/torch/" not in f.co_filename:
+            where = f"{f.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {f.co_name}"
+        tb = tb.tb_next
+    return where
+
+
+def export_program(model: nn.Module, example) -> torch.export.ExportedProgram:
+    """``torch.export.export(model, ..., strict=False)`` in eval mode, errors as one line."""
+    args, kwargs = ((), dict(example)) if isinstance(example, dict) else ((example,), {})
+    was = model.training
+    model.eval()
+    try:
+        with _quiet(), _no_cache(model), torch.no_grad():
+            return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - export raises many kinds
+        where = _construct(exc)
+        raise GraphError(f"torch.export cannot capture {type(model).__name__}"
+                         + (f" ({where})" if where else "") + f": {_first_line(exc)}") from None
+    finally:
+        model.train(was)
+
+
+def _op_name(target) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+def normalize(gm: fx.GraphModule) -> None:
+    """Drop assertions, ``sym_size`` -> ``size``, ATen overloads -> their packets (see the module doc)."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        t = node.target
+        if not isinstance(t, torch._ops.OpOverload):
+            continue
+        packet = t.overloadpacket
+        name = _op_name(packet)
+        if name in _DROP or (name.startswith("_assert") and not node.users):
+            if not node.users:
+                g.erase_node(node)
+            continue
+        if name == "sym_size":
+            node.op, node.target = "call_method", "size"
+            continue
+        if name == "scaled_dot_product_attention" and node.kwargs.get("enable_gqa", False):
+            continue  # keeps its overload name: rules.aten handles grouped key/value heads
+        if registry.function_rule(_op_name(t)) is not None:
+            continue
+        node.target = packet
+
+
+def buffer_value(x):
+    """Identity: marks a buffer or constant read in the analysis graph (rotary frequencies, masks):
+    its values are fixed, never channels (see :func:`mark_constants`)."""
+    return x
+
+
+def mark_constants(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Reads of buffers and lifted constants go through :func:`buffer_value`, so the analysis never
+    takes a non-trainable tensor (RoPE's ``inv_freq``) for a parameter with channels; export's
+    ``_guards_fn`` call is dropped."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards") and not node.users:
+            gm.graph.erase_node(node)
+        elif node.op == "get_attr" and node.target not in params and node.users:
+            with gm.graph.inserting_after(node):
+                new = gm.graph.create_node("call_function", buffer_value, (node,))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+
+
+def _module_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """(stack key, module path) of the outermost module with a rule that this node runs inside."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for key, entry in stack.items():
+        path = entry[0] if isinstance(entry, tuple) else entry
+        mod = modules.get(path)
+        if mod is not None and path and registry.module_rule(mod) is not None:
+            return key, path
+    return None
+
+
+def outline(gm: fx.GraphModule, model: nn.Module) -> list[str]:
+    """Replace each call of a module with a rule by one ``call_module`` node (see the module doc);
+    returns the outlined module paths."""
+    modules = dict(model.named_modules())
+    regions: dict[str, list[fx.Node]] = {}
+    paths: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        hit = _module_of(node, modules)
+        if hit is not None:
+            regions.setdefault(hit[0], []).append(node)
+            paths[hit[0]] = hit[1]
+    done = []
+    for key, nodes in regions.items():
+        path = paths[key]
+        inside = set(nodes)
+        own = path + "."
+        ext: list[fx.Node] = []
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if a in inside or a in ext or (a.op == "get_attr" and str(a.target).startswith(own)):
+                    continue
+                ext.append(a)
+        outs = [n for n in nodes if any(u not in inside for u in n.users)]
+        if len(ext) != 1 or len(outs) != 1 or not isinstance(ext[0].meta.get("val"), torch.Tensor):
+            continue
+        out = outs[0]
+        with gm.graph.inserting_before(out):
+            new = gm.graph.create_node("call_module", path, (ext[0],))  # the model's module, not gm's
+        new.meta = dict(out.meta)
+        out.replace_all_uses_with(new)
+        for n in reversed(nodes):
+            if not n.users:
+                gm.graph.erase_node(n)
+        done.append(path)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    return done
+
+
+def _fetch(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rebuild(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """A GraphModule over ``gm``'s graph whose modules and parameters are the model's own objects
+    (constants export lifted come from ``gm``)."""
+    root: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            try:
+                root[node.target] = _fetch(model, node.target)
+            except AttributeError:
+                root[node.target] = _fetch(gm, node.target)
+    return fx.GraphModule(root, gm.graph, type(model).__name__)
+
+
+def _shape_meta(gm: fx.GraphModule) -> None:
+    """``tensor_meta`` from export's fake values, where export left none."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    for node in gm.graph.nodes:
+        if node.meta.get("tensor_meta") is not None:
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            node.meta["tensor_meta"] = _extract_tensor_metadata(val)
+        elif isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
+            node.meta["tensor_meta"] = [_extract_tensor_metadata(v) for v in val]
+
+
+def capture(model: nn.Module, example) -> tuple[fx.GraphModule, list[str]]:
+    """The analysis graph of ``model`` on ``example`` (a tensor or a dict of named tensors) and
+    the modules outlined as calls."""
+    registry._load_builtin()
+    from .rules import transformers_layers
+
+    transformers_layers.register()
+    ep = export_program(model, example)
+    with _quiet():
+        gm = ep.module()
+    normalize(gm)
+    mark_constants(gm, model)
+    outlined = outline(gm, model)
+    new = _rebuild(gm, model)
+    new.graph.eliminate_dead_code()
+    _shape_meta(new)
+    return new, outlined
+
+
+def _example_shape(example) -> tuple[int, ...]:
+    if isinstance(example, dict):
+        return tuple(next(iter(example.values())).shape)
+    return tuple(example.shape)
+
+
+def analyse_exported(model: nn.Module, example, ignore: tuple[str, ...] = ()) -> ExportAnalysis:
+    """Capture with torch.export, propagate channels, solve and group."""
+    t0 = time.perf_counter()
+    gm, _ = capture(model, example)
+    t1 = time.perf_counter()
+    prop = propagate(gm)
+    for s in prop.slots:
+        if s.module in ignore and s.role == "out":
+            prop.recorder.block(s.ids)
+    unknown = [n for n in ignore if n not in dict(model.named_modules())]
+    if unknown:
+        raise GatePlacementError(f"ignored layer {unknown[0]!r} is not a module of the model")
+    sol = prop.recorder.solve()
+    groups = build_groups(prop, sol)
+    t2 = time.perf_counter()
+    return ExportAnalysis(model, gm, _example_shape(example), prop, sol, groups, [],
+                          {"trace_s": t1 - t0, "shapes_s": 0.0, "groups_s": t2 - t1}, [], None,
+                          tracer="export", example=example)
+
+
+def tracer_of(analysis) -> str:
+    """Which front end made an analysis: ``fx`` or ``export``."""
+    return getattr(analysis, "tracer", "fx")
+
+
+def analyse_model(model: nn.Module, example, ignore: tuple[str, ...] = (), tracer: str = "auto") -> Analysis:
+    """The dependency analysis with the chosen front end. ``auto``: torch.fx for a tensor input
+    when it traces the model, else torch.export; named (keyword) inputs always use torch.export.
+    When both fail, one line names what stopped each."""
+    from ..placement import analyse_model as analyse_fx
+
+    if tracer not in TRACERS:
+        raise GraphError(f"--tracer must be one of {', '.join(TRACERS)}, got {tracer!r}")
+    if not any(True for _ in model.parameters()):
+        raise GatePlacementError(f"{type(model).__name__} has no parameters: nothing to prune")
+    named = isinstance(example, dict)
+    if tracer == "fx" and named:
+        raise GraphError("--tracer fx takes one tensor input; named inputs (--input NAME:...) need --tracer export")
+    fx_error = None
+    if tracer == "fx" or (tracer == "auto" and not named and not _is_transformers(model)):
+        try:
+            analysis = analyse_fx(model, example)
+            analysis.tracer = "fx"  # type: ignore[attr-defined]
+            return analysis
+        except GraphError as exc:
+            if tracer == "fx":
+                raise
+            fx_error = exc
+    one = {k: v[:1] for k, v in example.items()} if named else (example[:1] if example.ndim > 1 else example)
+    try:
+        analysis = analyse_exported(model, one, ignore)
+    except GraphError as exc:
+        if fx_error is not None:
+            raise GraphError(f"neither tracer could capture {type(model).__name__}: torch.fx: {fx_error.message}; "
+                             f"torch.export: {exc.message}") from None
+        raise
+    if not analysis.groups:
+        why = analysis.propagation.opaque
+        hint = f" ({why[0][0]}: {why[0][1]})" if why else ""
+        raise GatePlacementError(f"{type(model).__name__} has no prunable structure outside its output layer{hint}")
+    return analysis
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    """A transformers model: torch.fx cannot trace it (transformers removed its fx tracer)."""
+    return type(model).__module__.startswith("transformers.") and "transformers" in sys.modules
+
+
+def shrink_module(analysis: ExportAnalysis, expected: dict[int, np.ndarray], keep: dict[int, np.ndarray]) -> nn.Module:
+    """The pruned eager model (a copy; the analysed model is untouched): each tap's E[theta] folded
+    into the layer it scales, every owned parameter dimension sliced to the kept indices by
+    qualified name, size attributes updated. Its class and forward are the model's own."""
+    from ..gated import gates_removed
+    from ..hf import update_size_attributes
+    from ..surgery import fold_expected, slice_parameters, update_sizes
+
+    with gates_removed(analysis.model):
+        model = copy.deepcopy(analysis.model)
+    model.eval()
+    fold_expected(model, analysis, expected)
+    touched = slice_parameters(model, analysis, keep)
+    update_sizes(model, touched)
+    update_size_attributes(model)
+    return model

@@ -1,0 +1,188 @@
+"""Model inputs that are not one float image: token ids, attention masks, several named inputs.
+
+An *input spec* is ``name:dtype:shape`` (``input_ids:int64:1x128``); several specs make one
+example, a ``dict`` of named tensors that the model receives as keyword arguments
+(``model(**example)``). An *example-inputs file* is a safetensors file of named tensors (no
+pickle): its names, dtypes and shapes become the specs, and its values are the first example.
+
+Random examples follow the names: ``*mask*`` inputs are all ones (nothing masked),
+``token_type_ids`` zeros, ``position_ids`` ``0..L-1``, other integer inputs uniform token ids below
+the model's vocabulary size (``config.vocab_size``, or the smallest ``nn.Embedding``), float
+inputs standard normal.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import JobError
+
+DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16, "float64": torch.float64, "bool": torch.bool}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_INPUT_ELEMENTS = 2**28  # one named input; a float32 tensor of this size is 1 GiB
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        dt = next(k for k, v in DTYPES.items() if v == self.dtype)
+        return f"{self.name}:{dt}:{'x'.join(map(str, self.shape))}"
+
+
+def parse_input(text: str, option: str = "--input") -> InputSpec:
+    """``"input_ids:int64:1x128"`` -> InputSpec; one clear line for anything else."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise JobError(f"{text!r}: expected NAME:DTYPE:SHAPE, e.g. input_ids:int64:1x128", param=option.lstrip("-"))
+    name, dtype, shape_text = (p.strip() for p in parts)
+    if not _NAME.match(name):
+        raise JobError(f"{text!r}: input name {name!r} is not an identifier", param=option.lstrip("-"))
+    if dtype not in DTYPES:
+        raise JobError(f"{text!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}", param=option.lstrip("-"))
+    try:
+        shape = tuple(int(p) for p in re.split(r"[x,]", shape_text) if p.strip())
+    except ValueError:
+        raise JobError(f"{text!r}: shape {shape_text!r} is not sizes joined by x, e.g. 1x128",
+                       param=option.lstrip("-")) from None
+    if not shape or any(d <= 0 for d in shape):
+        raise JobError(f"{text!r}: every size must be a positive integer", param=option.lstrip("-"))
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise JobError(f"{text!r}: {math.prod(shape):,} elements is more than the limit of {MAX_INPUT_ELEMENTS:,}",
+                       param=option.lstrip("-"))
+    return InputSpec(name, DTYPES[dtype], shape)
+
+
+def parse_inputs(texts) -> list[InputSpec]:
+    specs = [parse_input(t) for t in texts]
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise JobError(f"input {dup!r} is given twice", param="input")
+    batches = {s.shape[0] for s in specs}
+    if len(batches) > 1:
+        raise JobError(f"the inputs disagree on the batch size (first sizes {sorted(batches)})", param="input")
+    return specs
+
+
+def load_example_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Named example tensors from a safetensors file (never pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise JobError(f"{p}: no such file (an example-inputs file is a .safetensors of named tensors)",
+                       param="inputs_file")
+    try:
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise JobError(f"{p}: not a safetensors file of named tensors ({exc})", param="inputs_file") from None
+    if not tensors:
+        raise JobError(f"{p}: holds no tensors", param="inputs_file")
+    bad = next((n for n in tensors if not _NAME.match(n)), None)
+    if bad is not None:
+        raise JobError(f"{p}: tensor name {bad!r} is not an identifier (names are the model's keyword arguments)",
+                       param="inputs_file")
+    if len({t.shape[0] if t.ndim else None for t in tensors.values()}) != 1 or any(t.ndim == 0 for t in tensors.values()):
+        raise JobError(f"{p}: every tensor needs the same first (batch) size", param="inputs_file")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise JobError(f"{p}: tensor {name} holds NaN or an infinity", param="inputs_file")
+    return dict(tensors)
+
+
+def specs_of(example: dict[str, torch.Tensor]) -> list[InputSpec]:
+    return [InputSpec(n, t.dtype, tuple(t.shape)) for n, t in example.items()]
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """Token ids must stay below this: ``config.vocab_size`` or the smallest embedding table."""
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(v, int) and v > 0:
+        return v
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return min(sizes) if sizes else None
+
+
+def make_inputs(specs: list[InputSpec], model: nn.Module | None = None, *, batch: int | None = None,
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    """One random example of ``specs`` (``batch`` replaces the specs' first size)."""
+    gen = torch.Generator().manual_seed(seed)
+    high = (vocab_size(model) if model is not None else None) or 2
+    out = {}
+    for s in specs:
+        shape = ((batch,) + s.shape[1:]) if batch else s.shape
+        lname = s.name.lower()
+        if s.dtype.is_floating_point:
+            t = torch.randn(shape, generator=gen).to(s.dtype)
+        elif "mask" in lname or s.dtype == torch.bool:
+            t = torch.ones(shape, dtype=s.dtype)
+        elif "token_type" in lname:
+            t = torch.zeros(shape, dtype=s.dtype)
+        elif "position" in lname:
+            t = torch.arange(shape[-1], dtype=s.dtype).expand(shape).clone()
+        else:
+            t = torch.randint(0, high, shape, generator=gen, dtype=s.dtype)
+        out[s.name] = t
+    return out
+
+
+def call(model: nn.Module, x: Any):
+    """Run ``model`` on one example: named inputs as keyword arguments, a tensor as the argument."""
+    if isinstance(x, dict):
+        return model(**x)
+    return model(x)
+
+
+def first(x: Any, n: int = 1):
+    """The first ``n`` rows of every input of an example."""
+    if isinstance(x, dict):
+        return {k: v[:n] for k, v in x.items()}
+    return x[:n]
+
+
+def batch_size(x: Any) -> int:
+    if isinstance(x, dict):
+        return int(next(iter(x.values())).shape[0])
+    return int(x.shape[0])
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+    """The shape of a tensor example, or of the first input of a named one."""
+    if isinstance(x, dict):
+        return tuple(next(iter(x.values())).shape)
+    return tuple(x.shape)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def outputs(model: nn.Module, examples: list) -> list[list[torch.Tensor]]:
+    """Every output tensor of ``model`` on each example (tensors or named inputs), in eval mode,
+    as float: what the equivalence proof compares (see :func:`bmrs_surgery.verify.compare`)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [[t.detach().float() for t in _tensors(call(model, x))] for x in examples]
+    finally:
+        model.train(was)
