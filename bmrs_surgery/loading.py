@@ -3,6 +3,8 @@
 A MODEL spec is one of
   * a bundled name (``lenet5``, ``mlp``): a fresh reference network,
   * ``torchvision:NAME``: a torchvision architecture with ``weights=None`` (nothing is downloaded),
+  * ``hf:DIR``: a local Hugging Face model folder; ``hf:LlamaConfig`` (``hf:BertConfig:num_hidden_layers=4``):
+    a randomly initialised transformers architecture with small sizes (see :mod:`bmrs_surgery.hf`),
   * a path to a file saved by :func:`save_checkpoint` (architecture name + state dict + gate
     groups: loads with ``weights_only=True``, runs no code from the file),
   * a path to a plain state dict, given with an architecture (``arch=``),
@@ -12,9 +14,12 @@ A MODEL spec is one of
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import io
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,17 +104,19 @@ def _from_factory(arch: str, kwargs: dict, label: str | None = None) -> nn.Modul
 
     Importing the module and calling the factory run the user's code: anything it raises, exits
     (``SystemExit``) included, is a one-line ModelLoadError; only Ctrl-C goes through."""
-    import importlib
     import inspect
 
     module_name, _, attr = arch.partition(":")
     label = label or f"--arch {arch}"
+    searched: list[str] = []
     try:
-        module = importlib.import_module(module_name)
+        with user_code_path() as searched:
+            module = importlib.import_module(module_name)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - any import failure (or exit) is the spec's fault
-        raise ModelLoadError(f"{label}: cannot import {module_name} ({_why(exc)})") from None
+        where = f"; searched {searched_text(searched)}" if isinstance(exc, ModuleNotFoundError) else ""
+        raise ModelLoadError(f"{label}: cannot import {module_name} ({_why(exc)}){where}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelLoadError(f"{label}: {module_name} has no callable {attr!r}")
@@ -126,6 +133,33 @@ def _from_factory(arch: str, kwargs: dict, label: str | None = None) -> nn.Modul
     if not isinstance(net, nn.Module):
         raise ModelLoadError(f"{label}: {attr}() returned a {type(net).__name__}, not an nn.Module")
     return net
+
+
+@contextlib.contextmanager
+def user_code_path(*folders: Path):
+    """The user's own modules importable as ``python -m`` would make them: the current folder (and
+    ``folders``, e.g. the model file's) go on the front of ``sys.path`` while the user's code is
+    imported or unpickled, and come off again. The console script, unlike ``python -m``, does not
+    put the working folder on the path, so ``--arch mynet:factory`` from the folder holding
+    ``mynet.py`` would not import otherwise. Yields the list of places searched."""
+    added = []
+    for folder in (Path.cwd(), *folders):
+        entry = str(folder.resolve())
+        if entry not in sys.path and entry not in added:
+            added.append(entry)
+    sys.path[:0] = added
+    importlib.invalidate_caches()
+    try:
+        yield [f"the current folder {Path.cwd().resolve()}", *(f"the model file's folder {f.resolve()}" for f in folders)]
+    finally:
+        for entry in added:
+            if entry in sys.path:
+                sys.path.remove(entry)
+
+
+def searched_text(searched: list[str]) -> str:
+    """The places :func:`user_code_path` searched, for an import error's message."""
+    return ", ".join(searched) + " and the Python path"
 
 
 def _why(exc: BaseException) -> str:
@@ -145,6 +179,10 @@ def _looks_like_path(spec: str) -> bool:
 
 def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
     """Resolve a MODEL spec (see module doc); every failure is a one-line ModelLoadError."""
+    if spec.startswith("hf:"):  # a local Hugging Face folder, or a config class with small sizes (bmrs_surgery.hf)
+        from .hf import load_spec
+
+        return LoadedModel(load_spec(spec), spec, None)
     if not _looks_like_path(spec):
         try:
             net, shape = build_arch(spec, source=f"model {spec}" if is_factory_spec(spec) else None)
@@ -175,10 +213,13 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
                 f"{spec} is a pickled nn.Module (or other Python objects): loading it runs code from "
                 "the file; pass --trust-model if you trust it"
             ) from None
+        searched: list[str] = []
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            with user_code_path(path.parent) as searched:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001
-            raise ModelLoadError(f"cannot unpickle {spec}: {_first_line(exc2)}") from None
+            where = f"; searched {searched_text(searched)}" if isinstance(exc2, ModuleNotFoundError) else ""
+            raise ModelLoadError(f"cannot unpickle {spec}: {_first_line(exc2)}{where}") from None
     if isinstance(obj, nn.Module):
         if not has_gates(obj) and has_gate_hooks(obj):
             raise ModelLoadError(
