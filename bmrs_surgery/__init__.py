@@ -14,13 +14,14 @@ from .gates import GateBank
 from .graph.group import Group
 from .job import Job
 from .pipeline import Result, compress
+from .recipe import apply_recipe
 from .surgery import pruned_network
 from .verify import prove
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BmrsError", "GateBank", "GatedModel", "Group", "Job", "PruneResult", "Result", "apply_decision",
+    "BmrsError", "GateBank", "GatedModel", "Group", "Job", "PruneResult", "Result", "apply_decision", "apply_recipe",
     "attach_gates", "compress", "decision", "delta_f", "detach_gates", "expected_theta", "gate_bank", "has_gates",
     "kl_divergence", "kl_term", "prune", "pruned_network", "prove", "rules", "scores", "snr", "unmask",
     "variance_theta",

@@ -108,6 +108,22 @@ def offline():
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _quiet(tf):
+    """No progress bars or info lines from transformers on the console (one-line errors stay ours)."""
+    logging = tf.utils.logging
+    bars = logging.is_progress_bar_enabled()
+    level = logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+        logging.set_verbosity(level)
+
+
 def _transformers(spec: str):
     try:
         import transformers
@@ -133,7 +149,7 @@ def load_folder(folder: str | Path, spec: str | None = None) -> nn.Module:
         raise ModelLoadError(f"{spec}: {path / 'model.safetensors'} is missing (weights in safetensors are needed; "
                              "pickled pytorch_model.bin is not loaded); nothing is downloaded")
     tf = _transformers(spec)
-    with offline():
+    with offline(), _quiet(tf):
         try:
             config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
@@ -166,3 +182,142 @@ def from_config(name: str, **sizes) -> nn.Module:
     model = tf.AutoModel.from_config(config)
     _prepare(model)
     return model
+
+
+# small sizes for checks: every family gets 2 layers, 4 query heads of 16, 2 key/value heads where
+# the config has them, an FFN of 128 and a vocabulary of 1000 (keys a config does not know are dropped)
+SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "intermediate_size": 128, "vocab_size": 1000, "max_position_embeddings": 128,
+         "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, "dim": 64, "n_layers": 2, "n_heads": 4,
+         "hidden_dim": 128, "d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_heads": 4,
+         "head_dim": 16, "image_size": 32, "patch_size": 8, "embed_dim": 32, "depths": [2, 2],
+         "encoder_stride": 8, "window_size": 2}
+
+
+def _small_sizes(cls, overrides: dict) -> dict:
+    """The :data:`SMALL` sizes the config class takes as arguments or attributes, then ``overrides``."""
+    import inspect
+
+    known = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "attribute_map", {}))
+    defaults = cls()
+    sizes = {k: v for k, v in SMALL.items() if k in known or hasattr(defaults, k)}
+    if "num_key_value_heads" in sizes and not hasattr(defaults, "num_key_value_heads"):
+        sizes.pop("num_key_value_heads")
+    if "embed_dim" in sizes and "depths" in sizes:  # Swin: heads per stage, the width doubles
+        sizes["num_heads"] = [2, 4]
+        sizes.pop("num_layers", None)
+        sizes.pop("hidden_size", None)
+    vocab = sizes.get("vocab_size")
+    for tok in ("pad_token_id", "bos_token_id", "eos_token_id"):  # special tokens inside the small vocabulary
+        if vocab and isinstance(getattr(defaults, tok, None), int) and getattr(defaults, tok) >= vocab:
+            sizes[tok] = 0
+    sizes.update(overrides)
+    return sizes
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def load_spec(spec: str) -> nn.Module:
+    """``hf:DIR`` (a local folder) or ``hf:NAMEConfig[:key=value,...]`` (small random weights)."""
+    rest = spec[3:]
+    head, _, opts = rest.partition(":")
+    if head.endswith("Config") and not Path(rest).exists():
+        overrides = {}
+        for item in filter(None, opts.split(",")):
+            key, eq, val = item.partition("=")
+            if not eq or not key.strip():
+                raise ModelLoadError(f"{spec}: expected key=value sizes after the config name, got {item!r}")
+            overrides[key.strip()] = _value(val.strip())
+        tf = _transformers(spec)
+        cls = getattr(tf, head, None)
+        if not isinstance(cls, type):
+            raise ModelLoadError(f"{spec}: transformers has no config class {head}")
+        try:
+            return from_config(head, **_small_sizes(cls, overrides))
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a config that refuses these sizes
+            raise ModelLoadError(f"{spec}: {head} cannot be built with these sizes: {str(exc).splitlines()[0]}") from None
+    return load_folder(rest, spec)
+
+
+# -- from_pretrained folders ------------------------------------------------------------------------
+
+def _widths(model: nn.Module) -> tuple[set, set, set]:
+    heads, kv, ffn = set(), set(), set()
+    for path, mod in model.named_modules():
+        count = next((a for a in HEAD_COUNTS if isinstance(getattr(mod, a, None), int)), None)
+        size = next((getattr(mod, a) for a in HEAD_SIZES if isinstance(getattr(mod, a, None), int)), None)
+        if count is not None and size:
+            heads.add(getattr(mod, count))
+            if isinstance(getattr(mod, "num_key_value_heads", None), int):
+                kv.add(mod.num_key_value_heads)
+        elif size:  # no head count kept (Llama): count the projections' rows
+            width = next((_out_width(getattr(mod, n)) for n in QUERY if isinstance(getattr(mod, n, None), nn.Module)),
+                         None)
+            kwidth = next((_out_width(getattr(mod, n)) for n in ("k_proj", "key", "k")
+                           if isinstance(getattr(mod, n, None), nn.Module)), None)
+            if width:
+                heads.add(width // size)
+            if kwidth:
+                kv.add(kwidth // size)
+        leaf = path.rpartition(".")[2]
+        if (leaf in MLP_IN or path.endswith("intermediate.dense")) and _out_width(mod):
+            ffn.add(_out_width(mod) // (2 if leaf == "gate_up_proj" else 1))
+    return heads, kv, ffn
+
+
+def pretrained_config(pruned: nn.Module):
+    """The config under which ``from_pretrained`` builds exactly the pruned model's shapes, or
+    (None, why not): every layer must keep the same widths, and the config must fix the head size
+    (``head_dim``) when heads were removed."""
+    import copy
+
+    tf = _transformers("config")
+    config = copy.deepcopy(pruned.config)
+    heads, kv, ffn = _widths(pruned)
+    if len(heads) > 1 or len(kv) > 1 or len(ffn) > 1:
+        return None, (f"layers keep different widths (heads {sorted(heads)}, key/value heads {sorted(kv)}, "
+                      f"FFN {sorted(ffn)}): load it with bmrs_surgery.apply_recipe on a fresh "
+                      f"{type(pruned).__name__}")
+    if heads:
+        old_heads = getattr(config, "num_attention_heads", None)
+        head_dim = getattr(config, "head_dim", None) or (config.hidden_size // old_heads if old_heads else None)
+        config.num_attention_heads = heads.pop()
+        if hasattr(config, "head_dim") and head_dim:
+            config.head_dim = head_dim
+    if kv and hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = kv.pop()
+    if ffn:
+        width = ffn.pop()
+        for name in ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff"):
+            if hasattr(config, name):
+                setattr(config, name, width)
+                break
+    fresh = tf.AutoModel.from_config(config)
+    want = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    bad = next((k for k in want if got.get(k) != want[k]), None)
+    if bad is not None:
+        return None, (f"{type(config).__name__} cannot describe the pruned shapes ({bad}: {want[bad]} pruned, "
+                      f"{got.get(bad)} from the config; the head size follows the head count there): load it "
+                      f"with bmrs_surgery.apply_recipe")
+    return config, None
+
+
+def save_pretrained(pruned: nn.Module, folder: str | Path) -> str | None:
+    """Write a folder ``AutoModel.from_pretrained`` loads (config + model.safetensors) when the
+    widths allow it (see :func:`pretrained_config`); returns None, or why it was not written."""
+    config, why = pretrained_config(pruned)
+    if config is None:
+        return why
+    pruned.config = config
+    pruned.save_pretrained(str(folder), safe_serialization=True)
+    return None

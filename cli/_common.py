@@ -93,3 +93,35 @@ def load_network(spec: str, input_shape: str | None, arch: str | None, trust: bo
 
     check_first_layer(net, shape)  # e.g. 64 channels at full resolution of a large image
     return net, shape
+
+
+input_option = click.option(
+    "--input", "inputs", multiple=True, metavar="NAME:DTYPE:SHAPE",
+    help="A named model input, e.g. input_ids:int64:1x128 (repeatable; given as keyword arguments).")
+inputs_file_option = click.option(
+    "--inputs-file", type=click.Path(dir_okay=False), default=None,
+    help="A .safetensors file of named example inputs (their names, dtypes and shapes).")
+tracer_option = click.option(
+    "--tracer", type=click.Choice(("auto", "fx", "export")), default="auto", show_default=True,
+    help="Graph capture: torch.fx, torch.export (strict=False), or auto (what works).")
+
+
+def load_network_inputs(spec: str, input_shape: str | None, inputs, inputs_file, arch: str | None, trust: bool):
+    """(network, input shape, named input specs or None, example file tensors or None): named
+    inputs from ``--input``/``--inputs-file``, else one float tensor as :func:`load_network`."""
+    if not inputs and not inputs_file:
+        net, shape = load_network(spec, input_shape, arch, trust)
+        return net, shape, None, None
+    if input_shape is not None:
+        raise BmrsError("--input-shape and --input/--inputs-file exclude each other: give the shapes in --input")
+    from bmrs_surgery import inputs as named
+    from bmrs_surgery import loading
+    from bmrs_surgery.deploy import plain_network
+
+    if inputs and inputs_file:
+        raise BmrsError("--input and --inputs-file exclude each other")
+    example = named.load_example_file(inputs_file) if inputs_file else None
+    specs = named.specs_of(example) if example is not None else named.parse_inputs(inputs)
+    loaded = loading.load_model(spec, arch=arch, trust=trust)
+    net = plain_network(loaded.model) if loaded.gated else loaded.model
+    return net, specs[0].shape, specs, example

@@ -8,13 +8,24 @@ import click
 
 from bmrs_surgery.errors import BmrsError
 
-from ._common import fail, input_shape_option, load_network, markup_safe
+from ._common import (
+    fail,
+    input_option,
+    input_shape_option,
+    inputs_file_option,
+    load_network_inputs,
+    markup_safe,
+    tracer_option,
+)
 from ._finite import finite
 
 
 @click.command()
 @click.argument("model")
 @input_shape_option
+@input_option
+@inputs_file_option
+@tracer_option
 @click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), default=0.3, show_default=True,
               callback=finite, help="Share of every group's structures removed at random.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -27,18 +38,21 @@ from ._finite import finite
 @click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
 @click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def check(model, input_shape, ratio, seed, keep_weights, round_to, no_onnx, ignore, arch, trust_model, as_json):
+def check(model, input_shape, inputs, inputs_file, tracer, ratio, seed, keep_weights, round_to, no_onnx, ignore, arch, trust_model, as_json):
     """Trace, group, gate, prune at random, shrink, prove equivalence and export MODEL.
 
     Each stage reports ok or its error; exit code 0 only when every stage passes (1 otherwise,
     2 for a usage mistake such as a missing file).
     """
     try:
-        net, shape = load_network(model, input_shape, arch, trust_model)
+        net, shape, specs, _ = load_network_inputs(model, input_shape, inputs, inputs_file, arch, trust_model)
+        if specs and tracer == "fx":
+            raise BmrsError("--tracer fx takes one tensor input; named inputs need --tracer export (or auto)")
         from bmrs_surgery.check import check_model
 
         res = check_model(net, shape, name=model, ratio=ratio, seed=seed, onnx=not no_onnx,
-                          ignore=tuple(ignore), keep_weights=keep_weights, round_to=round_to)
+                          ignore=tuple(ignore), keep_weights=keep_weights, round_to=round_to, specs=specs,
+                          tracer=tracer)
     except BmrsError as exc:
         fail(exc)
         return
@@ -59,6 +73,9 @@ def _print(res, no_onnx: bool) -> None:
         # a failed stage's message names layers of the model: shown as text, never as markup
         mark = "[green]ok[/]" if status == "ok" else "[yellow]skipped[/]" if status is None else f"[red]{markup_safe(status)}[/]"
         console.print(f"{stage:8s} {mark}", highlight=False)
+    if res.tracer:
+        console.print(f"traced with {res.tracer}" + (f"; inputs {' '.join(res.inputs)}" if res.inputs else ""),
+                      highlight=False)
     after = "n/a" if res.params_after is None else f"{res.params_after:,}"
     console.print(f"{res.groups} groups, {res.structures_kept}/{res.structures} structures kept; "
                   f"parameters {res.params_before:,} -> {after}", highlight=False)

@@ -9,7 +9,16 @@ import click
 
 from bmrs_surgery.errors import BmrsError
 
-from ._common import fail, input_shape_option, load_network, markup_safe, printable
+from ._common import (
+    fail,
+    input_option,
+    input_shape_option,
+    inputs_file_option,
+    load_network_inputs,
+    markup_safe,
+    printable,
+    tracer_option,
+)
 
 FORMATS = ("text", "json", "dot", "graphml")
 
@@ -17,21 +26,29 @@ FORMATS = ("text", "json", "dot", "graphml")
 @click.command()
 @click.argument("model")
 @input_shape_option
+@input_option
+@inputs_file_option
+@tracer_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to FILE instead of stdout.")
 @click.option("--ignore", multiple=True, metavar="LAYER", help="Layer whose outputs are never pruned (repeatable).")
 @click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
 @click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
-def inspect(model, input_shape, fmt, output, ignore, arch, trust_model):
+def inspect(model, input_shape, inputs, inputs_file, tracer, fmt, output, ignore, arch, trust_model):
     """Trace MODEL and show its dependency graph and coupled groups (id, kind, structures,
     channels, member layers, where the gates go)."""
     try:
         import torch
 
-        from bmrs_surgery.placement import analyse_model
+        from bmrs_surgery.graph.export_trace import analyse_model
+        from bmrs_surgery.inputs import first, make_inputs
 
-        net, shape = load_network(model, input_shape, arch, trust_model)
-        analysis = analyse_model(net, torch.zeros(shape), tuple(ignore))
+        net, shape, specs, example = load_network_inputs(model, input_shape, inputs, inputs_file, arch, trust_model)
+        if specs:
+            example = first(example) if example is not None else make_inputs(specs, net, batch=1)
+        else:
+            example = torch.zeros(shape)
+        analysis = analyse_model(net, example, tuple(ignore), tracer)
         text = render(analysis, model, shape, fmt)
         if output:
             from bmrs_surgery.outputs import atomic_write
@@ -51,6 +68,7 @@ def document(analysis, model: str, shape) -> dict:
         "model": model,
         "input_shape": list(shape),
         "nodes": analysis.gm.graph.nodes.__len__(),
+        "tracer": getattr(analysis, "tracer", "fx"),
         "groups": analysis.summary(),
         "structures": sum(g.size for g in analysis.groups),
         "opaque": [{"node": n, "why": why} for n, why in analysis.propagation.opaque],
@@ -87,7 +105,7 @@ def to_text(analysis, model: str, shape) -> str:
     buf = io.StringIO()
     console = Console(file=buf, width=160, force_terminal=False, highlight=False)
     console.print(table)
-    console.print(f"graph: {doc['nodes']} nodes; input {tuple(shape)}")
+    console.print(f"graph: {doc['nodes']} nodes ({doc['tracer']}); input {tuple(shape)}")
     if doc["opaque"]:
         console.print(f"channels kept by {len(doc['opaque'])} operations, e.g. "
                       + "; ".join(f"{markup_safe(o['node'])} ({markup_safe(o['why'])})" for o in doc["opaque"][:3]))
