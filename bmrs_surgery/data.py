@@ -30,7 +30,7 @@ from torch.utils.data import TensorDataset
 from .errors import DataError, file_problem
 from .limits import MAX_NUM_CLASSES, check_npz, check_seed
 
-__all__ = ["DATASETS", "DataSplits", "check_fits", "load_data"]
+__all__ = ["DATASETS", "DataSplits", "check_fits", "head", "load_data", "split_batches"]
 
 DATASETS = ("fashion-mnist", "fashion-mnist-sample", "digits")
 
@@ -67,7 +67,26 @@ class DataSplits:
 
 
 def _choices() -> str:
-    return ", ".join(DATASETS) + " or a path to an .npz file"
+    return ", ".join(DATASETS) + ", imagefolder:DIR, csv:FILE or a path to an .npz file"
+
+
+def head(split, n: int) -> torch.Tensor:
+    """The first ``n`` inputs of a split (a TensorDataset or a streamed image split)."""
+    if isinstance(split, TensorDataset):
+        return split.tensors[0][:n]
+    return split.head(n)
+
+
+def split_batches(split, index_batches, device):
+    """(x, y) on ``device`` for each index tensor in ``index_batches``: indexed in memory, or read
+    by a streamed split's DataLoader workers."""
+    if not isinstance(split, TensorDataset):
+        yield from split.batches(list(index_batches), device)
+        return
+    x, y = (t.to(device) for t in split.tensors)
+    for idx in index_batches:
+        idx = idx.to(device)
+        yield x[idx], y[idx]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,12 +100,17 @@ def load_data(
     val_fraction: float = 0.2,
     seed: int = 0,
     limit: int | None = None,
+    target: str | None = None,
+    image=None,
 ) -> DataSplits:
     """Load the dataset named by ``spec`` and split it into train/val/test.
 
     ``val_fraction`` of the training data goes to validation (seeded random split, ``seed``);
     ``limit``, if given, keeps the first ``limit`` training examples and at most ``limit`` of val
-    and test (for fast tests). Raises :class:`DataError` with a one-line message on any problem.
+    and test (for fast tests). ``imagefolder:DIR`` (streamed; ``image`` is its
+    :class:`~.imagefolder.ImageOptions`) and ``csv:FILE`` (``target`` names the class column) are
+    read by :mod:`imagefolder` and :mod:`tabular`. Raises :class:`DataError` with a one-line message
+    on any problem.
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not (
         0.0 <= float(val_fraction) < 1.0
@@ -100,6 +124,14 @@ def load_data(
     if not isinstance(raw, str) or not raw.strip():
         raise DataError(f"unknown dataset {spec!r}: choose {_choices()}")
     name = raw.strip().lower().replace("_", "-")
+    if name.startswith("imagefolder:"):
+        from .imagefolder import ImageOptions, load_image_folder
+
+        return load_image_folder(raw.strip().split(":", 1)[1], image or ImageOptions(), seed)
+    if name.startswith("csv:"):
+        from .tabular import load_csv
+
+        return _apply_limit(load_csv(raw.strip().split(":", 1)[1], target, float(val_fraction), seed), limit)
     if name in ("fashion-mnist", "fashionmnist"):
         splits = _load_fashion_mnist(float(val_fraction), seed)
     elif name == "fashion-mnist-sample":
@@ -465,7 +497,7 @@ def check_fits(model: nn.Module, splits: DataSplits) -> None:
     per class of the data.
     """
     shape = tuple(splits.input_shape)
-    x = splits.train.tensors[0][:2]
+    x = head(splits.train, 2)
     if len(x) == 0:
         raise DataError(f"data of shape {shape} has no training examples")
     param = next(iter(model.parameters()), None)
