@@ -33,3 +33,7 @@ TOLERANCE = 1e-4  # proof: max abs output difference relative to the output scal
 SWEEP_LEVELS = 0
 ROUND_TO = None  # keep a multiple of N channels per group (None: exact widths)
 CHECK_RATIO = 0.3  # check: share of every group pruned at random
+DATA_WORKERS = 4  # DataLoader worker processes for imagefolder:DIR (at most the cores less one)
+LATENCY_TARGET_BATCH = 1  # --target-latency: the batch size the latency is measured at
+DISTILL_TEMPERATURE = 4.0  # --distill: softmax temperature of the teacher's and student's logits
+DISTILL_WEIGHT = 0.5  # --distill: share of the loss that is the distillation term (the rest: labels)

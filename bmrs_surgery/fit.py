@@ -22,7 +22,7 @@ from torch import nn
 
 from . import defaults
 from .criteria import CRITERIA, Decision, PruneResult, apply_decision, criterion_for, decision
-from .data import DataSplits
+from .data import DataSplits, split_batches
 from .errors import FitError, JobError
 from .gated import KL_WEIGHTINGS, gate_bank, kl_term
 
@@ -160,17 +160,16 @@ def train_plain(model: nn.Module, train, *, epochs: int, batch_size: int, lr: fl
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset, device: str = "cpu", batch_size: int = 1000) -> float:
     """Top-1 accuracy in eval mode (gates at E[theta] * mask); restores the training flag."""
-    x_all, y_all = dataset.tensors
-    if len(y_all) == 0:
+    n = len(dataset)
+    if n == 0:
         return float("nan")
     was = model.training
     model.eval()
     correct = 0
-    for idx in batches(len(y_all), batch_size, None):
-        out = model(x_all[idx].to(device))
-        correct += int((out.argmax(1).cpu() == y_all[idx]).sum())
+    for x, y in split_batches(dataset, batches(n, batch_size, None), device):
+        correct += int((model(x).argmax(1) == y).sum())
     model.train(was)
-    return correct / len(y_all)
+    return correct / n
 
 
 def _kl_factor(cfg: FitConfig, epoch: int, step: int, steps: int) -> float:
@@ -240,8 +239,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
     torch.manual_seed(cfg.seed)  # every rank draws the same noise for the global batch ...
     gen = torch.Generator().manual_seed(cfg.seed)  # ... and makes the same shuffle
     device = torch.device(cfg.device)
-    x_train, y_train = (t.to(device) for t in data.train.tensors)
-    n = len(y_train)
+    n = len(data.train)
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     result = FitResult(cfg)
     first = 0
@@ -280,12 +278,12 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
         correct = torch.zeros((), device=device, dtype=torch.long)
         first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
         seen = 0
-        for step, idx in enumerate(batches(n, cfg.batch_size, gen)):
+        order = list(batches(n, cfg.batch_size, gen))  # the global batches; this rank reads its share
+        loaded = split_batches(data.train, [idx[rank::world] for idx in order], device)
+        for step, (idx, (x, y)) in enumerate(zip(order, loaded)):
             total = len(idx)
             if world > 1:  # this rank's share of the global batch, and its rows of the gate noise
                 gate_bank(gated).rows = (rank, world, total)
-                idx = idx[rank::world]
-            x, y = x_train[idx.to(device)], y_train[idx.to(device)]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 out = net(x)
             # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world

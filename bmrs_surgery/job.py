@@ -49,7 +49,16 @@ class Job:
     device: str = defaults.DEVICE
     amp: bool = False
     sweep_levels: int = defaults.SWEEP_LEVELS
-    round_to: int | None = defaults.ROUND_TO
+    round_to: int | str | None = defaults.ROUND_TO  # an integer, or "auto": widths by measured latency
+    target: str | None = None  # csv:FILE: the class column
+    image_size: int | None = None  # imagefolder:DIR: side of the square input (default: the model's)
+    weights: str | None = None  # torchvision:NAME: DEFAULT, an enum name or a state-dict file
+    pretrained: bool = False  # timm:NAME: the pretrained weights from the Hugging Face cache
+    target_macs: float | None = None  # budgets: prune in dF order until the pruned/original ratio holds
+    target_params: float | None = None
+    target_latency: float | None = None  # milliseconds, ONNX Runtime CPU, at target_batch
+    target_batch: int = defaults.LATENCY_TARGET_BATCH
+    distill: bool = False  # fit and fine-tune against the original network's logits too
     bench_batch_sizes: tuple[int, ...] = defaults.BENCH_BATCH_SIZES
     threads: int = defaults.THREADS
     resume: bool = False
@@ -76,8 +85,18 @@ class Job:
         if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
                                         or self.epochs < 0):
             raise JobError(f"must be an integer >= 0, got {self.epochs!r}", param="epochs")
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise JobError(f"must be a positive integer, got {self.round_to!r}", param="round_to")
+        if self.round_to is not None and self.round_to != "auto" and (
+                isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
+            raise JobError(f"must be a positive integer or auto, got {self.round_to!r}", param="round_to")
+        from . import budget, weights
+
+        budget.validate_job(self)
+        weights.validate_job(self)
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or not 8 <= self.image_size <= 4096):
+            raise JobError(f"must be an integer 8..4096, got {self.image_size!r}", param="image_size")
+        if self.target is not None and not str(self.data or "").startswith("csv:"):
+            raise JobError("names the class column of csv:FILE data", param="target")
         for name in ("lr", "gate_lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

@@ -25,14 +25,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import defaults, loading, report, report_html
+from . import defaults, loading, report, report_html, weights
+from .budget import Planner
 from .criteria import Decision, apply_decision, criterion_for, decision
-from .data import check_fits, load_data
+from .data import check_fits, head, load_data
 from .deploy import Deployment, deploy
 from .errors import BmrsError, DataError, FitError, JobError
 from .fit import FitResult, accuracy, distributed_rank, fit
 from .gated import attach_gates, gate_bank, unmask
+from .imagefolder import options_for
 from .job import Job
+from .latency_table import TABLE_NAME
 from .limits import check_input_bytes
 from .outputs import OutLock, ResumeWriter, clean_stale, prepare_out_dir, read_resume_state, write_outputs
 from .verify import check_weights, nonfinite_tensor
@@ -125,6 +128,13 @@ def input_shape_for(job: Job, loaded, gated: nn.Module, data) -> tuple[int, ...]
     return tuple(shape)
 
 
+def image_options_for(job: Job, loaded, weights_info):
+    """How an image folder's pictures become the model's inputs (None for other data)."""
+    if not str(job.data or "").lower().startswith("imagefolder:"):
+        return None
+    return options_for(loaded.model, loaded.input_shape, job.image_size, weights_info.normalisation)
+
+
 def compress(job: Job, reporter=None) -> Result:
     """Run ``job`` (see the module docstring); ``reporter`` receives fitting progress
     (:class:`~.progress.RichReporter` or anything with its methods)."""
@@ -150,9 +160,10 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
     torch.manual_seed(job.seed)  # the seed fixes everything, the initial weights of a fresh network included
 
     # load
-    loaded = loading.load_model(job.model, arch=job.arch, trust=job.trust_model)
+    loaded, weights_info = weights.load_for_job(job)  # the file or architecture, with --weights/--pretrained
     check_weights(loaded.model, job.model)
-    data = load_data(job.data, seed=job.seed) if job.data else None
+    data = load_data(job.data, seed=job.seed, target=job.target,
+                     image=image_options_for(job, loaded, weights_info)) if job.data else None
     if not loaded.gated and data is None:
         raise DataError(f"{job.model} carries no fitted gates: give data to fit them", param="data")
     epochs = job.epochs if job.epochs is not None else (0 if loaded.gated else defaults.EPOCHS)
@@ -165,7 +176,7 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
         acc["split"] = "test"
         if not loaded.gated:
             acc["before"] = accuracy(net, data.test)
-            net = attach_gates(net, data.train.tensors[0][:2], noise=job.noise)
+            net = attach_gates(net, head(data.train, 2), noise=job.noise)
         else:
             unmask(net)
             acc["before"] = accuracy(net, data.test)
@@ -211,15 +222,22 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
 
         sweep_result = run_sweep(gated, data, levels=job.sweep_levels, precision_bits=job.precision_bits)
 
-    # dF -> keep-masks (no group emptied; rounded widths)
+    # dF -> keep-masks (no group emptied; rounded widths; the budget met)
     raw = decision(gated, criterion_for(job.prior), precision_bits=job.precision_bits)
-    keep = apply_decision(gated, raw, job.round_to).keep
+    planner = Planner(job, gated, shape, out / TABLE_NAME if out is not None else None)
+    planned = planner(raw)
+    if data is not None and planner.info is not None:  # the accuracy at BMRS's own stop too
+        apply_decision(gated, Decision(raw.criterion, raw.score, planner.bmrs_keep))
+        planner.info["bmrs"]["accuracy"] = accuracy(gated, data.test)
+    keep = apply_decision(gated, planned).keep
     dec = Decision(raw.criterion, raw.score, keep)
     if data is not None:
         acc["after"] = accuracy(gated, data.test)
+        if planner.info is not None:
+            planner.info["budget"]["accuracy"] = acc["after"]
 
     # surgery -> proof -> ONNX -> ONNX Runtime
-    real = [data.test.tensors[0][:64]] if data is not None else None
+    real = [head(data.test, 64)] if data is not None else None
     dep = deploy(gated, keep, (1,) + tuple(shape), real, tuple(job.bench_batch_sizes) or None, threads=job.threads)
     if data is not None:
         acc["pruned"] = accuracy(dep.pruned, data.test)
@@ -232,6 +250,7 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
         gated=gated, decision=dec, model_spec=job.model, data_spec=job.data, prior=job.prior,
         precision_bits=job.precision_bits, fit_result=fit_result, accuracy=acc,
         wall_time_s=time.perf_counter() - start, outputs=OUTPUTS, deployment=dep, sweep=sweep_result,
+        extra={"weights": weights_info.to_dict(), "plan": planner.report()},
     )
     doc_bytes = report.report_json(doc)
     files = {
@@ -240,6 +259,8 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
         OUTPUTS["scores"]: report.scores_csv(rows), OUTPUTS["report"]: doc_bytes,
         OUTPUTS["html"]: report_html.render(report._finite(doc), rows),
     }
+    if planner.table is not None:  # --round-to auto: the measured layer latencies, for later runs
+        files[TABLE_NAME] = planner.table.to_bytes()
     if out is not None:
         write_outputs(out, files)
         if saver is not None:  # the job is complete: its own resume state (only) goes

@@ -84,8 +84,11 @@ def scores_csv(rows: list[dict]) -> bytes:
 
 def build_report(*, gated, decision, model_spec: str, data_spec: str | None, prior: str,
                  precision_bits: int, fit_result=None, accuracy: dict | None = None,
-                 wall_time_s: float, outputs: dict, deployment=None, sweep: dict | None = None) -> dict:
-    """The report.json document (plain data)."""
+                 wall_time_s: float, outputs: dict, deployment=None, sweep: dict | None = None,
+                 extra: dict | None = None) -> dict:
+    """The report.json document (plain data); ``extra``'s entries are added at the top level
+    (``weights``: which weights the network had; ``plan``: widths and budget, see budget.Planner)."""
+
     bank = gate_bank(gated)
     net = network(gated)
     per_module = removable_per_module(net, bank, decision.keep)
@@ -138,6 +141,7 @@ def build_report(*, gated, decision, model_spec: str, data_spec: str | None, pri
         "sweep": sweep,
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
         "outputs": outputs,
+        **(extra or {}),
     })
 
 

@@ -109,7 +109,63 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 .small{color:#666;font-size:.85em}"""
 
 
+def _budget_figure(points: list[tuple[str, float, float]]) -> str:
+    """Accuracy against MACs ratio: BMRS's own stop and the budget's point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with matplotlib.rc_context(PLAIN_TEXT):
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for (label, x, y), color in zip(points, ("#2b7bba", "#d95f02")):
+            ax.scatter([x], [y], s=50, color=color, label=label, zorder=3)
+        ax.plot([p[1] for p in points], [p[2] for p in points], color="#999999", linestyle=":")
+        ax.set_xlabel("MACs pruned / original")
+        ax.set_ylabel("test accuracy")
+        ax.set_xlim(0, 1.05)
+        ax.legend()
+        ax.set_title("Accuracy against compression")
+        return _png(fig)
+
+
+def _plan_section(doc: dict) -> list[str]:
+    """Which weights, widths chosen by latency, and a budget's two points (issue 18)."""
+    parts = []
+    w = doc.get("weights") or {}
+    if w and w.get("source") != "initial":
+        parts.append(f"<p class='small'>Weights: {html.escape(str(w.get('source')))} "
+                     f"{html.escape(str(w.get('name') or ''))} from {html.escape(str(w.get('file')))} "
+                     f"(sha256 {html.escape(str(w.get('sha256'))[:16])}...).</p>")
+    plan = doc.get("plan") or {}
+    if plan.get("round_to") == "auto" and plan.get("widths"):
+        changed = sum(1 for c in plan["widths"].values() if c.get("chosen") != c.get("kept"))
+        lt = plan.get("latency_table") or {}
+        parts.append(f"<p class='small'>--round-to auto: {changed} of {len(plan['widths'])} groups widened to the "
+                     f"width ONNX Runtime measured fastest ({lt.get('entries_measured', 0)} layer timings measured, "
+                     f"{lt.get('entries_reused', 0)} reused from latency_table.json).</p>")
+    b = plan.get("budget")
+    if not b:
+        return parts
+    rows, points = [], []
+    for label, key in (("BMRS's own stop (dF >= 0)", "bmrs"), (f"budget {b['option']} {b['target']:g}", "budget")):
+        pt = b.get(key) or {}
+        acc = pt.get("accuracy")
+        rows.append([label, pt.get("structures_kept"), _fmt(pt.get("macs_ratio"), ".3f"), _fmt(pt.get("params_ratio"), ".3f"),
+                     _fmt(pt.get("latency_ms"), ".3f") if pt.get("latency_ms") is not None else "",
+                     _fmt(acc, ".4f") if acc is not None else "n/a"])
+        if acc is not None and pt.get("macs_ratio") is not None:
+            points.append((label, pt["macs_ratio"], acc))
+    parts += ["<h2>Budget</h2>",
+              f"<p>{html.escape(b['note'])}; target {'met' if b['met'] else '<b>not met</b>'}.</p>",
+              _table(["point", "structures kept", "MACs ratio", "parameters ratio", "latency ms", "accuracy"], rows)]
+    if len(points) == 2:
+        parts.append(f"<img alt='accuracy against compression' src='{_budget_figure(points)}'>")
+    return parts
+
+
 def render(doc: dict, rows: list[dict]) -> bytes:
+
     figs = _figures(doc, rows)
     t = doc["totals"]
     surgery = doc.get("surgery") or {}
@@ -150,6 +206,7 @@ def render(doc: dict, rows: list[dict]) -> bytes:
             parts.append(f"<p class='small'>ONNX Runtime {s['onnxruntime']}, {s['provider']}, intra-op threads "
                          f"{s['intra_op_threads']}, {s['graph_optimization']}; {s['runs']} runs per batch size, "
                          f"original and pruned interleaved in {s['rounds_interleaved']} rounds.</p>")
+    parts += _plan_section(doc)
     parts += [
         "<h2>Widths per group</h2>",
         _table(["group", "kind", "channels before", "channels after", "structures before", "structures after"],

@@ -19,6 +19,7 @@ from bmrs_surgery.job import Job
 from bmrs_surgery.pipeline import compress as compress_job
 
 from ._common import fail, markup_safe, out_dir_option, parse_batch_sizes
+from .user_options import ROUND_TO, user_options
 
 
 def _init_distributed(device: str) -> str:
@@ -61,7 +62,8 @@ def _terminate(signum, frame):
 @click.option("--precision-bits", type=click.IntRange(1, 22), default=defaults.PRECISION_BITS, show_default=True,
               help="BMRS_U: bits of precision below which a gate counts as zero.")
 @click.option("--data", "data_spec", metavar="SPEC",
-              help="fashion-mnist, fashion-mnist-sample, digits, or a path to an .npz file with arrays x and y.")
+              help="fashion-mnist, fashion-mnist-sample, digits, a path to an .npz file with arrays x and y, "
+                   "imagefolder:DIR (class folders, or train/ and val/) or csv:FILE (with --target COLUMN).")
 @click.option("--mode", type=click.Choice(MODES), default=defaults.MODE,
               show_default=True, help="Prune while fitting, or once after fitting.")
 @click.option("--epochs", type=click.IntRange(min=0), default=None,
@@ -87,8 +89,10 @@ def _terminate(signum, frame):
 @click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
 @click.option("--sweep", "sweep_levels", type=click.IntRange(min=0, max=100), default=defaults.SWEEP_LEVELS, show_default=True,
               help="Also sweep compression at K levels per criterion (needs --data) and plot it in report.html.")
-@click.option("--round-to", type=click.IntRange(min=1), default=defaults.ROUND_TO,
-              help="Keep a multiple of N channels in every group (hardware-friendly widths).")
+@click.option("--round-to", type=ROUND_TO, default=defaults.ROUND_TO,
+              help="Keep a multiple of N channels in every group (hardware-friendly widths), or auto: per group, "
+                   "the width at or above BMRS's with the lowest latency measured in ONNX Runtime on this machine.")
+@user_options
 @click.option("--bench-batch-sizes", default=",".join(map(str, defaults.BENCH_BATCH_SIZES)), show_default=True,
               help="ONNX Runtime benchmark of original vs pruned at these batch sizes ('' to skip).")
 @click.option("--threads", type=click.IntRange(min=0), default=defaults.THREADS, show_default=True,
@@ -102,7 +106,8 @@ def _terminate(signum, frame):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,  # noqa: PLR0913
              batch_size, lr, gate_lr, kl_weighting, noise, finetune_gates, seed, device, amp, arch, trust_model,
-             sweep_levels, round_to, bench_batch_sizes, threads, out, resume, overwrite, as_json, quiet):
+             sweep_levels, round_to, bench_batch_sizes, threads, out, resume, overwrite, as_json, quiet,
+             **user_opts):
     """Fit BMRS gates on MODEL (or use its fitted gates), prune where dF >= 0, remove the pruned
     structures for real, prove the result, export and benchmark it.
 
@@ -120,7 +125,7 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
             noise=noise, finetune_gates=finetune_gates, seed=seed, device=_init_distributed(device), amp=amp,
             sweep_levels=sweep_levels, round_to=round_to,
             bench_batch_sizes=parse_batch_sizes(bench_batch_sizes, "--bench-batch-sizes") if bench_batch_sizes.strip() else (),
-            threads=threads, resume=resume, overwrite=overwrite,
+            threads=threads, resume=resume, overwrite=overwrite, **user_opts,
         )
         result = _run(job, quiet or as_json)
     except BmrsError as exc:
