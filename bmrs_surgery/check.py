@@ -11,6 +11,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +45,7 @@ class CheckResult:
     seconds: dict[str, float] = field(default_factory=dict)
     tracer: str | None = None  # fx or export: the front end that captured the graph
     inputs: list[str] = field(default_factory=list)  # named inputs (NAME:DTYPE:SHAPE), if any
+    reach: float | None = None  # share of the parameters that some group can prune (see prunable_share)
 
     @property
     def ok(self) -> bool:
@@ -54,6 +56,27 @@ class CheckResult:
         d["input_shape"] = list(self.input_shape)
         d["ok"] = self.ok
         return d
+
+
+def prunable_share(analysis) -> float:
+    """The *reach*: the share of the network's parameters that pruning can remove at all, i.e. the
+    elements lying on an index that some group owns (a row of a producer, a column of a consumer,
+    an entry of a norm). What an operation without a rule holds, or a group that touches the
+    inputs or outputs, stays out of it; 0.3 means at most 30% of the parameters could go."""
+    params = dict(analysis.network.named_parameters())
+    reached: dict[str, list] = {}
+    for g in analysis.groups:
+        for s in g.slots:
+            t = params.get(s.target)
+            if t is None or s.dim >= t.ndim or len(s.index) != t.shape[s.dim]:
+                continue
+            dims = reached.setdefault(s.target, [np.zeros(n, dtype=bool) for n in t.shape])
+            dims[s.dim] |= np.asarray(s.index) >= 0
+    total = sum(t.numel() for t in params.values())
+    # an element is out of reach only when each of its indices is out of reach on its dimension
+    inside = sum(params[n].numel() - int(np.prod([(~d).sum() for d in dims], dtype=np.float64))
+                 for n, dims in reached.items())
+    return inside / total if total else 0.0
 
 
 def _err(exc: BaseException) -> str:
@@ -136,6 +159,7 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
     res.stages["groups"] = "ok"
     res.groups = len(analysis.groups)
     res.structures = sum(g.size for g in analysis.groups)
+    res.reach = prunable_share(analysis)
     res.opaque = [f"{n}: {why}" for n, why in analysis.propagation.opaque][:20]
     try:
         gated = attach_gates(model, analysis=analysis)

@@ -2,7 +2,9 @@
 
 A MODEL spec is one of
   * a bundled name (``lenet5``, ``mlp``): a fresh reference network,
-  * ``torchvision:NAME``: a torchvision architecture with ``weights=None`` (nothing is downloaded),
+  * ``torchvision:NAME``: a torchvision architecture with ``weights=None`` and ``weights_backbone=None``
+    (nothing is downloaded; classification, segmentation, video, detection), ``timm:NAME``: a timm
+    architecture (random weights; see :mod:`bmrs_surgery.zoo`),
   * ``hf:DIR``: a local Hugging Face model folder; ``hf:LlamaConfig`` (``hf:BertConfig:num_hidden_layers=4``):
     a randomly initialised transformers architecture with small sizes (see :mod:`bmrs_surgery.hf`),
   * a path to a file saved by :func:`save_checkpoint` (architecture name + state dict + gate
@@ -57,8 +59,8 @@ MODEL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".onnx")
 
 
 def is_factory_spec(arch: str) -> bool:
-    """``module:factory``: the user's own code (not a bundled name, not ``torchvision:NAME``)."""
-    return ":" in arch and not arch.startswith("torchvision:")
+    """``module:factory``: the user's own code (not a bundled name, not ``torchvision:NAME``/``timm:NAME``)."""
+    return ":" in arch and not arch.startswith(("torchvision:", "timm:"))
 
 
 def build_arch(arch: str, num_classes: int | None = None, *, allow_code: bool = True,
@@ -73,17 +75,12 @@ def build_arch(arch: str, num_classes: int | None = None, *, allow_code: bool = 
     if num_classes is not None and not 1 <= num_classes <= MAX_NUM_CLASSES:
         raise ModelLoadError(f"{arch}: num_classes {num_classes} is out of range (1 to {MAX_NUM_CLASSES:,})")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if arch.startswith("torchvision:"):
-        import torchvision
+    if arch.startswith(("torchvision:", "timm:")):  # built without downloading anything (see zoo.py)
+        from . import zoo
 
-        name = arch.split(":", 1)[1]
-        if name not in torchvision.models.list_models():
-            raise ModelLoadError(f"unknown torchvision model {name!r}")
-        try:
-            net = torchvision.models.get_model(name, weights=None, **kwargs)
-        except (ValueError, TypeError) as exc:
-            raise ModelLoadError(f"torchvision model {name!r}: {_first_line(exc)}") from None
-        return net, (3, 224, 224)
+        source_name, _, name = arch.partition(":")
+        build = zoo.torchvision_model if source_name == "torchvision" else zoo.timm_model
+        return build(name, num_classes)
     if arch in models.list_models():
         return models.get_model(arch, **kwargs), models.input_shape(arch)
     if is_factory_spec(arch):  # module:factory, the user's own code, named explicitly

@@ -79,6 +79,11 @@ def _print(res, no_onnx: bool) -> None:
     after = "n/a" if res.params_after is None else f"{res.params_after:,}"
     console.print(f"{res.groups} groups, {res.structures_kept}/{res.structures} structures kept; "
                   f"parameters {res.params_before:,} -> {after}", highlight=False)
+    if res.reach is not None:
+        # what an operation without a rule (or a norm over channels) holds is out of reach, never silently
+        console.print(f"reach {100 * res.reach:.1f}% of the parameters (in prunable groups)"
+                      + (f"; channels kept at {markup_safe(res.opaque[0])}" + (" and more" if len(res.opaque) > 1 else "")
+                         if res.opaque else ""), highlight=False)
     if res.max_abs_diff is not None:
         console.print(f"max abs diff {res.max_abs_diff:.3g} (output scale {res.output_scale:.3g})"
                       + (f"; ONNX Runtime {res.onnx_max_abs_diff:.3g}" if res.onnx_max_abs_diff is not None else ""),

@@ -346,6 +346,10 @@ class Propagator:
             free = [o for o, k in zip(big, kinds) if not isinstance(k, int) or k == -1]
             if sizes is not None and len(free) == 1:
                 p = free[0]
+            elif len(big) >= 3 and dst[big[0]] in (2, 3):
+                # a fused projection split as (3, heads, head_dim) (timm's qkv) or (2, heads,
+                # head_dim) (k and v): a structure is one head across q, k and v
+                p = big[1]
             else:
                 p = big[0]
             grid = full.reshape([dst[o] for o in big])
@@ -353,7 +357,10 @@ class Propagator:
             self.rec.unite(np.broadcast_to(grid[:, :1], grid.shape), grid,
                            tag="heads" if p != big[-1] else "interleave")
             ids = grid[:, 0].copy()
-        if sizes is not None and p < len(sizes) and isinstance(sizes[p], int) and sizes[p] != -1:
+        # the channel count, a literal or read off another tensor (``reshape(B, N, C)`` with C the
+        # attention's input width, which pruned heads no longer match): written as the kept count
+        if sizes is not None and p < len(sizes) and (
+                isinstance(sizes[p], fx.Node) or (isinstance(sizes[p], int) and sizes[p] != -1)):
             self.out.rewrites.append(Rewrite(node.name, "shape", p, [ids]))
         return Label(nd, p, ids)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import warnings
 
 import networkx as nx
@@ -26,7 +27,7 @@ MAX_FALLBACKS = 64
 
 class _Tracer(fx.Tracer):
     def __init__(self, leaves: set[str] | None = None):
-        super().__init__()
+        super().__init__(autowrap_functions=_notrace_functions())
         self.leaves = leaves or set()
         self.stack: list[str] = []
         self.failed: str | None = None
@@ -46,6 +47,14 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+def _notrace_functions() -> tuple:
+    """Functions a model library marks as not traceable (timm's ``register_notrace_function``:
+    position-embedding resampling and the like, with shape-dependent control flow): recorded as one
+    call each, which has no rule and so keeps the channels it touches."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    return tuple(f for f in timm_fx.get_notrace_functions() if callable(f)) if timm_fx is not None else ()
 
 
 def _unwritable_name(model: nn.Module) -> str | None:

@@ -4,6 +4,8 @@ contracted without a weight are kept (nothing there can hold a gate)."""
 
 from __future__ import annotations
 
+from torch import fx
+
 from ..labels import Label, fixed
 from ..propagate import _shape
 from ..registry import register_function
@@ -55,19 +57,44 @@ def scaled_dot_product_attention(ctx, node):
         ctx.out.opaque.append((node.name, "attention over channels"))
         return fixed(nd)
     labs = [lab for lab in (q, k, v) if lab.labelled]
-    ctx.block_all((node.args[3:], node.kwargs))
+    mask_node = ctx.dim_arg(node, 3, "attn_mask")
+    mask = ctx.label(mask_node) if isinstance(mask_node, fx.Node) else None
+    ctx.block_all((node.args[4:], {k_: a for k_, a in node.kwargs.items() if k_ != "attn_mask"}))
     if not labs:
+        ctx.block(mask)
         return fixed(nd)
     heads = [lab for lab in labs if lab.axis < lab.ndim - 2]
     if len(heads) == 3 and len({h.axis for h in heads}) == 1:
+        if not _mask_follows_heads(ctx, mask_node, mask, q):
+            ctx.block(q, k, v, mask)
+            return fixed(nd)
         ctx.rec.unite(q.ids, k.ids, tag="heads")
         ctx.rec.unite(q.ids, v.ids, tag="heads")
         return Label(nd, q.axis, q.ids)
+    ctx.block(mask)
     if len(labs) == 1 and v.labelled and v.axis == v.ndim - 1:
         return Label(nd, nd - 1, v.ids)
     ctx.block(q, k, v)
     return fixed(nd)
 
+
+
+def _mask_follows_heads(ctx, mask_node, mask, q) -> bool:
+    """An additive mask or bias (relative-position tables, one per head) broadcast over q's head
+    axis: it either carries the same heads on that axis (then tied to them, and sliced with them)
+    or is the same for every head (size 1 there)."""
+    if mask_node is None or mask_node.meta.get("tensor_meta") is None:
+        return True  # no mask (an optional argument left at None)
+    shape = _shape(mask_node)
+    if shape is None:
+        return False
+    axis = q.axis - (q.ndim - len(shape))
+    if mask is not None and mask.labelled:
+        if mask.axis == axis and len(mask.ids) == len(q.ids):
+            ctx.rec.unite(q.ids, mask.ids, tag="heads")
+            return True
+        return False
+    return axis < 0 or shape[axis] == 1
 
 
 @register_function("einsum")

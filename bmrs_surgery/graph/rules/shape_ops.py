@@ -4,6 +4,7 @@ that counts channels is recorded for rewriting after pruning."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import fx, nn
 
 from ..labels import Label, fixed
@@ -176,6 +177,28 @@ def unbind(ctx, node):
 
 
 
+def _gather_axis(ctx, x, idx, nd):
+    """``table[index]`` with one integer (or 1-D boolean) index tensor on an axis that is not the
+    channel axis and full slices elsewhere (a relative-position table gathered per query/key pair):
+    the channels pass, moved by the index's own axes. None when the indexing is anything else."""
+    tensors = [p for p, i in enumerate(idx) if isinstance(i, fx.Node)]
+    if len(tensors) != 1 or any(not (isinstance(i, fx.Node) or i == slice(None)) for i in idx):
+        return None
+    pos = tensors[0]
+    meta = idx[pos].meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "dtype") or pos == x.axis or pos > x.axis:
+        return None
+    if meta.dtype == torch.bool and len(meta.shape) != 1:
+        return None
+    if not (meta.dtype == torch.bool or not meta.dtype.is_floating_point):
+        return None
+    axis = x.axis - 1 + (1 if meta.dtype == torch.bool else len(meta.shape))
+    if axis >= nd:
+        return None
+    ctx.block(ctx.label(idx[pos]))
+    return Label(nd, axis, x.ids)
+
+
 @register_function("getitem")
 def getitem(ctx, node):
     src = node.args[0]
@@ -188,6 +211,9 @@ def getitem(ctx, node):
         ctx.block_all(node.args[1])
         return fixed(nd)
     idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    gathered = _gather_axis(ctx, x, idx, nd)
+    if gathered is not None:
+        return gathered
     if any(isinstance(i, (fx.Node, list)) for i in idx):
         ctx.block(x)
         ctx.block_all(idx)

@@ -1,0 +1,145 @@
+"""Reach in vision (issue 17): timm's attention heads, relative-position tables, model sources that
+never download, and the reach that ``check`` reports. Real timm/torchvision architectures at small
+sizes, random weights; every pruned network is proven equal to the gated one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bmrs_surgery.check import check_model
+from bmrs_surgery.graph.groups import analyse
+
+timm = pytest.importorskip("timm")
+
+
+def _vit(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5)
+    args.update(kw)
+    return VisionTransformer(**args).eval()
+
+
+def test_fused_qkv_gives_one_group_of_heads_per_block():
+    model = _vit()
+    analysis = analyse(model, torch.randn(1, 3, 32, 32))
+    heads = [g for g in analysis.groups if g.kind == "heads"]
+    assert len(heads) == 2  # one per block
+    for g in heads:
+        assert g.size == 4  # the four heads, not the 3 of (q, k, v) nor the 12 channels of a head
+        assert g.channels_per_structure == 36  # 12 rows each of q, k and v
+        rows = next(s for s in g.slots if s.target.endswith("attn.qkv.weight") and s.dim == 0)
+        # qkv rows are (q|k|v, head, head_dim): row r belongs to head (r % 48) // 12
+        assert rows.index.tolist() == [(r % 48) // 12 for r in range(144)]
+        assert any(c.endswith("attn.proj") for c in g.consumers)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_vit_heads_pruned_with_proof(fused, monkeypatch):
+    model = _vit()
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused  # F.scaled_dot_product_attention, or q @ k.T / softmax / @ v
+    res = check_model(model, (2, 3, 32, 32), ratio=0.5, onnx=False)
+    assert res.ok, res.stages
+    pruned_heads = res.structures - res.structures_kept
+    assert pruned_heads > 0
+    assert res.params_after < 0.8 * res.params_before
+    assert 0.5 < res.reach < 1.0  # the residual stream under LayerNorm stays
+
+
+def test_attention_width_read_from_the_input_is_rewritten():
+    """``x.transpose(1, 2).reshape(B, N, C)`` with C the block's input width: after pruning heads the
+    attention output is narrower than C, so the size is written as the kept count."""
+    from timm.models.vision_transformer import Attention
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(32, num_heads=4)
+            self.attn.fused_attn = False
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            B, N, C = x.shape
+            a = self.attn
+            qkv = a.qkv(x).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            x = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
+            return self.head(a.proj(x))
+
+    res = check_model(Block().eval(), (2, 6, 32), ratio=0.5, onnx=False)
+    assert res.ok, res.stages
+    assert res.structures_kept < res.structures
+
+
+def test_relative_position_table_shrinks_per_head():
+    """timm's relative-position bias (an MLP over log coordinates gathered per token pair, added to
+    the attention logits) follows the heads: the bias MLP's output rows go with them."""
+    name = "vit_relpos_small_patch16_224"
+    model = timm.create_model(name, img_size=32, patch_size=8, depth=2, num_heads=3, embed_dim=48,
+                              num_classes=4).eval()
+    analysis = analyse(model, torch.randn(1, 3, 32, 32))
+    heads = [g for g in analysis.groups if g.kind == "heads"]
+    assert heads and any(any("rel_pos" in s.target for s in g.slots) for g in heads)
+    res = check_model(model, (2, 3, 32, 32), ratio=0.4, onnx=False)
+    assert res.ok, res.stages
+
+
+def test_mask_that_differs_per_head_keeps_the_heads_when_it_cannot_follow():
+    """An additive mask with one row per head that does not come from the model's parameters
+    (a buffer gathered with an index) cannot be sliced: the heads are kept, and the proof passes."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+            self.proj = nn.Linear(16, 16)
+            self.register_buffer("bias", torch.randn(4, 5, 5))
+
+        def forward(self, x):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, 4, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias[None] * 1.0)
+            return self.proj(y.transpose(1, 2).reshape(B, N, 16))
+
+    analysis = analyse(Masked().eval(), torch.randn(1, 5, 16))
+    assert not [g for g in analysis.groups if g.kind == "heads"]
+
+
+def test_timm_source_builds_without_downloading(monkeypatch):
+    from bmrs_surgery.loading import build_arch
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    net, shape = build_arch("timm:resnet10t", num_classes=7)
+    assert shape == (3, 224, 224) or len(shape) == 3
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_unknown_timm_name_is_one_line():
+    from bmrs_surgery.errors import ModelLoadError
+    from bmrs_surgery.loading import build_arch
+
+    with pytest.raises(ModelLoadError, match="unknown timm model 'no_such_net'"):
+        build_arch("timm:no_such_net")
+
+
+def test_torchvision_segmentation_builds_without_backbone_weights(monkeypatch):
+    """fcn_resnet50's builder defaults to ImageNet backbone weights (a download); the source passes
+    weights_backbone=None."""
+    from bmrs_surgery import zoo
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", no_network)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    net, shape = zoo.torchvision_model("lraspp_mobilenet_v3_large", num_classes=3)
+    assert shape == (3, 224, 224)
+    assert zoo.torchvision_kind("lraspp_mobilenet_v3_large") == "segmentation"
+    assert zoo.torchvision_kind("r3d_18") == "video"
+    out = net.eval()(torch.randn(1, 3, 64, 64))
+    assert out["out"].shape == (1, 3, 64, 64)
