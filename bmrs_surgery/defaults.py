@@ -37,3 +37,4 @@ DATA_WORKERS = 4  # DataLoader worker processes for imagefolder:DIR (at most the
 LATENCY_TARGET_BATCH = 1  # --target-latency: the batch size the latency is measured at
 DISTILL_TEMPERATURE = 4.0  # --distill: softmax temperature of the teacher's and student's logits
 DISTILL_WEIGHT = 0.5  # --distill: share of the loss that is the distillation term (the rest: labels)
+LR_SCHEDULE = "constant"  # learning rates within each phase: "constant" or "cosine" (to 0)

@@ -23,6 +23,7 @@ from torch import nn
 from . import defaults
 from .criteria import CRITERIA, Decision, PruneResult, apply_decision, criterion_for, decision
 from .data import DataSplits, split_batches
+from .distill import SCHEDULES, Distiller, cosine_factor
 from .errors import FitError, JobError
 from .gated import KL_WEIGHTINGS, gate_bank, kl_term
 
@@ -61,6 +62,8 @@ class FitConfig:
     # LeNet5, +-0 on the MLP, docs/results.md) or "sampled" (noisy, posteriors still trained, KL
     # on: the paper)
     finetune_gates: str = defaults.FINETUNE_GATES
+    distill: bool = False  # also match the original network's logits (distill.py; the teacher is given to fit)
+    lr_schedule: str = defaults.LR_SCHEDULE  # "constant" or "cosine" within each phase (distill.py)
 
     def validate(self) -> None:
         """Every field in range (a :class:`~.errors.JobError` naming the field otherwise)."""
@@ -79,6 +82,8 @@ class FitConfig:
                 raise JobError(f"must be a finite number >= 0, got {v}", param=name)
         if self.kl_weighting not in KL_WEIGHTINGS:
             raise JobError(f"must be one of {KL_WEIGHTINGS}, got {self.kl_weighting!r}", param="kl_weighting")
+        if self.lr_schedule not in SCHEDULES:
+            raise JobError(f"must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}", param="lr_schedule")
         if self.finetune_gates not in FINETUNE_GATES:
             raise JobError(f"must be one of {FINETUNE_GATES}, got {self.finetune_gates!r}", param="finetune_gates")
         if self.criterion is not None and self.criterion not in CRITERIA:
@@ -227,7 +232,7 @@ def _stop_on_nonfinite(first_bad: torch.Tensor, epoch: int, phase: str) -> None:
 
 
 def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, checkpoint=None,
-        resume: dict | None = None) -> FitResult:
+        resume: dict | None = None, planner=None, teacher: nn.Module | None = None) -> FitResult:
     """Train ``gated`` (a GatedModel) on ``data.train``; mask structures by ``cfg.mode``.
 
     ``checkpoint(state)``, if given, is called after every epoch with :func:`training_state`;
@@ -256,6 +261,8 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
 
         net = DDP(gated, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(gated, cfg)
+    # --distill (the original network's logits) and the schedule; planner: the job's widths and budget
+    distiller = Distiller(teacher, device) if cfg.distill and teacher is not None else None
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         if resume.get("prune_keep") is not None:
@@ -266,6 +273,8 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
         phase = "fit" if epoch < cfg.epochs else "finetune"
         if epoch == cfg.epochs and cfg.mode == "post-training" and cfg.epochs > 0:
             result.prune = _prune(gated, cfg)
+        if epoch == cfg.epochs and planner is not None and cfg.epochs > 0:
+            result.prune = apply_decision(gated, planner(_decision(gated, cfg)))  # fine-tune what is deployed
         t0 = time.perf_counter()
         gated.train()
         frozen = phase == "finetune" and cfg.finetune_gates == "expected"
@@ -287,7 +296,13 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 out = net(x)
             # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world
-            task = F.cross_entropy(out.float(), y, reduction="sum") * (world / total)
+            if cfg.lr_schedule == "cosine":
+                f = cosine_factor(epoch, step, steps, 0 if phase == "fit" else cfg.epochs,
+                                  cfg.epochs if phase == "fit" else cfg.finetune_epochs)
+                opt.param_groups[0]["lr"] = cfg.lr * f
+                opt.param_groups[GATE_GROUP]["lr"] = 0.0 if frozen else _gate_lr(cfg) * f
+            task = (distiller.loss(out, y, x) if distiller else F.cross_entropy(out.float(), y, reduction="sum")) \
+                * (world / total)
             # frozen posteriors: the KL is a constant, not computed
             loss = task if frozen else task + _kl_factor(cfg, epoch, step, steps) * kl_term(gated, n, cfg.kl_weighting)
             opt.zero_grad(set_to_none=True)

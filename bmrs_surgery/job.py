@@ -59,6 +59,7 @@ class Job:
     target_latency: float | None = None  # milliseconds, ONNX Runtime CPU, at target_batch
     target_batch: int = defaults.LATENCY_TARGET_BATCH
     distill: bool = False  # fit and fine-tune against the original network's logits too
+    lr_schedule: str = defaults.LR_SCHEDULE  # "constant" or "cosine" within each phase
     bench_batch_sizes: tuple[int, ...] = defaults.BENCH_BATCH_SIZES
     threads: int = defaults.THREADS
     resume: bool = False
@@ -97,6 +98,10 @@ class Job:
             raise JobError(f"must be an integer 8..4096, got {self.image_size!r}", param="image_size")
         if self.target is not None and not str(self.data or "").startswith("csv:"):
             raise JobError("names the class column of csv:FILE data", param="target")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise JobError(f"must be constant or cosine, got {self.lr_schedule!r}", param="lr_schedule")
+        if self.distill and self.data is None:
+            raise JobError("distils while fitting: give data to fit on", param="distill")
         for name in ("lr", "gate_lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

@@ -15,6 +15,7 @@ replace the model or data file, or one holding earlier results (unless ``overwri
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -171,11 +172,13 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
     net = loaded.model
 
     # trace, groups, gates
+    teacher = None
     if data is not None:
         check_fits(net, data)
         acc["split"] = "test"
         if not loaded.gated:
             acc["before"] = accuracy(net, data.test)
+            teacher = copy.deepcopy(net).eval() if job.distill else None  # --distill: the original network
             net = attach_gates(net, head(data.train, 2), noise=job.noise)
         else:
             unmask(net)
@@ -191,6 +194,9 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
         except BmrsError as exc:
             raise JobError(exc.message, param="bench_batch_sizes") from None
 
+    # keep-masks are planned (widths, budget) before fine-tuning and for the final decision
+    planner = Planner(job, gated, shape, out / TABLE_NAME if out is not None else None)
+
     # fit
     fit_result = None
     saver = None
@@ -201,7 +207,8 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
         rank, _ = distributed_rank()
         saver = ResumeWriter(out, key) if out is not None and rank == 0 else None  # one writer: rank 0
         with reporter if hasattr(reporter, "__enter__") else contextlib.nullcontext():  # a live display
-            fit_result = fit(gated, data, cfg, reporter, checkpoint=saver, resume=state)
+            fit_result = fit(gated, data, cfg, reporter, checkpoint=saver, resume=state, teacher=teacher,
+                             planner=planner if planner.active and torch.device(job.device).type == "cpu" else None)
         for name, t in gated.state_dict().items():  # the fit stops on a non-finite loss; this catches the rest
             bad = nonfinite_tensor(t)
             if bad:
@@ -224,7 +231,6 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
 
     # dF -> keep-masks (no group emptied; rounded widths; the budget met)
     raw = decision(gated, criterion_for(job.prior), precision_bits=job.precision_bits)
-    planner = Planner(job, gated, shape, out / TABLE_NAME if out is not None else None)
     planned = planner(raw)
     if data is not None and planner.info is not None:  # the accuracy at BMRS's own stop too
         apply_decision(gated, Decision(raw.criterion, raw.score, planner.bmrs_keep))

@@ -49,7 +49,11 @@ _OPTIONS = [
     click.option("--target-batch", type=click.IntRange(1, 4096), default=defaults.LATENCY_TARGET_BATCH,
                  show_default=True, help="--target-latency: the batch size it is measured at."),
     click.option("--distill", is_flag=True,
-                 help="Fit and fine-tune against the original network's logits too (knowledge distillation).")
+                 help="Fit and fine-tune against the original network's logits too (knowledge distillation, "
+                      f"temperature {defaults.DISTILL_TEMPERATURE:g}, weight {defaults.DISTILL_WEIGHT:g})."),
+    click.option("--lr-schedule", type=click.Choice(("constant", "cosine")), default=defaults.LR_SCHEDULE,
+                 show_default=True, help="Learning rates within each phase (fitting, fine-tuning): constant, or "
+                                         "falling to 0 along half a cosine."),
 ]
 
 

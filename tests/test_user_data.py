@@ -364,3 +364,64 @@ def test_report_records_the_weights_used(tmp_path):
                           bench_batch_sizes=()))
     w = result.report["weights"]
     assert w["source"] == "file" and w["file"] == str(path) and len(w["sha256"]) == 64
+
+
+# ------------------------------------------------------------------------------------------------
+# --distill and --lr-schedule cosine
+# ------------------------------------------------------------------------------------------------
+
+
+def test_distillation_loss_is_cross_entropy_when_student_equals_teacher():
+    from bmrs_surgery.distill import Distiller
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    d = Distiller(net, "cpu", temperature=4.0, weight=0.5)
+    ce = torch.nn.functional.cross_entropy(net(x), y, reduction="sum")
+    with torch.no_grad():
+        assert float(d.loss(net(x), y, x)) == pytest.approx(0.5 * float(ce), rel=1e-5)
+    other = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    assert float(d.loss(other(x), y, x)) > 0.5 * float(torch.nn.functional.cross_entropy(other(x), y, reduction="sum"))
+    assert not any(p.requires_grad for p in d.teacher.parameters())
+
+
+def test_distillation_pulls_the_student_to_the_teacher():
+    from bmrs_surgery.distill import Distiller
+
+    torch.manual_seed(1)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    student = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    d = Distiller(teacher, "cpu", temperature=2.0, weight=1.0)
+    x = torch.randn(256, 8)
+    y = torch.zeros(256, dtype=torch.long)
+    opt = torch.optim.Adam(student.parameters(), lr=0.05)
+    first = float(d.loss(student(x), y, x))
+    for _ in range(100):
+        loss = d.loss(student(x), y, x) / len(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(d.loss(student(x), y, x)) < 0.05 * first  # weight 1: the labels play no part
+
+
+def test_cosine_schedule_within_a_phase():
+    from bmrs_surgery.distill import cosine_factor
+
+    assert cosine_factor(0, 0, 10, 0, 4) == pytest.approx(1.0)
+    assert cosine_factor(2, 0, 10, 0, 4) == pytest.approx(0.5)
+    assert cosine_factor(3, 9, 10, 0, 4) < 0.01
+    assert cosine_factor(5, 0, 10, 5, 2) == pytest.approx(1.0)  # fine-tuning starts again at 1
+
+
+def test_compress_with_distill_and_cosine(tmp_path):
+    from bmrs_surgery.pipeline import compress
+
+    result = compress(Job(model="lenet5", data="digits", epochs=1, finetune_epochs=1, bench_batch_sizes=(),
+                          distill=True, lr_schedule="cosine"))
+    cfg = result.report["fit"]["config"]
+    assert cfg["distill"] is True and cfg["lr_schedule"] == "cosine"
+    assert [h["phase"] for h in result.report["fit"]["history"]] == ["fit", "finetune"]
+    assert 0.0 <= result.report["totals"]["accuracy_pruned"] <= 1.0
+    with pytest.raises(JobError):
+        Job(model="lenet5", distill=True).validate()
