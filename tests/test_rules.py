@@ -58,6 +58,21 @@ for t, dims in ((nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveMaxPool1d, 1), (nn.Adapti
 for t in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
     EXAMPLES[t] = (lambda t=t: _between(t(scale_factor=2)), (2, 2, 6, 6))
 
+try:  # timm's copies of torch layers are registered once timm is imported (rules/timm_layers.py)
+    import timm.layers as timm_layers
+    from timm.layers.conv2d_same import Conv2dSameExport
+
+    from bmrs_surgery.graph.rules.timm_layers import register_loaded
+
+    register_loaded()
+    EXAMPLES[timm_layers.Linear] = (
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), timm_layers.Linear(8, 7), nn.ReLU(), timm_layers.Linear(7, 3)),
+        (2, 6))
+    EXAMPLES[timm_layers.Conv2dSame] = (lambda: _between(timm_layers.Conv2dSame(8, 8, 3, stride=2)), (2, 2, 7, 7))
+    EXAMPLES[Conv2dSameExport] = (lambda: _between(Conv2dSameExport(8, 8, 3, stride=2)), (2, 2, 7, 7))
+except ImportError:
+    pass
+
 
 def test_every_module_rule_has_an_example():
     assert set(rules.module_rules()) == set(EXAMPLES)

@@ -143,3 +143,15 @@ def test_torchvision_segmentation_builds_without_backbone_weights(monkeypatch):
     assert zoo.torchvision_kind("r3d_18") == "video"
     out = net.eval()(torch.randn(1, 3, 64, 64))
     assert out["out"].shape == (1, 3, 64, 64)
+
+
+def test_timm_classifier_input_is_prunable():
+    """timm's Linear (its own forward calling F.linear) reads the head features like nn.Linear: a
+    gate sits at its input, so the 1024 head channels of MobileNetV3 are a prunable group."""
+    model = timm.create_model("mobilenetv3_small_050", num_classes=3).eval()
+    analysis = analyse(model, torch.randn(1, 3, 64, 64))
+    head = [g for g in analysis.groups if "classifier" in g.consumers]
+    assert head and head[0].size == 1024
+    res = check_model(model, (2, 3, 64, 64), onnx=False)
+    assert res.ok, res.stages
+    assert res.reach > 0.99

@@ -386,4 +386,7 @@ def _fetch_attr(gm: nn.Module, target: str):
 def propagate(gm: fx.GraphModule) -> Propagation:
     """Run the channel propagation over a shape-annotated graph module."""
     registry._load_builtin()
+    from .rules.timm_layers import register_loaded
+
+    register_loaded()  # timm's copies of torch layers, once timm is imported
     return Propagator(gm).run()

@@ -76,6 +76,9 @@ def _unwritable_name(model: nn.Module) -> str | None:
 def symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
     """Trace ``model`` (in eval mode); returns the graph module and the modules kept opaque."""
     registry._load_builtin()
+    from .rules.timm_layers import register_loaded
+
+    register_loaded()  # timm's copies of torch layers, once timm is imported
     bad = _unwritable_name(model)
     if bad is not None:
         raise GraphError(f"cannot trace {type(model).__name__}: the {bad} has a quote, backslash, line break "
