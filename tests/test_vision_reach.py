@@ -155,3 +155,20 @@ def test_timm_classifier_input_is_prunable():
     res = check_model(model, (2, 3, 64, 64), onnx=False)
     assert res.ok, res.stages
     assert res.reach > 0.99
+
+
+def test_a_layer_called_several_times_is_sliced_once():
+    """CoaT's parallel blocks call one MLP three times (mlp2 = mlp3 = mlp4): its hidden layer is one
+    group, its rows sliced once (slicing them per call ran past the end of the weight)."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.mlp(x) + self.mlp(2 * x) + self.mlp(-x))
+
+    res = check_model(Shared().eval(), (2, 8), ratio=0.5, onnx=False)
+    assert res.ok, res.stages
+    assert res.structures_kept < res.structures

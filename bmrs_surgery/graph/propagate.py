@@ -236,7 +236,7 @@ class Propagator:
         kind): input channels on ``in_dim`` of ``in_params`` (a gate can sit there), output channels
         on ``out_dim`` of ``out_params`` and on the output's last axis."""
         name = node.target
-        out_ids, _ = self.module_ids(name, "out", n_out)
+        out_ids, new_out = self.module_ids(name, "out", n_out)
         if x is not None and x.axis == x.ndim - 1 and len(x.ids) == n_in:
             in_ids = self._module_ids.get((name, "in"))
             if in_ids is None:
@@ -251,7 +251,8 @@ class Propagator:
                 self.slot(name, in_params, in_dim, in_ids, "in")
             self.rec.block(in_ids)
             self.block(x)
-        self.slot(name, out_params, out_dim, out_ids, "out")
+        if new_out:  # a layer called several times (shared MLPs) is sliced once
+            self.slot(name, out_params, out_dim, out_ids, "out")
         ndim = len(_shape(node))
         if n_out < 2:
             self.rec.block(out_ids)
