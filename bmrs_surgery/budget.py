@@ -130,14 +130,18 @@ def latency_ms(net, example: torch.Tensor, batch: int, threads: int = 0, runs: i
 
 
 def meet(gated, keep: torch.Tensor, score: torch.Tensor, budget: Budget, example: torch.Tensor,
-         finalise: Callable[[torch.Tensor], torch.Tensor], threads: int = 0) -> tuple[torch.Tensor, dict]:
+         finalise: Callable[[torch.Tensor], torch.Tensor], threads: int = 0,
+         refine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """The keep-mask that meets ``budget`` (see the module doc) and what happened, for the report.
 
     ``keep`` is BMRS's own (valid) keep-mask, ``score`` the per-structure score where lower means
     keep (dF), ``finalise`` turns a raw keep-mask into the deployed one (no group emptied, widths
-    rounded)."""
+    rounded). ``refine``, if given, is a costly last step (widths by measured latency): the
+    bisection runs on ``finalise`` alone, then ``refine`` is applied and, while the refined network
+    misses the target, more structures are removed in the same order."""
     meter = Meter(gated, example, budget, threads)
-    bmrs_keep = finalise(keep)
+    last = refine or (lambda k: k)
+    bmrs_keep = last(finalise(keep))
     bmrs_point = meter.point(bmrs_keep)
     info = {"kind": budget.kind, "option": budget.option, "target": budget.value, "bmrs": bmrs_point}
     if budget.kind == "latency":
@@ -155,7 +159,7 @@ def meet(gated, keep: torch.Tensor, score: torch.Tensor, budget: Budget, example
 
     lo, hi = 1, len(order)  # smallest k that meets the target (the quantity falls as k grows)
     if hi == 0 or meter.value(keep_without(hi)) > budget.value:
-        final = keep_without(hi)
+        final = last(keep_without(hi))
         info.update(met=False, kept="budget", removed_beyond_bmrs=hi, budget=meter.point(final),
                     note=f"{budget.option} {budget.value:g} cannot be met: every group already keeps only its "
                          "best structure")
@@ -166,7 +170,10 @@ def meet(gated, keep: torch.Tensor, score: torch.Tensor, budget: Budget, example
             hi = mid
         else:
             lo = mid + 1
-    final = keep_without(lo)
+    final = last(keep_without(lo))
+    while refine is not None and meter.value(final) > budget.value and lo < len(order):
+        lo = min(len(order), lo + max(1, (len(order) - lo) // 32))  # refined widths grew: remove a little more
+        final = last(keep_without(lo))
     info.update(met=True, kept="budget", removed_beyond_bmrs=lo, budget=meter.point(final),
                 note=f"{lo} structure(s) BMRS keeps removed in dF order to meet {budget.option} {budget.value:g}")
     return final, info
@@ -192,7 +199,8 @@ class Planner:
             from .latency_table import LatencyTable
 
             self.table = LatencyTable(job.threads, table_path)
-        self.latency_batches = (1, 32)
+        bench = tuple(job.bench_batch_sizes)  # widths are timed at the smallest and largest batch benchmarked
+        self.latency_batches = tuple(sorted({min(bench), max(bench)})) if bench else (1, 32)
         self._widths: dict[bytes, dict] = {}  # auto: the widths chosen, by the keep-mask they made
         self.keep: torch.Tensor | None = None  # the last plan made
         self.info: dict | None = None
@@ -204,20 +212,27 @@ class Planner:
     def active(self) -> bool:
         return self.round_to is not None or self.budget is not None
 
-    def finalise(self, keep: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """``keep`` valid and rounded as the job asks."""
+    def valid(self, keep: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """``keep`` with no group emptied and, for an integer ``round_to``, rounded widths."""
         from .plan import plan_keep
 
+        return plan_keep(self.bank, keep, score, self.round_to if isinstance(self.round_to, int) else None)
+
+    def widths_by_latency(self, keep: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """``--round-to auto``: ``keep`` (valid) with each group's width chosen by measured latency."""
         key = keep.bool().numpy().tobytes()
         if key not in self._final:
-            k = plan_keep(self.bank, keep, score, self.round_to if isinstance(self.round_to, int) else None)
-            if self.table is not None:
-                from .latency_table import round_auto
+            from .latency_table import round_auto
 
-                k, widths = round_auto(self.gated, k, score, self.example, self.table, self.latency_batches)
-                self._widths[k.numpy().tobytes()] = widths
+            k, widths = round_auto(self.gated, keep, score, self.example, self.table, self.latency_batches)
+            self._widths[k.numpy().tobytes()] = widths
             self._final[key] = k
         return self._final[key]
+
+    def finalise(self, keep: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """``keep`` valid and rounded as the job asks."""
+        k = self.valid(keep, score)
+        return self.widths_by_latency(k, score) if self.table is not None else k
 
     def __call__(self, dec):
         """The decision ``dec`` with its keep-mask planned (a new Decision)."""
@@ -230,8 +245,9 @@ class Planner:
             if self.budget is None:
                 self._plans[key] = self.bmrs_keep
             else:
+                refine = (lambda k: self.widths_by_latency(k, score)) if self.table is not None else None
                 keep, self.info = meet(self.gated, dec.keep.cpu(), score, self.budget, self.example,
-                                       lambda k: self.finalise(k, score), self.threads)
+                                       lambda k: self.valid(k, score), self.threads, refine=refine)
                 self._plans[key] = keep
         self.keep = self._plans[key]
         return Decision(dec.criterion, dec.score, self.keep, dec.lower_is_better)

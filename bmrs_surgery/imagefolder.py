@@ -33,6 +33,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HELD_OUT_FRACTION = 0.2
 RESIZE_RATIO = 256 / 224  # the evaluation resize before the centre crop (torchvision's convention)
+FEW_IMAGES = 256  # a pass over fewer images is read in this process (starting workers costs more)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ class ImageSplit(Dataset):
 
     def batches(self, index_batches: list[torch.Tensor], device, workers: int | None = None):
         """(x, y) on ``device`` for each index batch, loaded ahead by worker processes."""
-        workers = default_workers() if workers is None else workers
+        if workers is None:  # worker processes pay off only beyond a handful of images
+            workers = default_workers() if sum(len(b) for b in index_batches) >= FEW_IMAGES else 0
         loader = DataLoader(self, batch_sampler=[b.tolist() for b in index_batches], num_workers=workers,
                             pin_memory=torch.device(device).type == "cuda")
         it = iter(loader)

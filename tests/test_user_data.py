@@ -425,3 +425,33 @@ def test_compress_with_distill_and_cosine(tmp_path):
     assert 0.0 <= result.report["totals"]["accuracy_pruned"] <= 1.0
     with pytest.raises(JobError):
         Job(model="lenet5", distill=True).validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# The end-to-end example of docs/user_data.md (issue 18, item 6), made small
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_example_resnet18_weights_file_image_folder_half_macs_auto_widths(tmp_path):
+    import torchvision
+
+    write_pngs(tmp_path / "images", 6)
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "resnet18.pth")
+    out = tmp_path / "out"
+    r = invoke("torchvision:resnet18", "--weights", tmp_path / "resnet18.pth", "--data", f"imagefolder:{tmp_path / 'images'}",
+               "--image-size", "32", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "8",
+               "--target-macs", "0.5", "--round-to", "auto", "--bench-batch-sizes", "1", "-q", "--out", out)
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert (out / "pruned.onnx").stat().st_size > 0 and (out / "report.html").is_file()
+    doc = json.loads((out / "report.json").read_text())
+    counts = doc["surgery"]["counts"]
+    assert counts["macs_ratio"] <= 0.5 and doc["plan"]["budget"]["met"]
+    assert doc["plan"]["round_to"] == "auto" and doc["plan"]["widths"]
+    for c in doc["plan"]["widths"].values():
+        assert c["chosen"] >= c["kept"]
+    assert doc["weights"]["source"] == "file" and doc["weights"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    bench = doc["surgery"]["benchmark"]["ratios_vs_first"][0]["batches"][0]
+    assert bench["median_ratio"] > 0  # the speed-up is measured and reported
+    table = json.loads((out / "latency_table.json").read_text())
+    assert table["entries"] and table["machine"]["onnxruntime"]
