@@ -13,6 +13,15 @@ PRECISION_BITS = 8  # BMRS_U: bits of precision below which a gate counts as zer
 MODE = "continuous"  # prune while fitting ("continuous") or once after it ("post-training")
 EPOCHS = 20  # fitting epochs for a model without fitted gates
 FINETUNE_EPOCHS = 2
+# --epochs auto: fit until the gates settle (bmrs_surgery/settling.py), at most MAX_STEPS steps
+SETTLE_CHECK_STEPS = 100  # optimiser steps between two checks of the settling signal
+SETTLE_PATIENCE = 3  # stable checks in a row that make a settled fit
+SETTLE_FLIP_TOLERANCE = 0.01  # share of structures that may flip (or be projected to) in a stable check
+SETTLE_OBJECTIVE_TOLERANCE = 0.05  # relative change of the objective against the window's mean
+SETTLE_HORIZON = 2.0  # projection: times the steps done so far (a fit three times as long)
+SETTLE_MIN_STEPS = 500  # no fit is called settled before this many steps
+MAX_STEPS = 4000  # the most optimiser steps --epochs auto fits for
+AUTO_FINETUNE_STEPS = 300  # --epochs auto: fine-tuning lasts FINETUNE_EPOCHS epochs, or this many steps if more
 PRUNE_EVERY = 1
 BATCH_SIZE = 128
 LR = 1.5e-3

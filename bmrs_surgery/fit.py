@@ -26,8 +26,10 @@ from .data import DataSplits, split_batches
 from .distill import SCHEDULES, Distiller, cosine_factor
 from .errors import FitError, JobError
 from .gated import KL_WEIGHTINGS, gate_bank, kl_term
+from .settling import SettleState, observe, summary
 
 MODES = ("post-training", "continuous")
+AUTO = "auto"  # epochs=AUTO: fit until the gates settle (see settling.py)
 REPORT_EVERY = 25  # steps between progress updates (each one syncs the device)
 
 
@@ -38,7 +40,9 @@ FINETUNE_GATES = ("sampled", "expected")  # choices; the default is defaults.FIN
 class FitConfig:
     """How to fit: every default comes from :mod:`defaults` (the command line's too)."""
 
-    epochs: int = defaults.EPOCHS
+    epochs: int | str = defaults.EPOCHS  # or "auto": fit until the gates settle, at most max_steps steps
+    max_steps: int = defaults.MAX_STEPS  # epochs="auto": the most optimiser steps of the fit phase
+    max_minutes: float | None = None  # epochs="auto": and the most wall time (None: no limit)
     mode: str = defaults.MODE
     prior: str = defaults.PRIOR
     precision_bits: int = defaults.PRECISION_BITS
@@ -71,9 +75,15 @@ class FitConfig:
             raise JobError(f"must be one of {MODES}, got {self.mode!r}", param="mode")
         if self.prior not in ("normal", "uniform"):
             raise JobError(f"must be 'normal' or 'uniform', got {self.prior!r}", param="prior")
-        for name in ("epochs", "finetune_epochs"):
-            if getattr(self, name) < 0:
-                raise JobError(f"must be >= 0, got {getattr(self, name)}", param=name)
+        if self.epochs != AUTO and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0):
+            raise JobError(f"must be an integer >= 0 or {AUTO}, got {self.epochs!r}", param="epochs")
+        if self.finetune_epochs < 0:
+            raise JobError(f"must be >= 0, got {self.finetune_epochs}", param="finetune_epochs")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise JobError(f"must be an integer >= 1, got {self.max_steps!r}", param="max_steps")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float))
+                                                 and math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise JobError(f"must be a positive number of minutes, got {self.max_minutes!r}", param="max_minutes")
         if self.prune_every < 1 or self.batch_size < 1:
             raise JobError("must be >= 1", param="prune_every" if self.prune_every < 1 else "batch_size")
         for name in ("lr", "gate_lr", "kl_scale"):
@@ -100,6 +110,7 @@ class EpochRecord:
     val_accuracy: float
     kept_fraction: float
     seconds: float
+    steps: int = 0  # optimiser steps done in the fit phase by the end of this epoch
 
 
 @dataclass
@@ -108,12 +119,20 @@ class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
     prune: PruneResult | None = None
     seconds: float = 0.0
+    # whether the gates settled (settling.summary, plus "stopped": why the fit phase ended); None
+    # when nothing was fitted (only fine-tuning)
+    settling: dict | None = None
+
+    @property
+    def settled(self) -> bool | None:
+        return None if self.settling is None else bool(self.settling["settled"])
 
     def to_dict(self) -> dict:
         return {
             "config": asdict(self.config),
             "history": [asdict(h) for h in self.history],
             "seconds": self.seconds,
+            "settling": self.settling,
         }
 
 
@@ -210,9 +229,11 @@ def distributed_rank() -> tuple[int, int]:
 
 
 def training_state(gated: nn.Module, opt: torch.optim.Optimizer, result: FitResult, gen: torch.Generator,
-                   epoch: int) -> dict:
-    """Everything needed to continue a fit after ``epoch`` completed epochs, bit for bit on CPU."""
+                   epoch: int, progress: dict | None = None) -> dict:
+    """Everything needed to continue a fit after ``epoch`` completed epochs, bit for bit on CPU
+    (``progress``: the settling record, steps done and where the fit phase ended)."""
     return {
+        **(progress or {}),
         "epochs_done": epoch,
         "model": {k: v.detach().cpu().clone() for k, v in gated.state_dict().items()},
         "optimizer": opt.state_dict(),
@@ -237,6 +258,11 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
 
     ``checkpoint(state)``, if given, is called after every epoch with :func:`training_state`;
     ``resume`` (such a state) continues from where it was taken.
+
+    The settling signal (:mod:`settling`) is checked every ``defaults.SETTLE_CHECK_STEPS`` steps of
+    the fit phase and at its end. With ``cfg.epochs == "auto"`` the fit phase ends at the first epoch
+    end after the gates settled, or at ``cfg.max_steps`` steps (``cfg.max_minutes``), whichever comes
+    first; ``result.settling`` says which.
     """
     cfg.validate()
     gate_bank(gated)
@@ -248,12 +274,25 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     result = FitResult(cfg)
     first = 0
+    auto = cfg.epochs == AUTO
+    fit_max = max(1, math.ceil(cfg.max_steps / max(steps, 1))) if auto else cfg.epochs  # epochs at most
+    fit_end = None if auto else cfg.epochs  # epochs of the fit phase, once known
+    finetune = cfg.finetune_epochs
+    if auto and finetune:  # fine-tuning measured in steps too: at least AUTO_FINETUNE_STEPS of them
+        finetune = max(finetune, math.ceil(defaults.AUTO_FINETUNE_STEPS / max(steps, 1)))
+    settle = SettleState()
+    done_steps = 0
+    stopped = None
     if resume is not None:
         gated.load_state_dict(resume["model"])
         result.history = [EpochRecord(**h) for h in resume["history"]]
         gen.set_state(resume["batch_generator"])
         torch.set_rng_state(resume["torch_rng"])
         first = int(resume["epochs_done"])
+        settle = SettleState.from_state(resume.get("settle"))
+        done_steps = int(resume.get("steps_done", min(first, fit_max) * steps))
+        fit_end = resume.get("fit_end", fit_end)
+        stopped = resume.get("stopped")
     gated.to(device)
     net = gated
     if world > 1:  # gradients (weights and gate posteriors) averaged over ranks: same parameters everywhere
@@ -268,12 +307,32 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
         if resume.get("prune_keep") is not None:
             result.prune = apply_decision(gated, _criteria_decision(gated, cfg, resume["prune_keep"]))
     start = time.perf_counter()
-    total_epochs = cfg.epochs + cfg.finetune_epochs
-    for epoch in range(first, total_epochs):
-        phase = "fit" if epoch < cfg.epochs else "finetune"
-        if epoch == cfg.epochs and cfg.mode == "post-training" and cfg.epochs > 0:
+    interval = {"sum": torch.zeros((), device=device), "n": 0}  # the objective since the last check
+
+    def check(epoch_done: float) -> None:
+        dec = _decision(gated, cfg)
+        objective = float(interval["sum"]) / max(interval["n"], 1)
+        found = observe(settle, step=done_steps, epoch=epoch_done, score=dec.score, keep=dec.keep,
+                        objective=objective, kl=float(kl_term(gated, n, cfg.kl_weighting).detach()),
+                        boundary=0.0 if dec.criterion.startswith("bmrs") else None,
+                        lower_is_better=dec.lower_is_better)
+        interval["sum"].zero_()
+        interval["n"] = 0
+        if reporter and hasattr(reporter, "check"):
+            reporter.check(found)
+
+    epoch = first
+    while True:
+        if fit_end is None or epoch < fit_end:
+            phase = "fit"
+        elif epoch < fit_end + finetune:
+            phase = "finetune"
+        else:
+            break
+        total_epochs = (fit_end if fit_end is not None else fit_max) + finetune
+        if phase == "finetune" and epoch == fit_end and cfg.mode == "post-training" and fit_end > 0:
             result.prune = _prune(gated, cfg)
-        if epoch == cfg.epochs and planner is not None and cfg.epochs > 0:
+        if phase == "finetune" and epoch == fit_end and planner is not None and fit_end > 0:
             result.prune = apply_decision(gated, planner(_decision(gated, cfg)))  # fine-tune what is deployed
         t0 = time.perf_counter()
         gated.train()
@@ -297,8 +356,8 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
                 out = net(x)
             # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world
             if cfg.lr_schedule == "cosine":
-                f = cosine_factor(epoch, step, steps, 0 if phase == "fit" else cfg.epochs,
-                                  cfg.epochs if phase == "fit" else cfg.finetune_epochs)
+                f = cosine_factor(epoch, step, steps, 0 if phase == "fit" else fit_end,
+                                  (fit_end or fit_max) if phase == "fit" else finetune)
                 opt.param_groups[0]["lr"] = cfg.lr * f
                 opt.param_groups[GATE_GROUP]["lr"] = 0.0 if frozen else _gate_lr(cfg) * f
             task = (distiller.loss(out, y, x) if distiller else F.cross_entropy(out.float(), y, reduction="sum")) \
@@ -309,6 +368,13 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             loss.backward()
             opt.step()
             loss_sum += loss.detach()
+            if phase == "fit":
+                done_steps += 1
+                interval["sum"] += loss.detach()
+                interval["n"] += 1
+                if done_steps % defaults.SETTLE_CHECK_STEPS == 0:
+                    _stop_on_nonfinite(first_bad, epoch, phase)
+                    check(epoch + (step + 1) / steps)
             # recorded on the device (no sync per step), checked at every progress update and epoch end
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             correct += (out.detach().argmax(1) == y).sum()
@@ -329,14 +395,32 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             val_accuracy=accuracy(gated, data.val, cfg.device),
             kept_fraction=float(bank.mask.mean()),
             seconds=time.perf_counter() - t0,
+            steps=done_steps,
         )
         result.history.append(record)
         if reporter:
             reporter.end_epoch(record)
+        if phase == "fit":
+            last = epoch + 1 >= fit_max or (auto and (settle.settled or _out_of_time(cfg, start)))
+            if last:
+                if not settle.checks or settle.checks[-1].step != done_steps:
+                    check(float(epoch + 1))  # the fit phase's own last check
+                fit_end = epoch + 1
+                stopped = ("settled" if auto and settle.settled else "epochs" if not auto
+                           else "max_minutes" if _out_of_time(cfg, start) else "max_steps")
         if checkpoint is not None:
-            checkpoint(training_state(gated, opt, result, gen, epoch + 1))
+            progress = {"settle": settle.to_state(), "steps_done": done_steps, "fit_end": fit_end, "stopped": stopped}
+            checkpoint(training_state(gated, opt, result, gen, epoch + 1, progress))
+        epoch += 1
     gate_bank(gated).rows = None
-    if cfg.epochs > 0 and result.prune is None:  # no scoring happened yet: score once now
+    if fit_end and result.prune is None:  # no scoring happened yet: score once now
         result.prune = _prune(gated, cfg)
+    if fit_end:
+        result.settling = {**summary(settle, cfg.max_steps if auto else None), "stopped": stopped,
+                           "auto": auto, "fit_epochs": fit_end}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _out_of_time(cfg: FitConfig, start: float) -> bool:
+    return cfg.max_minutes is not None and time.perf_counter() - start >= 60.0 * cfg.max_minutes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import defaults
 from .errors import JobError
-from .fit import FINETUNE_GATES, MODES, FitConfig
+from .fit import AUTO, FINETUNE_GATES, MODES, FitConfig
 from .gated import KL_WEIGHTINGS
 from .gates import NOISE_MODES
 from .limits import check_seed, check_threads
@@ -36,7 +36,9 @@ class Job:
     prior: str = defaults.PRIOR
     precision_bits: int = defaults.PRECISION_BITS
     mode: str = defaults.MODE
-    epochs: int | None = None
+    epochs: int | str | None = None  # or "auto": fit until the gates settle (at most max_steps steps)
+    max_steps: int = defaults.MAX_STEPS
+    max_minutes: float | None = None
     finetune_epochs: int = defaults.FINETUNE_EPOCHS
     prune_every: int = defaults.PRUNE_EVERY
     batch_size: int = defaults.BATCH_SIZE
@@ -83,9 +85,14 @@ class Job:
                 raise JobError(f"must be an integer {span}, got {v!r}", param=name)
         check_seed(self.seed)  # the range torch, numpy and scikit-learn all take
         check_threads(self.threads)  # 0 (all cores) up to this machine's cores
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
-                                        or self.epochs < 0):
-            raise JobError(f"must be an integer >= 0, got {self.epochs!r}", param="epochs")
+        if self.epochs is not None and self.epochs != AUTO and (
+                isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0):
+            raise JobError(f"must be an integer >= 0 or {AUTO}, got {self.epochs!r}", param="epochs")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise JobError(f"must be an integer >= 1, got {self.max_steps!r}", param="max_steps")
+        if self.max_minutes is not None and (isinstance(self.max_minutes, bool) or not isinstance(self.max_minutes, (int, float))
+                                             or not math.isfinite(self.max_minutes) or self.max_minutes <= 0):
+            raise JobError(f"must be a positive number of minutes, got {self.max_minutes!r}", param="max_minutes")
         if self.round_to is not None and self.round_to != "auto" and (
                 isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
             raise JobError(f"must be a positive integer or auto, got {self.round_to!r}", param="round_to")
@@ -114,7 +121,7 @@ class Job:
             if self.sweep_levels:
                 raise JobError("needed for a sweep", param="data")
 
-    def fit_config(self, epochs: int) -> FitConfig:
+    def fit_config(self, epochs: int | str) -> FitConfig:
         """The fitting part of the job (the fields it shares with :class:`FitConfig`)."""
         shared = {f.name: getattr(self, f.name) for f in fields(FitConfig) if f.name in JOB_FIELDS}
         return FitConfig(**{**shared, "epochs": epochs})

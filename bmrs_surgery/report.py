@@ -88,7 +88,6 @@ def build_report(*, gated, decision, model_spec: str, data_spec: str | None, pri
                  extra: dict | None = None) -> dict:
     """The report.json document (plain data); ``extra``'s entries are added at the top level
     (``weights``: which weights the network had; ``plan``: widths and budget, see budget.Planner)."""
-
     bank = gate_bank(gated)
     net = network(gated)
     per_module = removable_per_module(net, bank, decision.keep)
@@ -122,6 +121,8 @@ def build_report(*, gated, decision, model_spec: str, data_spec: str | None, pri
         "precision_bits": precision_bits if prior == "uniform" else None,
         "decision_rule": "prune where dF >= 0",
         "fit": fit_result.to_dict() if fit_result is not None else None,
+        # whether the gates settled while fitting (settling.py): None when nothing was fitted here
+        "settled": fit_result.settled if fit_result is not None else None,
         "layers": layers,
         "totals": {
             "structures_before": bank.num_gates,

@@ -109,6 +109,28 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 .small{color:#666;font-size:.85em}"""
 
 
+def _settling_paragraph(doc: dict) -> str:
+    """Whether the gates settled while fitting: a settled fit's result is an answer (0% included),
+    an unsettled one's is not, and the page says so first."""
+    info = (doc.get("fit") or {}).get("settling")
+    if doc.get("settled") is None or not info:
+        return ""
+    last = info.get("last_check") or {}
+    if doc["settled"]:
+        return (f"<p>The gates <b>settled</b> after {info['settled_at_step']} optimiser steps "
+                f"(no decision changed or was about to in {info['patience']} checks in a row); the fit stopped "
+                f"after {info['steps']} steps ({html.escape(str(info.get('stopped')))}).</p>")
+    from .settling import unsettled_message
+
+    return (f"<p style='color:#a00'><b>The gates had not settled.</b> {html.escape(unsettled_message(info))}. "
+            f"Last check: {_share(last.get('flipped'))} of the decisions flipped, {_share(last.get('projected'))} "
+            "projected to.</p>")
+
+
+def _share(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 def _budget_figure(points: list[tuple[str, float, float]]) -> str:
     """Accuracy against MACs ratio: BMRS's own stop and the budget's point."""
     import matplotlib
@@ -165,7 +187,6 @@ def _plan_section(doc: dict) -> list[str]:
 
 
 def render(doc: dict, rows: list[dict]) -> bytes:
-
     figs = _figures(doc, rows)
     t = doc["totals"]
     surgery = doc.get("surgery") or {}
@@ -192,6 +213,7 @@ def render(doc: dict, rows: list[dict]) -> bytes:
         f"<p>criterion <b>{html.escape(doc['criterion'])}</b> ({html.escape(doc['decision_rule'])}); "
         f"data {html.escape(str(doc['data']))}; parameter compression as the paper counts it: "
         f"<b>{t['parameter_compression'] * 100:.2f}%</b>; {t['structures_after']} of {t['structures_before']} structures kept.</p>",
+        _settling_paragraph(doc),
         "<h2>Summary</h2>", _table(["", "before", "after", "after / before"], summary),
     ]
     if surgery:

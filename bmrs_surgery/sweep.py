@@ -48,7 +48,9 @@ def knee(points: list[dict]) -> dict | None:
 
 
 def sweep(gated, data, criteria=SWEEP_CRITERIA, levels: int = 10, finetune_epochs: int = 0,
-          precision_bits: int = 8, cfg: FitConfig | None = None, split: str = "test") -> dict:
+          precision_bits: int = 8, cfg: FitConfig | None = None, split: str = "test", progress=None) -> dict:
+    """Accuracy against compression for each criterion at ``levels`` levels; ``progress(text)``, if
+    given, is called after every point (the CLI prints it)."""
     bank = gate_bank(gated)
     net = network(gated)
     evalset = getattr(data, split)
@@ -78,6 +80,10 @@ def sweep(gated, data, criteria=SWEEP_CRITERIA, levels: int = 10, finetune_epoch
                 pts.append({"fraction_removed": 1.0 - float(keep.float().mean()),
                             "compression": compression(net, bank, keep).ratio,
                             "accuracy": accuracy(model, evalset)})
+                if progress is not None:
+                    p = pts[-1]
+                    progress(f"sweep {crit} {len(pts)}/{len(fractions)}: compression {p['compression']:.1%}, "
+                             f"accuracy {p['accuracy']:.4f}")
             curves[crit] = pts
         stop = None
         for crit in ("bmrs_u", "bmrs_n"):

@@ -125,3 +125,26 @@ def load_network_inputs(spec: str, input_shape: str | None, inputs, inputs_file,
     loaded = loading.load_model(spec, arch=arch, trust=trust)
     net = plain_network(loaded.model) if loaded.gated else loaded.model
     return net, specs[0].shape, specs, example
+
+
+class EpochsParam(click.ParamType):
+    """``--epochs``: a number of epochs (an integer >= 0) or ``auto`` (fit until the gates settle)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool) or value == "auto":
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            number = int(text)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer >= 0 or auto", param, ctx)
+        if number < 0:
+            self.fail(f"{value!r} is not an integer >= 0 or auto", param, ctx)
+        return number
+
+
+EPOCHS = EpochsParam()

@@ -18,7 +18,7 @@ from bmrs_surgery.gates import NOISE_MODES
 from bmrs_surgery.job import Job
 from bmrs_surgery.pipeline import compress as compress_job
 
-from ._common import fail, markup_safe, out_dir_option, parse_batch_sizes
+from ._common import EPOCHS, fail, markup_safe, out_dir_option, parse_batch_sizes
 from .user_options import ROUND_TO, user_options
 
 
@@ -66,8 +66,14 @@ def _terminate(signum, frame):
                    "imagefolder:DIR (class folders, or train/ and val/) or csv:FILE (with --target COLUMN).")
 @click.option("--mode", type=click.Choice(MODES), default=defaults.MODE,
               show_default=True, help="Prune while fitting, or once after fitting.")
-@click.option("--epochs", type=click.IntRange(min=0), default=None,
-              help=f"Fitting epochs [default: {defaults.EPOCHS}, or 0 for a model that already carries fitted gates].")
+@click.option("--epochs", type=EPOCHS, default=None,
+              help=f"Fitting epochs, or auto: fit until the gates settle (no decision changes or is about to, "
+                   f"the objective flat), at most --max-steps steps [default: {defaults.EPOCHS}, or 0 for a model "
+                   "that already carries fitted gates].")
+@click.option("--max-steps", type=click.IntRange(min=1), default=defaults.MAX_STEPS, show_default=True,
+              help="--epochs auto: the most optimiser steps to fit for (a fit stopped here unsettled says so).")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--epochs auto: and the most wall time to fit for, in minutes [default: no limit].")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=defaults.FINETUNE_EPOCHS, show_default=True,
               help="Epochs of fine-tuning with the masks frozen.")
 @click.option("--prune-every", type=click.IntRange(min=1), default=defaults.PRUNE_EVERY, show_default=True,
@@ -104,7 +110,7 @@ def _terminate(signum, frame):
               help="Replace the outputs of an earlier run in --out (refused otherwise; --resume allows it too).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of a summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epochs, prune_every,  # noqa: PLR0913
+def compress(model, prior, precision_bits, data_spec, mode, epochs, max_steps, max_minutes, finetune_epochs, prune_every,  # noqa: PLR0913
              batch_size, lr, gate_lr, kl_weighting, noise, finetune_gates, seed, device, amp, arch, trust_model,
              sweep_levels, round_to, bench_batch_sizes, threads, out, resume, overwrite, as_json, quiet,
              **user_opts):
@@ -120,7 +126,8 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
     try:
         job = Job(
             model=model, data=data_spec, out=out, arch=arch, trust_model=trust_model, prior=prior,
-            precision_bits=precision_bits, mode=mode, epochs=epochs, finetune_epochs=finetune_epochs,
+            precision_bits=precision_bits, mode=mode, epochs=epochs, max_steps=max_steps, max_minutes=max_minutes,
+            finetune_epochs=finetune_epochs,
             prune_every=prune_every, batch_size=batch_size, lr=lr, gate_lr=gate_lr, kl_weighting=kl_weighting,
             noise=noise, finetune_gates=finetune_gates, seed=seed, device=_init_distributed(device), amp=amp,
             sweep_levels=sweep_levels, round_to=round_to,
@@ -144,6 +151,7 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, finetune_epo
         _end_distributed()
     if result.report is None:
         return  # a data-parallel rank other than 0
+    _say_settling(result.report)
     if as_json:
         click.echo(result.files["report.json"].decode(), nl=False)
     else:
@@ -156,9 +164,24 @@ def _run(job: Job, quiet: bool):
 
     if quiet or distributed_rank()[0] != 0:
         return compress_job(job)
-    from bmrs_surgery.progress import RichReporter
+    from bmrs_surgery.progress import make_reporter
 
-    return compress_job(job, RichReporter())  # shown while fitting
+    return compress_job(job, make_reporter())  # bars on a terminal, flushed lines in a log
+
+
+def _say_settling(doc: dict) -> None:
+    """Whether the gates settled, on stderr (so a log or CI sees it, --json or not): an unsettled fit
+    is one line saying so and what to run instead; a settled one's result, 0% included, is an answer."""
+    info = (doc.get("fit") or {}).get("settling")
+    if doc.get("settled") is None or not info:
+        return
+    if doc["settled"]:
+        click.echo(f"the gates settled after {info['settled_at_step']} optimiser steps "
+                   f"(fit stopped after {info['steps']}: {info['stopped']})", err=True)
+    else:
+        from bmrs_surgery.settling import unsettled_message
+
+        click.echo(f"Warning: {unsettled_message(info)}", err=True)
 
 
 def _print_summary(doc: dict, out_path: Path) -> None:

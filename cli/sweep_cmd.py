@@ -76,12 +76,15 @@ def _run(model, data_spec, epochs, levels, criteria, finetune_epochs, precision_
     cfg = FitConfig(epochs=epochs, mode="post-training", prior="uniform", precision_bits=precision_bits,
                     batch_size=batch_size, lr=lr, gate_lr=gate_lr, seed=seed, finetune_epochs=0)
     if epochs:
-        fit(net, data, cfg)
+        from bmrs_surgery.progress import make_reporter
+
+        fit(net, data, cfg, None if as_json else make_reporter())
         net.to("cpu")
         unmask(net)
     if not loaded.gated and not epochs:
         raise DataError("sweep needs fitted gates: give --epochs > 0 for a model without gates")
-    result = run_sweep(net, data, crits, levels, finetune_epochs, precision_bits, cfg)
+    result = run_sweep(net, data, crits, levels, finetune_epochs, precision_bits, cfg,
+                       progress=None if as_json else lambda text: click.echo(text, err=True))
     result["model"], result["data"] = model, data_spec
     doc = (json.dumps(result, indent=2) + "\n").encode()
     write_outputs(out, {"sweep.json": doc, "sweep.html": sweep_page(result)})
