@@ -93,3 +93,19 @@ def timm_families() -> dict[str, list[str]]:
         if names:
             families[module] = names
     return families
+
+
+def yolo_model(config: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A YOLO detector from one of ultralytics' model YAMLs (``yolov8n.yaml``, ``yolo11n.yaml``):
+    the architecture only, random weights; needs ultralytics installed."""
+    try:
+        from ultralytics.nn.tasks import DetectionModel
+    except ImportError:
+        raise ModelLoadError("yolo:CONFIG needs ultralytics (pip install ultralytics)") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = DetectionModel(config, verbose=False)
+    except (FileNotFoundError, ValueError, KeyError, AssertionError) as exc:
+        raise ModelLoadError(f"YOLO config {config!r}: {_first_line(exc)}") from None
+    return net.eval(), (3, 320, 320)

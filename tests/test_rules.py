@@ -57,6 +57,16 @@ for t, dims in ((nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveMaxPool1d, 1), (nn.Adapti
                    {1: (2, 2, 9), 2: (2, 2, 6, 6), 3: (2, 2, 4, 5, 5)}[dims])
 for t in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
     EXAMPLES[t] = (lambda t=t: _between(t(scale_factor=2)), (2, 2, 6, 6))
+for t, dims in ((nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 2), (nn.ConvTranspose3d, 3)):
+    # conv -> transposed conv (input channels read through dim 0 of its weight) -> conv
+    EXAMPLES[t] = (lambda t=t, dims=dims: _between(nn.Sequential(t(8, 6, 2, stride=2), nn.ReLU(),
+                                                                 {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](6, 8, 1)),
+                                                   dims=dims),
+                   {1: (2, 2, 9), 2: (2, 2, 6, 6), 3: (2, 2, 4, 5, 5)}[dims])
+EXAMPLES[nn.PixelShuffle] = (lambda: nn.Sequential(_between(nn.ReLU(), c=8), nn.Conv2d(4, 8, 1), nn.PixelShuffle(2),
+                                                   nn.Conv2d(2, 3, 3)), (2, 2, 6, 6))
+EXAMPLES[nn.PixelUnshuffle] = (lambda: nn.Sequential(_between(nn.ReLU(), c=8), nn.PixelUnshuffle(2), nn.Conv2d(16, 3, 1)),
+                               (2, 2, 6, 6))
 
 try:  # timm's copies of torch layers are registered once timm is imported (rules/timm_layers.py)
     import timm.layers as timm_layers

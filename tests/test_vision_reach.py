@@ -172,3 +172,33 @@ def test_a_layer_called_several_times_is_sliced_once():
     res = check_model(Shared().eval(), (2, 8), ratio=0.5, onnx=False)
     assert res.ok, res.stages
     assert res.structures_kept < res.structures
+
+
+class _Functional(nn.Module):
+    """conv -> F.group_norm (per channel or in groups) -> roll over space -> repeat over space -> conv."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(groups, 8)
+        self.conv2 = nn.Conv2d(8, 4, 3)
+        self.groups = groups
+
+    def forward(self, x):
+        x = nn.functional.group_norm(self.conv1(x), self.groups, self.gn.weight, self.gn.bias)
+        x = torch.roll(x, shifts=(1, 2), dims=(2, 3)).repeat(1, 1, 2, 1)
+        return self.conv2(x)
+
+
+@pytest.mark.parametrize("groups,prunable", [(8, True), (2, False)])
+def test_functional_group_norm_roll_repeat(groups, prunable):
+    net = _Functional(groups).eval()
+    analysis = analyse(net, torch.randn(1, 3, 6, 6))
+    assert bool(analysis.groups) == prunable
+    if prunable:  # one channel per group: the norm's weight and bias follow the channels
+        (g,) = analysis.groups
+        assert {s.target for s in g.slots} >= {"gn.weight", "gn.bias", "conv1.weight"}
+        res = check_model(net, (2, 3, 6, 6), ratio=0.5, onnx=False)
+        assert res.ok, res.stages
+    else:
+        assert any("group_norm" in why for _, why in analysis.propagation.opaque)

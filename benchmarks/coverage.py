@@ -1,0 +1,279 @@
+"""Coverage in vision: every timm family, torchvision classification/segmentation/video/detection and
+YOLO, through ``check`` (random weights, ``--ratio 0.3``) and through Torch-Pruning, side by side.
+
+The model list is made at run time: for timm, the smallest variant (by parameter count, counted on
+the meta device, ``test_*`` debug configs left out) of every family timm lists (``timm.list_modules()``);
+for torchvision, the smallest builder of every classification family and every segmentation, video
+and detection builder (``weights=None, weights_backbone=None``: nothing downloads); YOLOv8n and
+YOLO11n from ultralytics' model YAMLs when ultralytics is installed. Each model runs in its own
+subprocess under a time limit. Per model: the stages, the reach (share of parameters in prunable
+groups), the parameter ratio after pruning 30% of every group's structures at random, the proof's
+and ONNX Runtime's max abs difference, the seconds; then Torch-Pruning out of the box on the same
+network (``MagnitudePruner``, L2 magnitude, ``pruning_ratio=0.3``, the classifier ignored): whether
+it ran and the pruned network still gives outputs of the same shapes, and its parameter ratio.
+
+    flock /tmp/bmrs-heavy.lock python benchmarks/coverage.py --timeout 150 \
+        --out benchmarks/results/coverage/cpu
+    python benchmarks/coverage.py --models timm:resnet10t,torchvision:r3d_18 --no-onnx --out /tmp/cov
+
+Writes ``<out>.json`` (per model, with the command and the machine) and ``<out>.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+
+MARK = "@@RESULT@@ "
+RATIO = 0.3
+
+
+# -- the model list -----------------------------------------------------------------------------------
+
+def timm_smallest() -> dict[str, str]:
+    """family -> its smallest model (parameters counted on the meta device, nothing allocated)."""
+    import timm
+    import torch
+
+    from bmrs_surgery.zoo import timm_families
+
+    out = {}
+    for family, names in timm_families().items():
+        best = None
+        for name in names:
+            if name.startswith("test_"):
+                continue
+            try:
+                with warnings.catch_warnings(), torch.device("meta"):
+                    warnings.simplefilter("ignore")
+                    n = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+            except Exception:  # noqa: BLE001 - a variant that does not build on meta
+                continue
+            if best is None or n < best[1]:
+                best = (name, n)
+        if best is not None:
+            out[family] = best[0]
+    return out
+
+
+def torchvision_list() -> dict[str, str]:
+    """kind/family -> builder: the smallest classifier of each family, every other vision builder."""
+    import torch
+    from torchvision import models
+
+    from bmrs_surgery.zoo import torchvision_kind, torchvision_model
+
+    out = {}
+    smallest: dict[str, tuple[str, int]] = {}
+    for name in models.list_models(module=models):
+        family = name.rstrip("0123456789_").split("_")[0].rstrip("0123456789")
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            n = sum(p.numel() for p in torchvision_model(name)[0].parameters())
+        if family not in smallest or n < smallest[family][1]:
+            smallest[family] = (name, n)
+    for family, (name, _) in sorted(smallest.items()):
+        out[f"classification/{family}"] = name
+    for kind in ("segmentation", "video", "detection"):
+        for name in models.list_models(module=getattr(models, kind)):
+            assert torchvision_kind(name) == kind
+            out[f"{kind}/{name}"] = name
+    return out
+
+
+def model_list() -> list[tuple[str, str, str]]:
+    """(kind, family, spec) for every model of the benchmark."""
+    rows = [("timm", fam, f"timm:{name}") for fam, name in sorted(timm_smallest().items())]
+    for key, name in torchvision_list().items():
+        kind, fam = key.split("/", 1)
+        rows.append((f"torchvision {kind}", fam, f"torchvision:{name}"))
+    try:
+        import ultralytics  # noqa: F401
+
+        rows += [("yolo", "yolov8", "yolo:yolov8n.yaml"), ("yolo", "yolo11", "yolo:yolo11n.yaml")]
+    except ImportError:
+        pass
+    return rows
+
+
+# -- one model (child process) ------------------------------------------------------------------------
+
+def build(spec: str):
+    if spec.startswith("yolo:"):
+        from bmrs_surgery.zoo import yolo_model
+
+        return yolo_model(spec.split(":", 1)[1])
+    from bmrs_surgery.loading import build_arch
+
+    return build_arch(spec)
+
+
+def _tensors(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def torch_pruning(model, shape) -> dict:
+    """Torch-Pruning out of the box: L2 magnitude, 30% of every prunable group, classifier ignored."""
+    import torch
+    import torch_pruning as tp
+
+    t = time.perf_counter()
+    example = torch.randn(shape)
+    with torch.no_grad():
+        before = [tuple(o.shape) for o in _tensors(model(example))]
+    n0 = sum(p.numel() for p in model.parameters())
+    outs = {o[-1] for o in before if len(o) == 2}  # (batch, classes): the classifier's width
+    ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features in outs]
+    try:
+        pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                           pruning_ratio=RATIO, ignored_layers=ignored)
+        pruner.step()
+        with torch.no_grad():
+            after = [tuple(o.shape) for o in _tensors(model(example))]
+    except Exception as exc:  # noqa: BLE001 - report it
+        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                "seconds": time.perf_counter() - t}
+    n1 = sum(p.numel() for p in model.parameters())
+    ok = after == before
+    return {"ok": ok, "ratio": n1 / n0, "seconds": time.perf_counter() - t,
+            "error": None if ok else f"output shapes {after} != {before}"}
+
+
+def run_one(spec: str, onnx: bool, threads: int, tp_too: bool) -> dict:
+    import copy
+
+    import torch
+
+    from bmrs_surgery.check import check_model
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    model, shape = build(spec)
+    model.eval()
+    full = (2,) + tuple(shape)
+    res = check_model(copy.deepcopy(model), full, name=spec, ratio=RATIO, seed=0, onnx=onnx).to_dict()
+    res["seconds_total"] = time.perf_counter() - t
+    if tp_too:
+        from bmrs_surgery.check import randomized_copy
+
+        try:
+            res["torch_pruning"] = torch_pruning(randomized_copy(model, torch.Generator().manual_seed(0)).eval(),
+                                                 (1,) + tuple(shape))
+        except Exception as exc:  # noqa: BLE001
+            res["torch_pruning"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return res
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+def _fmt(x, spec="{:.2f}"):
+    return "" if x is None else spec.format(x)
+
+
+def _failure(r: dict) -> str:
+    for stage, status in r.get("stages", {}).items():
+        if status != "ok":
+            return f"{stage}: {status}"[:110].replace("|", "/")
+    return ""
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| kind | family | model | pass | reach | ratio | proof diff | ORT diff | s | TP pass | TP ratio | failure |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        tp = r.get("torch_pruning") or {}
+        ratio = r["params_after"] / r["params_before"] if r.get("params_after") and r.get("params_before") else None
+        lines.append("| " + " | ".join([
+            r["kind"], r["family"], r["spec"], "yes" if r.get("ok") else "no", _fmt(r.get("reach")), _fmt(ratio),
+            _fmt(r.get("max_abs_diff"), "{:.1e}"), _fmt(r.get("onnx_max_abs_diff"), "{:.1e}"),
+            _fmt(r.get("seconds_total"), "{:.0f}"), "yes" if tp.get("ok") else "no", _fmt(tp.get("ratio")),
+            _failure(r) or ("" if tp.get("ok") else "TP: " + str(tp.get("error", ""))[:80].replace("|", "/")),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def summary(results: list[dict]) -> str:
+    out = []
+    kinds = sorted({r["kind"] for r in results})
+    for kind in kinds:
+        rs = [r for r in results if r["kind"] == kind]
+        ok = [r for r in rs if r.get("ok")]
+        removed = [r for r in ok if r.get("params_after") and r["params_after"] / r["params_before"] <= 0.75]
+        tp_ok = [r for r in rs if (r.get("torch_pruning") or {}).get("ok")]
+        tp_removed = [r for r in tp_ok if r["torch_pruning"]["ratio"] <= 0.75]
+        out.append(f"| {kind} | {len(rs)} | {len(ok)} | {len(removed)} | {len(tp_ok)} | {len(tp_removed)} |")
+    head = ["| kind | models | pass | pass, ratio <= 0.75 | TP pass | TP pass, ratio <= 0.75 |", "|---|---|---|---|---|---|"]
+    return "\n".join(head + out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="comma-separated specs (timm:NAME, torchvision:NAME, yolo:YAML); default: all")
+    ap.add_argument("--kinds", help="only these kinds (timm, torchvision, yolo), comma-separated")
+    ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    ap.add_argument("--timeout", type=float, default=150.0, help="seconds per model")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/coverage/cpu")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        warnings.simplefilter("ignore")
+        print(MARK + json.dumps(run_one(args.one, not args.no_onnx, args.threads, not args.no_tp), default=str))
+        return
+    if args.models:
+        rows = [("given", s.split(":", 1)[-1], s) for s in args.models.split(",")]
+    else:
+        rows = model_list()
+    if args.kinds:
+        rows = [r for r in rows if r[0].split()[0] in args.kinds.split(",")]
+    results = []
+    started = time.time()
+    for kind, family, spec in rows:
+        cmd = [sys.executable, __file__, "--one", spec, "--threads", str(args.threads)]
+        cmd += ["--no-onnx"] if args.no_onnx else []
+        cmd += ["--no-tp"] if args.no_tp else []
+        t = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
+            if line:
+                r = json.loads(line[-1][len(MARK):])
+            else:
+                last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+                r = {"ok": False, "stages": {"run": last[:200]}}
+        except subprocess.TimeoutExpired:
+            r = {"ok": False, "stages": {"run": f"over the {args.timeout:.0f} s limit"}}
+        r.update(kind=kind, family=family, spec=spec)
+        r.setdefault("seconds_total", time.perf_counter() - t)
+        results.append(r)
+        print(f"{spec:45s} {'PASS' if r.get('ok') else 'FAIL'} {_failure(r)[:90]}", flush=True)
+    meta = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "date": datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(), "cpus": os.cpu_count(),
+        "ratio": RATIO, "seconds": time.time() - started}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
+    with open(args.out + ".md", "w") as f:
+        f.write(f"# Coverage at --ratio {RATIO}\n\nCommand: `{meta['command']}` ({meta['date']}, {meta['machine']}, "
+                f"{meta['cpus']} CPUs, {meta['seconds']:.0f} s)\n\n" + summary(results) + "\n\n" + table(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()
