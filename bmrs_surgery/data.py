@@ -30,7 +30,7 @@ from torch.utils.data import TensorDataset
 from .errors import DataError, file_problem
 from .limits import MAX_NUM_CLASSES, check_npz, check_seed
 
-__all__ = ["DATASETS", "DataSplits", "check_fits", "head", "load_data", "split_batches"]
+__all__ = ["DATASETS", "DataSplits", "check_fits", "eval_batch_size", "head", "load_data", "split_batches"]
 
 DATASETS = ("fashion-mnist", "fashion-mnist-sample", "digits")
 
@@ -75,6 +75,14 @@ def head(split, n: int) -> torch.Tensor:
     if isinstance(split, TensorDataset):
         return split.tensors[0][:n]
     return split.head(n)
+
+
+STREAMED_EVAL_BATCH = 64  # images decoded per evaluation batch of a streamed split (224 px: 38 MB)
+
+
+def eval_batch_size(split, batch_size: int) -> int:
+    """The batch size to evaluate a split with: at most STREAMED_EVAL_BATCH for streamed images."""
+    return batch_size if isinstance(split, TensorDataset) else min(batch_size, STREAMED_EVAL_BATCH)
 
 
 def split_batches(split, index_batches, device):

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import defaults
 from .criteria import CRITERIA, Decision, PruneResult, apply_decision, criterion_for, decision
-from .data import DataSplits, split_batches
+from .data import DataSplits, eval_batch_size, split_batches
 from .distill import SCHEDULES, Distiller, cosine_factor
 from .errors import FitError, JobError
 from .gated import KL_WEIGHTINGS, gate_bank, kl_term
@@ -190,7 +190,7 @@ def accuracy(model: nn.Module, dataset, device: str = "cpu", batch_size: int = 1
     was = model.training
     model.eval()
     correct = 0
-    for x, y in split_batches(dataset, batches(n, batch_size, None), device):
+    for x, y in split_batches(dataset, batches(n, eval_batch_size(dataset, batch_size), None), device):
         correct += int((model(x).argmax(1) == y).sum())
     model.train(was)
     return correct / n
