@@ -16,7 +16,7 @@ FINETUNE_EPOCHS = 2
 # --epochs auto: fit until the gates settle (bmrs_surgery/settling.py), at most MAX_STEPS steps
 SETTLE_CHECK_STEPS = 100  # optimiser steps between two checks of the settling signal
 SETTLE_PATIENCE = 3  # stable checks in a row that make a settled fit
-SETTLE_FLIP_TOLERANCE = 0.01  # share of structures that may flip (or be projected to) in a stable check
+SETTLE_FLIP_TOLERANCE = 0.02  # compression (fraction of parameters) that flips, or is projected to, in a stable check
 SETTLE_OBJECTIVE_TOLERANCE = 0.05  # relative change of the objective against the window's mean
 SETTLE_HORIZON = 2.0  # projection: times the steps done so far (a fit three times as long)
 SETTLE_MIN_STEPS = 500  # no fit is called settled before this many steps

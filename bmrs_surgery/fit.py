@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import defaults
+from .accounting import compression
 from .criteria import CRITERIA, Decision, PruneResult, apply_decision, criterion_for, decision
 from .data import DataSplits, eval_batch_size, split_batches
 from .distill import SCHEDULES, Distiller, cosine_factor
 from .errors import FitError, JobError
-from .gated import KL_WEIGHTINGS, gate_bank, kl_term
+from .gated import KL_WEIGHTINGS, gate_bank, kl_term, network
 from .settling import SettleState, observe, summary
 
 MODES = ("post-training", "continuous")
@@ -315,7 +316,8 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
         found = observe(settle, step=done_steps, epoch=epoch_done, score=dec.score, keep=dec.keep,
                         objective=objective, kl=float(kl_term(gated, n, cfg.kl_weighting).detach()),
                         boundary=0.0 if dec.criterion.startswith("bmrs") else None,
-                        lower_is_better=dec.lower_is_better)
+                        lower_is_better=dec.lower_is_better,
+                        measure=lambda keep: compression(network(gated), gate_bank(gated), keep).ratio)
         interval["sum"].zero_()
         interval["n"] = 0
         if reporter and hasattr(reporter, "check"):

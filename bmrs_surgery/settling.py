@@ -13,8 +13,9 @@ the KL term and the mean objective since the previous check, and computes:
   averages out the step-to-step noise of the posteriors);
 * ``objective_change``: the relative change of the mean objective over the same window.
 
-A check is *stable* when no more than :data:`~.defaults.SETTLE_FLIP_TOLERANCE` of the structures
-flipped or are projected to flip, and the objective changed by less than
+Both decision measures count in points of parameter compression when the fit gives ``measure`` (it
+does: what moves matters by the parameters it holds, not by the number of structures). A check is
+*stable* when no more than :data:`~.defaults.SETTLE_FLIP_TOLERANCE` flipped or is projected to flip, and the objective changed by less than
 :data:`~.defaults.SETTLE_OBJECTIVE_TOLERANCE`. The fit has *settled* after
 :data:`~.defaults.SETTLE_PATIENCE` stable checks in a row, and not before
 :data:`~.defaults.SETTLE_MIN_STEPS` steps. The functions here are pure: tensors
@@ -38,8 +39,10 @@ class SettleCheck:
     step: int  # optimiser steps done when the check ran
     epoch: float  # epochs done (fractional within an epoch)
     kept: float  # share of structures kept by the decision
-    flipped: float  # share whose decision changed since the previous check
-    projected: float  # share projected to change within the horizon (see the module doc)
+    # share of structures whose decision changed since the previous check (with ``measure``: the
+    # change in parameter compression those changes make)
+    flipped: float
+    projected: float  # the same for the changes projected within the horizon (see the module doc)
     objective: float  # mean objective (loss + KL term) since the previous check
     objective_change: float  # relative change against the previous interval (inf at the first check)
     kl: float
@@ -82,6 +85,19 @@ def flipped_share(keep: torch.Tensor, last_keep: torch.Tensor | None) -> float:
     return float((keep.bool() != last_keep.bool()).double().mean()) if keep.numel() else 0.0
 
 
+def projected_keep(score: torch.Tensor, last_score: torch.Tensor | None, keep: torch.Tensor,
+                   interval: int, horizon: int, boundary: float | None = 0.0, lower_is_better: bool = True) -> torch.Tensor:
+    """The keep decisions ``horizon`` steps ahead if every kept structure's score kept its slope over
+    the last ``interval`` steps (see :func:`projected_share`); pruned structures stay pruned."""
+    keep = keep.bool()
+    if boundary is None or last_score is None or interval <= 0 or score.numel() == 0:
+        return keep.clone()
+    now = score.double()
+    ahead = now + (now - last_score.double()) / interval * max(horizon, 0)
+    stays = (ahead < boundary) if lower_is_better else (ahead > boundary)
+    return keep & (stays | ~torch.isfinite(ahead))
+
+
 def projected_share(score: torch.Tensor, last_score: torch.Tensor | None, keep: torch.Tensor,
                     interval: int, horizon: int, boundary: float | None = 0.0, lower_is_better: bool = True) -> float:
     """Share of structures whose decision would flip within ``horizon`` steps if each score kept
@@ -116,7 +132,8 @@ def observe(state: SettleState, *, step: int, epoch: float, score: torch.Tensor,
             objective: float, kl: float, boundary: float | None = 0.0, lower_is_better: bool = True,
             patience: int = defaults.SETTLE_PATIENCE, flip_tolerance: float = defaults.SETTLE_FLIP_TOLERANCE,
             objective_tolerance: float = defaults.SETTLE_OBJECTIVE_TOLERANCE,
-            horizon: float = defaults.SETTLE_HORIZON, min_steps: int = defaults.SETTLE_MIN_STEPS) -> SettleCheck:
+            horizon: float = defaults.SETTLE_HORIZON, min_steps: int = defaults.SETTLE_MIN_STEPS,
+            measure=None) -> SettleCheck:
     """Record one check in ``state`` (updated in place) and return it.
 
     The decision side of the test is "the decisions did not change, and are not about to"; the
@@ -129,6 +146,13 @@ def observe(state: SettleState, *, step: int, epoch: float, score: torch.Tensor,
     flipped = flipped_share(keep, state.last_keep)
     projected = projected_share(score, state.scores[0] if state.scores else None, keep, interval,
                                 horizon=int(horizon * step), boundary=boundary, lower_is_better=lower_is_better)
+    if measure is not None:  # in what the user asked for: points of parameter compression, not structures
+        now = measure(keep)
+        if state.last_keep is not None:
+            flipped = abs(now - measure(state.last_keep))
+        if state.scores and projected > 0:
+            ahead = projected_keep(score, state.scores[0], keep, interval, int(horizon * step), boundary, lower_is_better)
+            projected = abs(measure(ahead) - now)
     before = sum(c.objective for c in window) / len(window) if window else None
     change = relative_change(objective, before)
     stable = flipped <= flip_tolerance and projected <= flip_tolerance and change <= objective_tolerance

@@ -84,6 +84,7 @@ def test_every_default_has_one_source():
         assert cfg[name] == getattr(defaults, name.upper()), name
     assert job["noise"] == defaults.NOISE and job["bench_batch_sizes"] == defaults.BENCH_BATCH_SIZES
     assert job["sweep_levels"] == defaults.SWEEP_LEVELS
+    assert job["max_steps"] == cfg["max_steps"] == defaults.MAX_STEPS
     for fn in (bmrs_surgery.prune, bmrs_surgery.scores):
         sig = inspect.signature(fn).parameters
         assert sig["prior"].default == defaults.PRIOR and sig["precision_bits"].default == defaults.PRECISION_BITS
@@ -99,6 +100,7 @@ def test_every_default_has_one_source():
                          ("round_to", "ROUND_TO"), ("threads", "THREADS")):
         assert shown[option] == getattr(defaults, name), option
     assert shown["bench_batch_sizes"] == ",".join(map(str, defaults.BENCH_BATCH_SIZES))
+    assert shown["max_steps"] == defaults.MAX_STEPS
     text = " ".join(CliRunner().invoke(cli, ["compress", "--help"], terminal_width=200).output.split())
     assert f"[default: {defaults.PRIOR}]" in text and f"[default: {defaults.GATE_LR}; x>0]" in text
     assert f"[default: {defaults.EPOCHS}, or 0" in text

@@ -137,3 +137,32 @@ def test_line_reporter_writes_one_flushed_line_per_epoch_and_check():
     assert [line.split(":")[0] for line in epochs] == ["fit 1/5", "fit 2/5", "fit 3/5", "fit 4/5", "finetune 5/5"]
     assert len(checks) == 1 and "step 76" in checks[0]  # 19 steps an epoch: no 100-step check, the final one
     assert all(len(line) > 80 for line in checks)  # never cut to a terminal's width
+
+
+@pytest.mark.slow
+def test_an_over_parameterised_mlp_settles_and_auto_stops_there(tmp_path):
+    """A real fit that settles: an MLP far larger than the breast-cancer table needs, trained, then
+    fitted with --epochs auto: it stops at the first epoch end after the gates settled, well before
+    --max-steps, and says so."""
+    import numpy as np
+    from sklearn.datasets import load_breast_cancer
+
+    from bmrs_surgery.data import load_data
+    from bmrs_surgery.fit import FitConfig, fit, train_plain
+    from bmrs_surgery.gated import attach_gates
+
+    table = load_breast_cancer()
+    x = (table.data - table.data.mean(0)) / table.data.std(0)
+    np.savez(tmp_path / "table.npz", x=x.astype(np.float32), y=table.target.astype(np.int64))
+    data = load_data(tmp_path / "table.npz")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 2))
+    train_plain(net, data.train, epochs=10, batch_size=128, lr=defaults.LR, seed=0)
+    gated = attach_gates(net, data.train.tensors[0][:2])
+    result = fit(gated, data, FitConfig(epochs="auto", gate_lr=5e-2, batch_size=32, finetune_epochs=0))
+    info = result.settling
+    assert result.settled and info["stopped"] == "settled"
+    assert defaults.SETTLE_MIN_STEPS <= info["settled_at_step"] <= 2000
+    assert info["steps"] - info["settled_at_step"] < 15  # the rest of that epoch (15 steps of 32), no more
+    assert result.prune.compression > 0.5  # the hidden layers were far too wide: most of them went
