@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 MARK = "@@RESULT@@ "
 RATIO = 0.3
@@ -74,9 +75,12 @@ def torchvision_list() -> dict[str, str]:
     smallest: dict[str, tuple[str, int]] = {}
     for name in models.list_models(module=models):
         family = name.rstrip("0123456789_").split("_")[0].rstrip("0123456789")
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            n = sum(p.numel() for p in torchvision_model(name)[0].parameters())
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                n = sum(p.numel() for p in torchvision_model(name)[0].parameters())
+        except Exception:  # noqa: BLE001 - a builder that initialises weights by copying: not on meta
+            continue
         if family not in smallest or n < smallest[family][1]:
             smallest[family] = (name, n)
     for family, (name, _) in sorted(smallest.items()):
@@ -88,9 +92,29 @@ def torchvision_list() -> dict[str, str]:
     return out
 
 
-def model_list() -> list[tuple[str, str, str]]:
+LIST_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "coverage", "timm_smallest.json")
+
+
+def timm_list(refresh: bool = False) -> dict[str, str]:
+    """:func:`timm_smallest`, saved beside the results with timm's version (building every timm model
+    on the meta device takes minutes on 2 cores); made again when timm's version differs."""
+    import timm
+
+    if not refresh and os.path.exists(LIST_CACHE):
+        with open(LIST_CACHE) as f:
+            cached = json.load(f)
+        if cached.get("timm") == timm.__version__:
+            return cached["smallest"]
+    smallest = timm_smallest()
+    os.makedirs(os.path.dirname(LIST_CACHE), exist_ok=True)
+    with open(LIST_CACHE, "w") as f:
+        json.dump({"timm": timm.__version__, "smallest": dict(sorted(smallest.items()))}, f, indent=1)
+    return smallest
+
+
+def model_list(refresh: bool = False) -> list[tuple[str, str, str]]:
     """(kind, family, spec) for every model of the benchmark."""
-    rows = [("timm", fam, f"timm:{name}") for fam, name in sorted(timm_smallest().items())]
+    rows = [("timm", fam, f"timm:{name}") for fam, name in sorted(timm_list(refresh).items())]
     for key, name in torchvision_list().items():
         kind, fam = key.split("/", 1)
         rows.append((f"torchvision {kind}", fam, f"torchvision:{name}"))
@@ -221,6 +245,29 @@ def summary(results: list[dict]) -> str:
     return "\n".join(head + out)
 
 
+def _run_child(row, args) -> dict:
+    kind, family, spec = row
+    cmd = [sys.executable, __file__, "--one", spec, "--threads", str(args.threads)]
+    cmd += ["--no-onnx"] if args.no_onnx else []
+    cmd += ["--no-tp"] if args.no_tp else []
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
+        if line:
+            r = json.loads(line[-1][len(MARK):])
+        else:
+            last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            r = {"ok": False, "stages": {"run": last[:200]}}
+    except subprocess.TimeoutExpired:
+        r = {"ok": False, "stages": {"run": f"over the {args.timeout:.0f} s limit"}}
+    r.update(kind=kind, family=family, spec=spec)
+    r.setdefault("seconds_total", time.perf_counter() - t)
+    print(f"{spec:45s} {'PASS' if r.get('ok') else 'FAIL'} {_failure(r)[:90]}", flush=True)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated specs (timm:NAME, torchvision:NAME, yolo:YAML); default: all")
@@ -230,6 +277,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds per model")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/coverage/cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="models checked at once (each in its own process)")
+    ap.add_argument("--refresh-list", action="store_true", help="make timm's family list again")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -239,31 +288,12 @@ def main() -> None:
     if args.models:
         rows = [("given", s.split(":", 1)[-1], s) for s in args.models.split(",")]
     else:
-        rows = model_list()
+        rows = model_list(args.refresh_list)
     if args.kinds:
         rows = [r for r in rows if r[0].split()[0] in args.kinds.split(",")]
-    results = []
     started = time.time()
-    for kind, family, spec in rows:
-        cmd = [sys.executable, __file__, "--one", spec, "--threads", str(args.threads)]
-        cmd += ["--no-onnx"] if args.no_onnx else []
-        cmd += ["--no-tp"] if args.no_tp else []
-        t = time.perf_counter()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            line = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
-            if line:
-                r = json.loads(line[-1][len(MARK):])
-            else:
-                last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
-                r = {"ok": False, "stages": {"run": last[:200]}}
-        except subprocess.TimeoutExpired:
-            r = {"ok": False, "stages": {"run": f"over the {args.timeout:.0f} s limit"}}
-        r.update(kind=kind, family=family, spec=spec)
-        r.setdefault("seconds_total", time.perf_counter() - t)
-        results.append(r)
-        print(f"{spec:45s} {'PASS' if r.get('ok') else 'FAIL'} {_failure(r)[:90]}", flush=True)
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda row: _run_child(row, args), rows))
     meta = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "date": datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(), "cpus": os.cpu_count(),
         "ratio": RATIO, "seconds": time.time() - started}

@@ -61,6 +61,8 @@ def torchvision_model(name: str, num_classes: int | None = None) -> tuple[nn.Mod
     shape = TORCHVISION_SHAPES.get(kind, (3, 224, 224))
     if name == "inception_v3":
         shape = (3, 299, 299)
+    elif name.startswith("mvit"):  # fixed 16 x 224 x 224 clips
+        shape = (3, 16, 224, 224)
     return net, shape
 
 
@@ -108,4 +110,21 @@ def yolo_model(config: str) -> tuple[nn.Module, tuple[int, ...]]:
             net = DetectionModel(config, verbose=False)
     except (FileNotFoundError, ValueError, KeyError, AssertionError) as exc:
         raise ModelLoadError(f"YOLO config {config!r}: {_first_line(exc)}") from None
-    return net.eval(), (3, 320, 320)
+    return YoloNetwork(net).eval(), (3, 320, 320)
+
+
+class YoloNetwork(nn.Module):
+    """An ultralytics ``DetectionModel`` called on one image batch: its ``forward(x, *args, **kwargs)``
+    (a training dict or options) cannot be traced, its layer loop can. The ``Detect`` head's
+    anchor cache depends on the input's shape, so it is traced as one opaque call (its inputs,
+    the three feature maps, keep their channels)."""
+
+    def __init__(self, detection_model: nn.Module):
+        super().__init__()
+        self.net = detection_model
+        for m in detection_model.modules():  # C2f/C3k2: the same sum with split() instead of list(chunk())
+            if hasattr(type(m), "forward_split"):
+                m.forward = m.forward_split
+
+    def forward(self, x):
+        return self.net._predict_once(x)
