@@ -168,23 +168,36 @@ def ort_parity(model: nn.Module, data: bytes | str, inputs: list[torch.Tensor], 
     with torch.no_grad():
         for x in batches:
             ref = model(**x) if isinstance(x, dict) else model(x)
-            ref = next(iter(ref.values())) if isinstance(ref, dict) else ref  # a transformers ModelOutput
-            ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+            refs = _flat_outputs(ref)  # a segmentation dict's "out" and "aux", a tuple, a ModelOutput
             feed = ({i.name: x[i.name].numpy() for i in sess.get_inputs()} if isinstance(x, dict)
                     else {name: x.float().numpy()})
             try:
-                got = sess.run(None, feed)[0]
+                outs = sess.run(None, feed)
             except Exception as exc:  # noqa: BLE001
                 shape = tuple(next(iter(x.values())).shape) if isinstance(x, dict) else tuple(x.shape)
                 raise ExportError(f"ONNX Runtime failed on batch {shape}: {_first_line(exc)}") from None
-            if got.shape != tuple(ref.shape):
-                raise ExportError(f"ONNX Runtime output shape {got.shape} != torch {tuple(ref.shape)}")
-            r = ref.float().numpy()
-            diff = max(diff, max_abs_diff(torch.from_numpy(r), torch.from_numpy(got)))
-            scale = max(scale, max_abs(torch.from_numpy(r)))
+            if len(outs) != len(refs):  # exported through a wrapper that returns the first output only
+                refs, outs = refs[:1], outs[:1]
+            for ref, got in zip(refs, outs):
+                if got.shape != tuple(ref.shape):
+                    raise ExportError(f"ONNX Runtime output shape {got.shape} != torch {tuple(ref.shape)}")
+                r = ref.float().numpy()
+                diff = max(diff, max_abs_diff(torch.from_numpy(r), torch.from_numpy(got)))
+                scale = max(scale, max_abs(torch.from_numpy(r)))
     if not diff <= tolerance * (scale or 1.0):
         raise ExportError(f"ONNX Runtime differs from torch by {diff:.3g} (> {tolerance:g} x output scale {scale:.3g})")
     return diff
+
+
+def _flat_outputs(out) -> list[torch.Tensor]:
+    """Every tensor of a model's output, in the order ONNX lists them (dict values in order)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "values"):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_outputs(o)]
+    return []
 
 
 def onnx_parity(model: nn.Module, input_shape, inputs: list[torch.Tensor], tolerance: float = 1e-4) -> float:

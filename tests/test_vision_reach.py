@@ -202,3 +202,17 @@ def test_functional_group_norm_roll_repeat(groups, prunable):
         assert res.ok, res.stages
     else:
         assert any("group_norm" in why for _, why in analysis.propagation.opaque)
+
+
+@pytest.mark.slow
+def test_segmentation_dict_outputs_all_compared_in_onnx_runtime():
+    """A segmentation network returns {"out", "aux"}: ONNX Runtime is compared on both."""
+    from torchvision.models import segmentation
+
+    from bmrs_surgery.export import _flat_outputs, onnx_parity
+
+    net = segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3,
+                                                    aux_loss=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert [t.shape[1] for t in _flat_outputs(net(x))] == [3, 3]
+    assert onnx_parity(net, (2, 3, 64, 64), [x]) < 1e-3
