@@ -35,11 +35,22 @@ def _quiet_logs():
 
 def _named_axes(example: dict) -> tuple[dict, dict]:
     """dynamic_shapes (dynamo) and dynamic_axes (TorchScript) for named inputs: batch on axis 0,
-    sequence on axis 1 of every input with two or more axes."""
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    shapes = {n: ({0: batch, 1: seq} if t.ndim >= 2 else {0: batch}) for n, t in example.items()}
-    axes = {n: ({0: "batch", 1: "sequence"} if t.ndim >= 2 else {0: "batch"}) for n, t in example.items()}
+    sequence on axis 1 of every integer input with two axes (token ids, masks); float inputs
+    (pixel values) keep their other sizes."""
+    batch = torch.export.Dim("batch")
+    lengths = [int(t.shape[1]) for t in example.values() if _is_sequence(t)]
+    seq_names = {}  # inputs of the first input's length share "sequence" (ids and mask); others their own
+    for n, t in example.items():
+        if _is_sequence(t):
+            seq_names[n] = "sequence" if int(t.shape[1]) == lengths[0] else f"sequence_{n}"
+    dims = {name: torch.export.Dim(name) for name in set(seq_names.values())}
+    shapes = {n: ({0: batch, 1: dims[seq_names[n]]} if n in seq_names else {0: batch}) for n in example}
+    axes = {n: ({0: "batch", 1: seq_names[n]} if n in seq_names else {0: "batch"}) for n in example}
     return shapes, axes
+
+
+def _is_sequence(t: torch.Tensor) -> bool:
+    return t.ndim == 2 and not t.is_floating_point()
 
 
 def _onnx_named(model: nn.Module, example: dict, kind: str) -> bytes:
@@ -56,7 +67,8 @@ def _onnx_named(model: nn.Module, example: dict, kind: str) -> bytes:
         return prog.model_proto.SerializeToString()
     buf = io.BytesIO()
     torch.onnx.export(wrapped, args, buf, dynamo=False, opset_version=OPSET, input_names=names,
-                      output_names=["output"], dynamic_axes={**axes, "output": {0: "batch", 1: "sequence"}})
+                      output_names=["output"], dynamic_axes={**axes, "output": {0: "batch", 1: "sequence"} if any(
+                          _is_sequence(t) for t in example.values()) else {0: "batch"}})
     return buf.getvalue()
 
 
@@ -160,7 +172,7 @@ def ort_parity(model: nn.Module, data: bytes | str, inputs: list[torch.Tensor], 
     example = inputs[0]
     if isinstance(example, dict):  # named inputs: one more batch row and one token fewer
         batches = list(inputs) + [{k: torch.cat([v, v[:1]]) for k, v in example.items()},
-                                  {k: v[:, :-1] if v.ndim >= 2 and v.shape[1] > 2 else v for k, v in example.items()}]
+                                  {k: v[:, :-1] if _is_sequence(v) and v.shape[1] > 2 else v for k, v in example.items()}]
     else:
         batches = list(inputs) + [torch.cat([example, example[:1]])]
     diff, scale = 0.0, 0.0

@@ -51,9 +51,11 @@ def _query_width(att: nn.Module, heads: int, kv: int | None) -> int | None:
 def _update_attention(att: nn.Module) -> None:
     count = next((a for a in HEAD_COUNTS if isinstance(getattr(att, a, None), int)), None)
     size = next((a for a in HEAD_SIZES if isinstance(getattr(att, a, None), int)), None)
-    if count is None or size is None:
+    config = getattr(att, "config", None)
+    shared = getattr(config, "num_attention_heads", None)
+    if size is None or (count is None and not isinstance(shared, int)):
         return
-    heads, hd = getattr(att, count), getattr(att, size)
+    heads, hd = (getattr(att, count) if count else shared), getattr(att, size)
     kv = getattr(att, "num_key_value_heads", None)
     kv = kv if isinstance(kv, int) else None
     width = _query_width(att, heads, kv)
@@ -62,7 +64,15 @@ def _update_attention(att: nn.Module) -> None:
     new = width // hd
     if new == heads:
         return
-    setattr(att, count, new)
+    if count:
+        setattr(att, count, new)
+    if isinstance(shared, int) and shared == heads:  # a forward that reads the shared config (Phi-3)
+        import copy
+
+        att.config = copy.copy(config)  # this layer's own copy
+        att.config.num_attention_heads = new
+        if isinstance(getattr(config, "num_key_value_heads", None), int) and kv is not None:
+            att.config.num_key_value_heads = kv * new // heads
     if kv is not None:
         att.num_key_value_heads = kv * new // heads
     for a in ("all_head_size", "split_size", "inner_dim"):
@@ -205,8 +215,8 @@ def _small_sizes(cls, overrides: dict) -> dict:
         sizes.pop("num_key_value_heads")
     if "embed_dim" in sizes and "depths" in sizes:  # Swin: heads per stage, the width doubles
         sizes["num_heads"] = [2, 4]
-        sizes.pop("num_layers", None)
-        sizes.pop("hidden_size", None)
+        for key in ("num_layers", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            sizes.pop(key, None)
     vocab = sizes.get("vocab_size")
     for tok in ("pad_token_id", "bos_token_id", "eos_token_id"):  # special tokens inside the small vocabulary
         if vocab and isinstance(getattr(defaults, tok, None), int) and getattr(defaults, tok) >= vocab:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import sys
 import time
@@ -65,7 +66,8 @@ def _quiet():
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):  # export prints the graph it gave up on
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -102,6 +104,11 @@ def _construct(exc: BaseException) -> str:
 def export_program(model: nn.Module, example) -> torch.export.ExportedProgram:
     """``torch.export.export(model, ..., strict=False)`` in eval mode, errors as one line."""
     args, kwargs = ((), dict(example)) if isinstance(example, dict) else ((example,), {})
+    if kwargs and getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        import inspect
+
+        if "use_cache" in inspect.signature(model.forward).parameters:
+            kwargs["use_cache"] = False  # no key/value cache object among the outputs (T5 makes one regardless)
     was = model.training
     model.eval()
     try:
@@ -259,6 +266,7 @@ def capture(model: nn.Module, example) -> tuple[fx.GraphModule, list[str]]:
     from .rules import transformers_layers
 
     transformers_layers.register()
+    transformers_layers.register_norms(model)
     ep = export_program(model, example)
     with _quiet():
         gm = ep.module()
