@@ -170,12 +170,16 @@ def meet(gated, keep: torch.Tensor, score: torch.Tensor, budget: Budget, example
             hi = mid
         else:
             lo = mid + 1
+    exact = lo
     final = last(keep_without(lo))
     while refine is not None and meter.value(final) > budget.value and lo < len(order):
         lo = min(len(order), lo + max(1, (len(order) - lo) // 32))  # refined widths grew: remove a little more
         final = last(keep_without(lo))
-    info.update(met=True, kept="budget", removed_beyond_bmrs=lo, budget=meter.point(final),
-                note=f"{lo} structure(s) BMRS keeps removed in dF order to meet {budget.option} {budget.value:g}")
+    note = f"{lo} structure(s) BMRS keeps removed in dF order to meet {budget.option} {budget.value:g}"
+    if meter.value(final) > budget.value:  # the refined widths cannot meet it: the target comes first
+        lo, final = exact, keep_without(exact)
+        note += " (widths chosen by latency could not meet it: exact widths kept)"
+    info.update(met=True, kept="budget", removed_beyond_bmrs=lo, budget=meter.point(final), note=note)
     return final, info
 
 

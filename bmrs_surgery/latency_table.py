@@ -2,14 +2,15 @@
 
 For every group, the layers that write it (convolutions and linear layers whose output channels it
 owns) and read it (whose input channels it owns) are timed in ONNX Runtime, on this machine, at
-candidate widths: the number of structures BMRS keeps, ``k``, and the next multiples of 4, 8, 16
-and 32 channels at or above it. Each layer is one ONNX node (``Conv`` or ``Gemm``) built with
-the layer's own kernel, stride, padding, groups and input size, the group's dimension at the
-candidate width and the layer's other dimensions as in the original network; the group's latency at
-a width is the sum over its layers, at every batch size asked for, each relative to width ``k``.
-The width with the lowest latency wins; a wider one only when it is measurably faster (by more than
-:data:`MARGIN`). Structures are never dropped: a group only gains its best-scored pruned
-structures. A group with a layer of another kind keeps width ``k``.
+candidate widths: the next multiples of 8, 16 and 32 channels at or above the number of structures
+BMRS keeps, ``k`` (``k`` itself only when it is a multiple of 8 channels or the group's full size:
+see :data:`ALIGN`). Each layer is one ONNX node (``Conv`` or ``Gemm``) built with the layer's own
+kernel, stride, padding, groups and input size, the group's dimension at the candidate width and
+the layer's other dimensions as in the original network; the group's latency at a width is the sum
+over its layers, at every batch size asked for, each relative to the narrowest candidate. The
+width with the lowest latency wins; a wider one than the narrowest only when it is measurably
+faster (by more than :data:`MARGIN`). Structures are never dropped: a group only gains its
+best-scored pruned structures. A group with a layer of another kind keeps width ``k``.
 
 Timings are cached by layer signature in a :class:`LatencyTable` (``latency_table.json`` in
 ``--out``), tagged with the machine, the ONNX Runtime version and the thread count, and reused by
@@ -32,7 +33,13 @@ from torch import nn
 
 TABLE_NAME = "latency_table.json"
 TABLE_FORMAT = "bmrs-surgery/latency-table/1"
-MULTIPLES = (4, 8, 16, 32)
+MULTIPLES = (8, 16, 32)
+# ONNX Runtime's x86 convolutions run in a blocked layout (NCHWc, 8 or 16 channels a block): a layer
+# whose channels are not a multiple of the block drops out of it, with layout conversions around it
+# that a layer timed alone does not show (benchmarks/results/latency_aware/: exact widths 1.47 and
+# 1.50 latency/MACs on ResNet-18 at batch 1 and 32, widths rounded to 8: 1.32 and 1.07). So a width
+# that is not a multiple of ALIGN channels is no candidate (unless it is the group's full size).
+ALIGN = 8
 MARGIN = 0.03  # a wider width must be this much faster than the narrowest (timing noise is about 1-3%)
 WARMUP, RUNS, ROUNDS = 1, 3, 3
 
@@ -225,8 +232,9 @@ def at_width(cfg: dict, owned: dict, channels: int, batch: int) -> dict:
 
 
 def candidates(kept: int, size: int, per_structure: int) -> list[int]:
-    """Widths (in structures) to try: ``kept`` and the next multiples of :data:`MULTIPLES` channels."""
-    out = {kept}
+    """Widths (in structures) to try: the next multiples of :data:`MULTIPLES` channels at or above
+    ``kept`` (and ``kept`` itself when it is a multiple of :data:`ALIGN` channels or the full size)."""
+    out = {kept} if (kept * per_structure) % ALIGN == 0 or kept == size else set()
     for m in MULTIPLES:
         step = m // math.gcd(per_structure, m)
         out.add(min(size, math.ceil(kept / step) * step))
@@ -243,8 +251,11 @@ def choose_widths(net: nn.Module, bank, keep: torch.Tensor, example: torch.Tenso
         layers = group_layers(net, group, shapes)
         c = max(1, int(getattr(group, "channels_per_structure", 1) or 1))
         widths = candidates(k, group.size, c)
-        if layers is None or len(widths) == 1:
-            result[group.name] = {"kept": k, "chosen": k, "why": "no layer to time" if layers is None else "one width"}
+        if layers is None:
+            result[group.name] = {"kept": k, "chosen": k, "why": "no layer to time"}
+            continue
+        if len(widths) == 1:
+            result[group.name] = {"kept": k, "chosen": widths[0], "why": "one width"}
             continue
         cost = {}
         for w in widths:
@@ -254,12 +265,13 @@ def choose_widths(net: nn.Module, bank, keep: torch.Tensor, example: torch.Tenso
             ms = table.measure(cfgs)
             per_batch = [sum(ms[j::len(batches)]) for j in range(len(batches))]
             cost[w] = per_batch
-        if k not in cost:
-            result[group.name] = {"kept": k, "chosen": k, "why": "width not valid for a grouped layer"}
+        if not cost:
+            result[group.name] = {"kept": k, "chosen": k, "why": "no width valid for a grouped layer"}
             continue
-        rel = {w: sum(v / max(b0, 1e-9) for v, b0 in zip(cost[w], cost[k])) / len(batches) for w in cost}
+        base = min(cost)  # the narrowest candidate: a wider one must be measurably faster
+        rel = {w: sum(v / max(b0, 1e-9) for v, b0 in zip(cost[w], cost[base])) / len(batches) for w in cost}
         best = min(rel, key=lambda w: (rel[w], w))
-        chosen = best if rel[best] < 1.0 - MARGIN else k
+        chosen = best if rel[best] < 1.0 - MARGIN else base
         result[group.name] = {"kept": k, "chosen": chosen, "relative_latency": {str(w): round(r, 4) for w, r in rel.items()},
                               "ms": {str(w): [round(x, 5) for x in v] for w, v in cost.items()}}
     return result

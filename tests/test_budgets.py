@@ -131,11 +131,12 @@ def test_budget_options_are_checked_before_any_work():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_candidate_widths_start_at_the_kept_count():
-    assert candidates(13, 64, 1) == [13, 16, 32]
+def test_candidate_widths_are_aligned_and_at_or_above_the_kept_count():
+    assert candidates(13, 64, 1) == [16, 32]  # 13 channels would leave ONNX Runtime's blocked layout
     assert candidates(16, 64, 1) == [16, 32]
-    assert candidates(30, 30, 1) == [30]
-    assert candidates(3, 10, 2) == [3, 4, 8, 10]  # 2 channels per structure: 4 structures = 8 channels
+    assert candidates(30, 30, 1) == [30]  # the full size, whatever it is
+    assert candidates(3, 10, 2) == [4, 8, 10]  # 2 channels per structure: 4 structures = 8 channels
+    assert candidates(100, 128, 1) == [104, 112, 128]
 
 
 def test_round_auto_never_drops_a_kept_structure_and_reuses_its_table(tmp_path):
@@ -149,8 +150,8 @@ def test_round_auto_never_drops_a_kept_structure_and_reuses_its_table(tmp_path):
     for i, g in enumerate(bank.groups):
         k = int(keep[bank.slice_of(i)].sum())
         c = choices[g.name]
-        assert c["kept"] == k and int(rounded[bank.slice_of(i)].sum()) == c["chosen"]
-        assert c["chosen"] in candidates(k, g.size, g.channels_per_structure)
+        assert c["kept"] == k and int(rounded[bank.slice_of(i)].sum()) == c["chosen"] >= k
+        assert c["chosen"] in candidates(k, g.size, g.channels_per_structure) or "why" in c
         if "relative_latency" in c:  # the chosen width is the fastest measured, or k within the margin
             rel = {int(w): r for w, r in c["relative_latency"].items()}
             assert rel[c["chosen"]] <= min(rel.values()) + 0.03 + 1e-9
@@ -193,7 +194,10 @@ def test_planner_combines_auto_widths_and_a_budget():
     assert doc["round_to"] == "auto" and doc["budget"]["met"]
     assert doc["budget"]["budget"]["macs_ratio"] <= 0.3
     assert macs_ratio(gated, planned.keep) == pytest.approx(doc["budget"]["budget"]["macs_ratio"])
-    assert set(doc["widths"]) == {g.name for g in bank.groups}
+    if doc["widths"] is None:  # lenet5's 6- and 16-channel layers: aligned widths overshoot 0.3 MACs
+        assert "exact widths kept" in doc["budget"]["note"]
+    else:
+        assert set(doc["widths"]) == {g.name for g in bank.groups}
 
 
 def test_compress_with_target_macs_reports_both_points(tmp_path):
