@@ -136,7 +136,7 @@ def tp_limited(spec, specs, timeout: float):
     """Torch-Pruning in a child process, killed after ``timeout`` seconds."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # a forked child deadlocks in OpenMP
     queue = ctx.Queue()
     proc = ctx.Process(target=_tp_child, args=(spec, specs, queue))
     proc.start()

@@ -251,3 +251,19 @@ def test_cli_check_and_inspect_with_token_inputs(tmp_path):
     assert out["ok"] and out["inputs"] == ["input_ids:int64:1x12", "attention_mask:int64:1x12"]
     res = runner.invoke(cli, ["check", f"hf:{tmp_path / 'm'}", "--input", "input_ids:int64:1x12", "--tracer", "fx"])
     assert res.exit_code == 2 and "--tracer fx" in res.output
+
+
+@pytest.mark.slow
+def test_phi3_fused_qkv_and_gate_up_prune_by_kv_groups():
+    """Phi-3: q/k/v in one projection (sliced by the model's own attributes, which surgery updates
+    in a per-layer copy of the config), gate and up in one projection (chunked)."""
+    from bmrs_surgery.loading import load_model
+
+    model = load_model("hf:Phi3Config:num_hidden_layers=1").model
+    a = analyse_model(model, make_inputs(TOKENS, model))
+    kinds = sorted(g.kind for g in a.groups)
+    assert kinds == ["heads", "scale"]
+    heads = next(g for g in a.groups if g.kind == "heads")
+    assert heads.size == 2  # 4 query heads over 2 key/value heads
+    res = check_model(model, (1, 12), name="phi3", specs=TOKENS, ratio=0.5, onnx=False)
+    assert res.ok, res.stages
