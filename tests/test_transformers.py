@@ -267,3 +267,33 @@ def test_phi3_fused_qkv_and_gate_up_prune_by_kv_groups():
     assert heads.size == 2  # 4 query heads over 2 key/value heads
     res = check_model(model, (1, 12), name="phi3", specs=TOKENS, ratio=0.5, onnx=False)
     assert res.ok, res.stages
+
+
+class _DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else x
+
+
+def test_when_both_tracers_fail_one_line_names_the_construct():
+    from bmrs_surgery.errors import GraphError
+
+    with pytest.raises(GraphError) as err:
+        analyse_model(_DataDependent(), torch.randn(1, 4))
+    msg = str(err.value)
+    assert "\n" not in msg and "neither tracer" in msg
+    assert "torch.fx:" in msg and "torch.export:" in msg
+    assert "test_transformers.py" in msg and "in forward" in msg  # where export stopped
+
+
+def test_export_tracer_on_a_plain_module_matches_fx_groups():
+    """The same groups from both front ends on a model fx can trace (names and sizes)."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5), torch.nn.GELU(),
+                              torch.nn.Linear(5, 3))
+    x = torch.randn(2, 6)
+    fx_groups = [(g.name, g.size, g.consumers) for g in analyse_model(net, x, tracer="fx").groups]
+    ex_groups = [(g.name, g.size, g.consumers) for g in analyse_model(net, x, tracer="export").groups]
+    assert fx_groups == ex_groups == [("0", 8, ["2"]), ("2", 5, ["4"])]
