@@ -4,14 +4,16 @@ that ``--help`` shows these values).
 
 The choices were measured (see docs/results.md): BMRS_U with 8 bits is the default rule (exact
 BMRS_N pruned nothing while fitting, because dF approaches 0 from below for a gate at its prior);
-continuous pruning; a gate learning rate 10x the weights' for the default 20-epoch budget; two
-epochs of fine-tuning with the deployed gates (E[theta] * mask).
+continuous pruning; two epochs of fine-tuning with the deployed gates (E[theta] * mask). Fitting
+lasts until the gates settle ("auto"), with a gate learning rate 33x the weights' (docs/settling.md:
+a gate's mean must travel about 5.5 in log space before dF reaches 0, and Adam moves it at most about
+one learning rate per step).
 """
 
 PRIOR = "uniform"  # reduced prior: "uniform" (BMRS_U) or "normal" (BMRS_N)
 PRECISION_BITS = 8  # BMRS_U: bits of precision below which a gate counts as zero
 MODE = "continuous"  # prune while fitting ("continuous") or once after it ("post-training")
-EPOCHS = 20  # fitting epochs for a model without fitted gates
+EPOCHS = "auto"  # fitting epochs for a model without fitted gates: until they settle (settling.py, docs/settling.md)
 FINETUNE_EPOCHS = 2
 # --epochs auto: fit until the gates settle (bmrs_surgery/settling.py), at most MAX_STEPS steps
 SETTLE_CHECK_STEPS = 100  # optimiser steps between two checks of the settling signal
@@ -25,7 +27,7 @@ AUTO_FINETUNE_STEPS = 300  # --epochs auto: fine-tuning lasts FINETUNE_EPOCHS ep
 PRUNE_EVERY = 1
 BATCH_SIZE = 128
 LR = 1.5e-3
-GATE_LR = 1.5e-2
+GATE_LR = 5e-2  # gates travel at most about this far per Adam step: 5e-2 settles in fewer steps (docs/settling.md)
 KL_WEIGHTING = "mean"  # mean KL over structures (the authors' code) or "elbo"
 KL_SCALE = 1.0
 KL_WARMUP_EPOCHS = 0

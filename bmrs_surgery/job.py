@@ -24,8 +24,8 @@ class Job:
     ``fashion-mnist``, ``fashion-mnist-sample``, ``digits`` or an ``.npz`` file (None for a model
     that already carries fitted gates); ``out``: the output folder (None: nothing written, the
     outputs are in the result; a folder holding an earlier run's outputs needs ``overwrite=True``).
-    ``epochs=None`` means 20 for a model without fitted gates and 0
-    for one with them.
+    ``epochs=None`` means ``"auto"`` (fit until the gates settle, at most ``max_steps`` steps) for a
+    model without fitted gates and 0 for one with them.
     """
 
     model: str
@@ -117,7 +117,8 @@ class Job:
             raise JobError(f"must be positive integers, got {self.bench_batch_sizes!r}", param="bench_batch_sizes")
         if self.data is None:
             if self.epochs:
-                raise JobError(f"needed to fit {self.epochs} epoch(s)", param="data")
+                raise JobError("needed to fit the gates" if self.epochs == AUTO else f"needed to fit {self.epochs} epoch(s)",
+                               param="data")
             if self.sweep_levels:
                 raise JobError("needed for a sweep", param="data")
 

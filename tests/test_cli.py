@@ -133,7 +133,9 @@ def test_happy_path_writes_all_outputs(trained):
     assert sorted(p.name for p in out.iterdir()) == [
         "gated.pt", "pruned.onnx", "pruned.pt", "report.html", "report.json", "scores.csv"]
     assert "parameter compression" in result.stdout
-    assert result.stderr == ""
+    # a one-epoch fit cannot have settled, and says so in one line (nothing else on stderr)
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("Warning: the gates had not settled after")
 
 
 def test_report_json_schema(trained):

@@ -1,0 +1,221 @@
+"""Settling study (docs/settling.md): how fast the gates settle, per setting, on a suite of
+over-parameterised networks a user might bring, and whether stopping when they settle loses anything
+against a fit ten times as long.
+
+The suite (every network first trained plainly, as a user's own trained network would be):
+
+- ``mlp-tabular``: MLP 30-256-256-2 on scikit-learn's breast-cancer table (an ``.npz`` file);
+- ``mlp-digits``: MLP 64-512-256-10 on scikit-learn's 8x8 digits, flattened (``.npz``);
+- ``chain-cnn``: a plain chain of 3x3 convolutions (32-64-96) on the 8x8 digits;
+- ``residual-cnn``: a residual CNN (two residual stages, 32 and 64 channels);
+- ``concat-cnn``: an Inception-style CNN whose branches are concatenated;
+- ``lenet5-fmnist``: the paper's LeNet5 on the bundled Fashion-MNIST sample (32x32).
+
+Per network and setting: ``--epochs auto`` with every other option at its default (the setting
+changes one of them), recording the optimiser steps until the gates settled (or the stop at
+``max_steps``), the compression and the test accuracy after the default fine-tuning. With
+``--long``, the same setting is also fitted for ten times the steps the auto fit took, to compare.
+
+    python benchmarks/settling.py --settings default,gate_lr_5e-2,init_sigma_-2 --long default \\
+        --out benchmarks/results/settling/cpu
+
+Results: ``OUT.json`` (every run) and ``OUT.md`` (tables, with the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bmrs_surgery import defaults
+from bmrs_surgery.data import load_data
+from bmrs_surgery.fit import FitConfig, accuracy, fit, train_plain
+from bmrs_surgery.gated import attach_gates
+
+SETTINGS = {  # one change each against the defaults
+    "default": {},
+    "gate_lr_5e-2": {"gate_lr": 5e-2},
+    "gate_lr_5e-3": {"gate_lr": 5e-3},
+    "init_sigma_-2": {"init_log_sigma": -2.0},
+    "kl_elbo": {"kl_weighting": "elbo"},
+}
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.stage1 = ResidualBlock(32)
+        self.down = nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.stage2 = ResidualBlock(64)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.fc(self.stage2(self.down(self.stage1(self.stem(x)))).mean((2, 3)))
+
+
+class ConcatCNN(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(32, 32, 1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(32, 16, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(32, 16, 3, padding=1), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(80, 96, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(96, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([self.a(x), self.b(x), self.c(x)], 1)
+        return self.fc(self.mix(x).mean((2, 3)))
+
+
+def chain_cnn(classes):
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(64, 96, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(96, classes))
+
+
+def mlp(sizes):
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(nn.Flatten(), *layers[:-1])
+
+
+def _npz(folder: Path, name: str, x: np.ndarray, y: np.ndarray) -> str:
+    path = folder / f"{name}.npz"
+    np.savez(path, x=x.astype(np.float32), y=y.astype(np.int64))
+    return str(path)
+
+
+def suite(folder: Path) -> dict:
+    """name -> (network factory, data spec, plain-training epochs)."""
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    bc = load_breast_cancer()
+    x = (bc.data - bc.data.mean(0)) / bc.data.std(0)
+    tab = _npz(folder, "breast_cancer", x, bc.target)
+    dg = load_digits()
+    flat = _npz(folder, "digits_flat", dg.data / 16.0, dg.target)
+    img = _npz(folder, "digits_8x8", (dg.images / 16.0)[:, None], dg.target)
+    return {
+        "mlp-tabular": (lambda k: mlp([30, 256, 256, k]), tab, 10),
+        "mlp-digits": (lambda k: mlp([64, 512, 256, k]), flat, 10),
+        "chain-cnn": (chain_cnn, img, 5),
+        "residual-cnn": (ResidualCNN, img, 5),
+        "concat-cnn": (ConcatCNN, img, 5),
+        "lenet5-fmnist": (None, "fashion-mnist-sample", 5),
+    }
+
+
+def trained(name: str, factory, spec: str, epochs: int):
+    data = load_data(spec, seed=0)
+    if factory is None:
+        from models import get_model
+
+        net = get_model("lenet5")
+    else:
+        torch.manual_seed(0)
+        net = factory(data.num_classes)
+    train_plain(net, data.train, epochs=epochs, batch_size=defaults.BATCH_SIZE, lr=defaults.LR, seed=0)
+    return net, data
+
+
+def run_one(net, data, setting: dict, epochs) -> dict:
+    net = copy.deepcopy(net)
+    opts = dict(setting)
+    init = opts.pop("init_log_sigma", defaults.INIT_LOG_SIGMA)
+    gated = attach_gates(net, data.train.tensors[0][:2], init_log_sigma=init)
+    cfg = FitConfig(epochs=epochs, **opts)
+    t0 = time.perf_counter()
+    res = fit(gated, data, cfg)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    info = res.settling or {}
+    return {
+        "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+        "settled": info.get("settled"), "settled_at_step": info.get("settled_at_step"), "steps": info.get("steps"),
+        "stopped": info.get("stopped"),
+        "compression": res.prune.compression, "kept_fraction": res.prune.kept_fraction,
+        "accuracy": accuracy(gated, data.test), "seconds": time.perf_counter() - t0,
+        "checks": (info.get("checks"), info.get("last_check")),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--settings", default="default")
+    ap.add_argument("--nets", default=",".join(["mlp-tabular", "mlp-digits", "chain-cnn", "residual-cnn",
+                                                "concat-cnn", "lenet5-fmnist"]))
+    ap.add_argument("--long", default="", help="settings also fitted for 10x the steps the auto fit took")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
+    doc = json.loads(path.read_text()) if path.exists() else {"runs": {}, "commands": []}
+    doc["commands"].append("python benchmarks/settling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    with tempfile.TemporaryDirectory() as tmp:
+        nets = suite(Path(tmp))
+        for name in args.nets.split(","):
+            factory, spec, epochs = nets[name]
+            net, data = trained(name, factory, spec, epochs)
+            base = accuracy(net, data.test)
+            for setting in args.settings.split(","):
+                key = f"{name}/{setting}"
+                run = run_one(net, data, SETTINGS[setting], "auto")
+                run["trained_accuracy"] = base
+                doc["runs"][key] = run
+                print(key, {k: run[k] for k in ("settled", "settled_at_step", "steps", "compression", "accuracy",
+                                                "seconds")}, f"trained {base:.4f}", flush=True)
+                if setting in args.long.split(","):
+                    epochs_long = math.ceil(10 * run["steps"] / run["steps_per_epoch"])
+                    long = run_one(net, data, SETTINGS[setting], epochs_long)
+                    doc["runs"][key + "/10x"] = long
+                    print(key + "/10x", {k: long[k] for k in ("steps", "compression", "accuracy", "seconds")}, flush=True)
+                path.write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table(doc))
+    return 0
+
+
+def table(doc: dict) -> str:
+    lines = ["# Settling study", "", "Commands:", ""] + [f"    {c}" for c in doc["commands"]] + [
+        "", "| network | setting | settled | steps to settle | steps fitted | compression | 10x fit compression "
+        "| accuracy | trained accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in doc["runs"].items():
+        if key.endswith("/10x"):
+            continue
+        name, setting = key.split("/")
+        long = doc["runs"].get(key + "/10x")
+        long_text = f"{100 * long['compression']:.1f}%" if long else "-"
+        lines.append(f"| {name} | {setting} | {'yes' if r['settled'] else 'no'} | {r['settled_at_step'] or '-'} | "
+                     f"{r['steps']} | {100 * r['compression']:.1f}% | "
+                     f"{long_text} | {100 * r['accuracy']:.2f}% | "
+                     f"{100 * r['trained_accuracy']:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
