@@ -28,6 +28,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -114,16 +115,19 @@ def timm_list(refresh: bool = False) -> dict[str, str]:
 
 def model_list(refresh: bool = False) -> list[tuple[str, str, str]]:
     """(kind, family, spec) for every model of the benchmark."""
-    rows = [("timm", fam, f"timm:{name}") for fam, name in sorted(timm_list(refresh).items())]
-    for key, name in torchvision_list().items():
-        kind, fam = key.split("/", 1)
-        rows.append((f"torchvision {kind}", fam, f"torchvision:{name}"))
+    rows = []
     try:
         import ultralytics  # noqa: F401
 
         rows += [("yolo", "yolov8", "yolo:yolov8n.yaml"), ("yolo", "yolo11", "yolo:yolo11n.yaml")]
     except ImportError:
         pass
+    tv = []
+    for key, name in torchvision_list().items():
+        kind, fam = key.split("/", 1)
+        tv.append((f"torchvision {kind}", fam, f"torchvision:{name}"))
+    rows += sorted(tv, key=lambda r: r[0] == "torchvision classification")  # classifiers last
+    rows += [("timm", fam, f"timm:{name}") for fam, name in sorted(timm_list(refresh).items())]
     return rows
 
 
@@ -178,6 +182,44 @@ def torch_pruning(model, shape) -> dict:
             "error": None if ok else f"output shapes {after} != {before}"}
 
 
+def check_detector(model, shape) -> dict:
+    """A detector's top level does not trace: its parts (backbone with FPN, heads) are pruned and
+    proven one by one (bmrs_surgery.graph.partial), and the whole model's boxes, scores and labels
+    compared with the gated model's on random images (score threshold 0, so every box counts)."""
+    import torch
+
+    from bmrs_surgery.check import randomized_copy
+    from bmrs_surgery.graph.partial import detection_outputs, prune_parts
+    from bmrs_surgery.surgery import parameter_count
+    from bmrs_surgery.verify import compare
+
+    t = time.perf_counter()
+    model = randomized_copy(model, torch.Generator().manual_seed(0)).eval()
+    for owner in (model, getattr(model, "roi_heads", None)):
+        if owner is not None and hasattr(owner, "score_thresh"):
+            owner.score_thresh = 0.0
+    with torch.no_grad():  # confident classes: random weights give near-equal scores, whose top-k is noise
+        for name, mod in model.named_modules():
+            if name.endswith(("cls_score", "cls_logits")) and "rpn" not in name:
+                mod.weight.mul_(30.0)
+    images = torch.rand((1,) + tuple(shape), generator=torch.Generator().manual_seed(1))
+    pruned, reference, parts = prune_parts(model, images, ratio=RATIO)
+    n0, n1 = parameter_count(model), parameter_count(pruned)
+    out = {"params_before": n0, "params_after": n1, "parts": [p.__dict__ for p in parts], "stages": {}}
+    out["stages"]["parts"] = ("ok" if parts and all(p.ok for p in parts) else
+                              "no traceable part" if not parts else
+                              "; ".join(f"{p.name}: {list(p.stages.values())[-1]}" for p in parts if not p.ok))
+    out["reach"] = sum((p.reach or 0) * p.params_before for p in parts) / n0
+    out["max_abs_diff"] = max((p.max_abs_diff or 0.0 for p in parts), default=None)
+    tests = [images, torch.rand((1,) + tuple(shape), generator=torch.Generator().manual_seed(2))]
+    proof = compare([detection_outputs(reference, x) for x in tests], [detection_outputs(pruned, x) for x in tests])
+    out["whole_max_abs_diff"] = proof.max_abs_diff
+    out["stages"]["whole"] = "ok" if proof.ok else f"boxes/scores differ by {proof.max_abs_diff:.3g} (scale {proof.scale:.3g})"
+    out["ok"] = all(v == "ok" for v in out["stages"].values())
+    out["seconds"] = {"parts": time.perf_counter() - t}
+    return out
+
+
 def run_one(spec: str, onnx: bool, threads: int, tp_too: bool) -> dict:
     import copy
 
@@ -190,7 +232,16 @@ def run_one(spec: str, onnx: bool, threads: int, tp_too: bool) -> dict:
     model, shape = build(spec)
     model.eval()
     full = (2,) + tuple(shape)
-    res = check_model(copy.deepcopy(model), full, name=spec, ratio=RATIO, seed=0, onnx=onnx).to_dict()
+    if spec.startswith("torchvision:"):
+        from bmrs_surgery.zoo import torchvision_kind
+
+        detector = torchvision_kind(spec.split(":", 1)[1]) == "detection"
+    else:
+        detector = False
+    if detector:
+        res = check_detector(copy.deepcopy(model), shape)
+    else:
+        res = check_model(copy.deepcopy(model), full, name=spec, ratio=RATIO, seed=0, onnx=onnx).to_dict()
     res["seconds_total"] = time.perf_counter() - t
     if tp_too:
         from bmrs_surgery.check import randomized_copy
@@ -272,6 +323,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated specs (timm:NAME, torchvision:NAME, yolo:YAML); default: all")
     ap.add_argument("--kinds", help="only these kinds (timm, torchvision, yolo), comma-separated")
+    ap.add_argument("--exclude", help="kinds left out, comma-separated (\"torchvision detection\")")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds per model")
@@ -289,20 +341,41 @@ def main() -> None:
         rows = [("given", s.split(":", 1)[-1], s) for s in args.models.split(",")]
     else:
         rows = model_list(args.refresh_list)
-    if args.kinds:
-        rows = [r for r in rows if r[0].split()[0] in args.kinds.split(",")]
+    if args.kinds:  # "timm", "torchvision" or one of its kinds ("torchvision detection"), "yolo"
+        wanted = args.kinds.split(",")
+        rows = [r for r in rows if r[0] in wanted or r[0].split()[0] in wanted]
+    if args.exclude:
+        rows = [r for r in rows if r[0] not in args.exclude.split(",")]
     started = time.time()
+    results: list[dict] = []
+
+    lock = threading.Lock()
+
+    def one(row):
+        r = _run_child(row, args)
+        with lock:
+            results.append(r)
+            _write(args, results, started, len(rows))  # after every model: a stopped run keeps what it did
+        return r
+
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        results = list(pool.map(lambda row: _run_child(row, args), rows))
+        list(pool.map(one, rows))
+    order = {row[2]: i for i, row in enumerate(rows)}
+    results.sort(key=lambda r: order[r["spec"]])
+    _write(args, results, started, len(rows))
+
+
+def _write(args, results: list[dict], started: float, planned: int) -> None:
+    results = list(results)
     meta = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "date": datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(), "cpus": os.cpu_count(),
-        "ratio": RATIO, "seconds": time.time() - started}
+        "ratio": RATIO, "seconds": time.time() - started, "models_done": len(results), "models_planned": planned}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
     with open(args.out + ".md", "w") as f:
         f.write(f"# Coverage at --ratio {RATIO}\n\nCommand: `{meta['command']}` ({meta['date']}, {meta['machine']}, "
-                f"{meta['cpus']} CPUs, {meta['seconds']:.0f} s)\n\n" + summary(results) + "\n\n" + table(results) + "\n")
+                f"{meta['cpus']} CPUs, {meta['seconds']:.0f} s; {len(results)} of {planned} models done)\n\n" + summary(results) + "\n\n" + table(results) + "\n")
 
 
 if __name__ == "__main__":

@@ -216,3 +216,29 @@ def test_segmentation_dict_outputs_all_compared_in_onnx_runtime():
     x = torch.randn(2, 3, 64, 64)
     assert [t.shape[1] for t in _flat_outputs(net(x))] == [3, 3]
     assert onnx_parity(net, (2, 3, 64, 64), [x]) < 1e-3
+
+
+@pytest.mark.slow
+def test_detector_parts_pruned_with_proof_inside_its_own_control_flow():
+    """Faster R-CNN's top level does not trace; its backbone+FPN, RPN head (one feature map at a
+    time) and box head do: each is pruned and proven, put back into the untouched detector, and
+    the detector's boxes, scores and labels equal the gated detector's."""
+    from bmrs_surgery import zoo
+    from bmrs_surgery.check import randomized_copy
+    from bmrs_surgery.graph.partial import detection_outputs, prune_parts
+    from bmrs_surgery.surgery import parameter_count
+    from bmrs_surgery.verify import compare
+
+    net, _ = zoo.torchvision_model("fasterrcnn_mobilenet_v3_large_320_fpn")
+    net = randomized_copy(net, torch.Generator().manual_seed(0)).eval()
+    net.roi_heads.score_thresh = 0.0
+    with torch.no_grad():  # confident classes: near-equal random scores make the top-100 boxes noise
+        net.roi_heads.box_predictor.cls_score.weight.mul_(30.0)
+    images = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    pruned, reference, parts = prune_parts(net, images)
+    assert [p.name for p in parts] == ["backbone", "rpn.head", "roi_heads.box_head"]
+    assert all(p.ok and p.params_after < p.params_before for p in parts), parts
+    assert parameter_count(pruned) < 0.8 * parameter_count(net)
+    proof = compare([detection_outputs(reference, images)], [detection_outputs(pruned, images)])
+    assert proof.ok, proof
+    assert len(detection_outputs(pruned, images)[0]) > 0  # boxes were compared, not two empty lists
