@@ -242,3 +242,35 @@ def test_detector_parts_pruned_with_proof_inside_its_own_control_flow():
     proof = compare([detection_outputs(reference, images)], [detection_outputs(pruned, images)])
     assert proof.ok, proof
     assert len(detection_outputs(pruned, images)[0]) > 0  # boxes were compared, not two empty lists
+
+
+@pytest.mark.slow
+def test_yolo_from_ultralytics_yaml_prunes_with_proof():
+    """YOLOv8n from ultralytics' YAML: C2f split and concatenation, SPPF, the Detect head kept."""
+    pytest.importorskip("ultralytics")
+    from bmrs_surgery import zoo
+
+    net, shape = zoo.yolo_model("yolov8n.yaml")
+    assert shape == (3, 320, 320)
+    res = check_model(net, (2, 3, 128, 128), onnx=False)
+    assert res.ok, res.stages
+    assert res.params_after < 0.75 * res.params_before
+    assert any("Detect" in why for why in res.opaque)  # the head is kept whole, and said so
+
+
+def test_coverage_table_counts_passes_and_removals():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("coverage_bench", Path(__file__).parent.parent / "benchmarks" / "coverage.py")
+    cov = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cov)
+    rows = [
+        {"kind": "timm", "family": "a", "spec": "timm:a", "ok": True, "params_before": 100, "params_after": 60,
+         "stages": {"verify": "ok"}, "torch_pruning": {"ok": True, "ratio": 0.8}},
+        {"kind": "timm", "family": "b", "spec": "timm:b", "ok": True, "params_before": 100, "params_after": 90,
+         "stages": {"verify": "ok"}, "torch_pruning": {"ok": False, "error": "boom"}},
+        {"kind": "timm", "family": "c", "spec": "timm:c", "ok": False, "stages": {"trace": "cannot trace"}},
+    ]
+    assert "| timm | 3 | 2 | 1 | 1 | 0 |" in cov.summary(rows)
+    assert "trace: cannot trace" in cov.table(rows) and "TP: boom" in cov.table(rows)
