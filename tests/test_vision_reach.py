@@ -274,3 +274,22 @@ def test_coverage_table_counts_passes_and_removals():
     ]
     assert "| timm | 3 | 2 | 1 | 1 | 0 |" in cov.summary(rows)
     assert "trace: cannot trace" in cov.table(rows) and "TP: boom" in cov.table(rows)
+
+
+def test_channels_merged_with_the_batch_axis_are_kept():
+    """HaloNet's ``q.reshape(B * heads, dim_head, -1)``: at the analysis's batch of 1 the heads look
+    like the first axis; at batch 2 they are not, so those channels stay (the proof failed before)."""
+    class MergedHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Conv2d(3, 8, 1)
+            self.out = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            B, _, H, W = x.shape
+            q = self.q(x).reshape(B * 2, 4, H * W).softmax(-1)
+            return self.out(q.reshape(B, 8, H, W))
+
+    res = check_model(MergedHeads().eval(), (2, 3, 5, 5), ratio=0.5, onnx=False)
+    assert res.stages.get("verify") in ("ok", None), res.stages
+    assert res.stages["groups"] != "ok" or res.ok

@@ -358,6 +358,11 @@ class Propagator:
             self.rec.unite(np.broadcast_to(grid[:, :1], grid.shape), grid,
                            tag="heads" if p != big[-1] else "interleave")
             ids = grid[:, 0].copy()
+        if p == 0 and src[0] == 1 and x.axis != 0 and len(src) > 1:
+            # channels merged with the batch axis (``reshape(B * heads, ...)``): the analysis runs at
+            # batch 1, where that looks like a channel axis; at any other batch size it is not
+            self.block(x)
+            return fixed(nd)
         # the channel count, a literal or read off another tensor (``reshape(B, N, C)`` with C the
         # attention's input width, which pruned heads no longer match): written as the kept count
         if sizes is not None and p < len(sizes) and (
