@@ -148,6 +148,10 @@ def tp_limited(spec, specs, timeout: float):
     return queue.get() if not queue.empty() else {"ok": False, "error": f"child exited with {proc.exitcode}"}
 
 
+def _g(x) -> str:
+    return "-" if x is None else f"{x:.2g}"
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
@@ -173,7 +177,8 @@ def main():
     rows = [json.loads(p.read_text()) for p in sorted((OUT / "rows").glob("*.json"))]
     order = [f[0] for f in FAMILIES]
     rows.sort(key=lambda r: order.index(r["family"]) if r["family"] in order else len(order))
-    meta = {"command": "python benchmarks/transformers_coverage.py", "torch": torch.__version__,
+    meta = {"command": "for f in bert distil roberta gpt llama mistral qwen2 qwen3 phi gemma vit swin t5; do "
+                       "python benchmarks/transformers_coverage.py --only $f --tp-timeout 60; done", "torch": torch.__version__,
             "transformers": transformers.__version__, "machine": platform.machine(), "rows": rows}
     (OUT / "cpu.json").write_text(json.dumps(meta, indent=1) + "\n")
     lines = ["| family | bmrs check | prunes | groups | params before -> after | proof max abs diff | ONNX/ORT diff "
@@ -184,11 +189,16 @@ def main():
         kinds = b.get("kinds") or []
         prunes = " + ".join((["heads"] if "heads" in kinds else []) + (["FFN"] if set(kinds) - {"heads"} else [])) or "-"
         params = f"{b.get('params_before', 0):,} -> {b['params_after']:,}" if b.get("params_after") else "-"
-        tps = ("runs" + (f", {t['params_before']:,} -> {t['params_after']:,}" if t.get("params_after") else "")
-               if t.get("ok") else f"fails: {t.get('error', 'not run')}")
+        if t.get("ok"):
+            tps = f"runs, {t['params_before']:,} -> {t['params_after']:,}"
+            if t["params_after"] == t["params_before"]:
+                tps += " (nothing pruned)"
+        elif t.get("output_shape_same") is False:
+            tps = f"runs, {t['params_before']:,} -> {t['params_after']:,}, but the output width changed (hidden size cut)"
+        else:
+            tps = f"fails: {t.get('error', 'not run')}"
         lines.append(f"| {r['family']} | {status} | {prunes} | {b.get('groups', '-')} | {params} | "
-                     f"{b.get('max_abs_diff') if b.get('max_abs_diff') is not None else '-'} | "
-                     f"{b.get('onnx_max_abs_diff') if b.get('onnx_max_abs_diff') is not None else '-'} | {tps} |")
+                     f"{_g(b.get('max_abs_diff'))} | {_g(b.get('onnx_max_abs_diff'))} | {tps} |")
     (OUT / "cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
