@@ -297,3 +297,29 @@ def test_export_tracer_on_a_plain_module_matches_fx_groups():
     fx_groups = [(g.name, g.size, g.consumers) for g in analyse_model(net, x, tracer="fx").groups]
     ex_groups = [(g.name, g.size, g.consumers) for g in analyse_model(net, x, tracer="export").groups]
     assert fx_groups == ex_groups == [("0", 8, ["2"]), ("2", 5, ["4"])]
+
+
+def test_recipe_replays_an_fx_pruned_network_on_the_users_class():
+    """Any model: the recipe of an fx-traced network (a GraphModule after surgery) replays on a fresh
+    instance of the user's own class, which then computes what the pruned GraphModule computes."""
+    from bmrs_surgery import apply_recipe
+    from bmrs_surgery.recipe import make_recipe
+
+    def net():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(8, 6, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(6 * 4 * 4, 5)).eval()
+
+    model = net()
+    a = analyse_model(model, torch.randn(1, 3, 8, 8), tracer="fx")
+    gated = attach_gates(model, analysis=a)
+    bank = gated.bmrs_gates
+    keep = torch.ones(bank.num_gates, dtype=torch.bool)
+    keep[[0, 3, 9]] = False
+    pruned = shrink(a, bank, keep)
+    replayed = apply_recipe(net(), make_recipe(a, group_keep(bank, keep)), weights=pruned.state_dict())
+    assert type(replayed) is torch.nn.Sequential and replayed[0].out_channels == 6
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), replayed(x))
