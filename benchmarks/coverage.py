@@ -126,8 +126,12 @@ def model_list(refresh: bool = False) -> list[tuple[str, str, str]]:
     for key, name in torchvision_list().items():
         kind, fam = key.split("/", 1)
         tv.append((f"torchvision {kind}", fam, f"torchvision:{name}"))
-    rows += sorted(tv, key=lambda r: r[0] == "torchvision classification")  # classifiers last
+    # the slowest kinds last (a run stopped at its time limit has the most models): detectors, then
+    # the torchvision classifiers (every one of them is in benchmarks/torchvision_check.py)
+    rows += [r for r in tv if r[0] in ("torchvision segmentation", "torchvision video")]
     rows += [("timm", fam, f"timm:{name}") for fam, name in sorted(timm_list(refresh).items())]
+    rows += [r for r in tv if r[0] == "torchvision detection"]
+    rows += [r for r in tv if r[0] == "torchvision classification"]
     return rows
 
 
