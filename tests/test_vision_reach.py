@@ -293,3 +293,20 @@ def test_channels_merged_with_the_batch_axis_are_kept():
     res = check_model(MergedHeads().eval(), (2, 3, 5, 5), ratio=0.5, onnx=False)
     assert res.stages.get("verify") in ("ok", None), res.stages
     assert res.stages["groups"] != "ok" or res.ok
+
+
+def test_sliding_windows_over_space_keep_channels_prunable():
+    class Halo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Linear(8, 5)
+
+        def forward(self, x):
+            w = self.a(x).unfold(2, 3, 1).unfold(3, 3, 1)  # (B, 8, 4, 4, 3, 3)
+            return self.b(w.mean((4, 5)).permute(0, 2, 3, 1))
+
+    analysis = analyse(Halo().eval(), torch.randn(1, 3, 6, 6))
+    assert [g.size for g in analysis.groups] == [8]
+    res = check_model(Halo().eval(), (2, 3, 6, 6), ratio=0.5, onnx=False)
+    assert res.ok, res.stages

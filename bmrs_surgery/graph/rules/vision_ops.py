@@ -141,3 +141,25 @@ class ConvTransposeRule(ModuleRule):
     def fold(self, module, factor):
         w = module.weight
         w.mul_(factor.to(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1)))
+
+
+@register_function("unfold")
+def unfold(ctx, node):
+    """``x.unfold(dim, size, step)`` (sliding windows over a spatial axis, HaloNet's halos): the
+    windows go to a new last axis and the channels stay where they are. ``F.unfold`` (im2col)
+    mixes channels with kernel offsets: kept."""
+    x = ctx.label(node.args[0])
+    nd = len(_shape(node))
+    if x is None:
+        return ctx.opaque(node, "unfold of a non-tensor")
+    if node.op != "call_method":
+        ctx.block(x)
+        ctx.out.opaque.append((node.name, "im2col mixes channels with kernel offsets"))
+        return fixed(nd)
+    if not x.labelled:
+        return fixed(nd)
+    dim = ctx.dim_arg(node, 1, "dimension")
+    if not isinstance(dim, int) or ctx.norm_dim(dim, x.ndim) == x.axis:
+        ctx.block(x)
+        return fixed(nd)
+    return Label(nd, x.axis, x.ids)
