@@ -51,7 +51,7 @@ def sweep(model, data_spec, epochs, levels, criteria, finetune_epochs, precision
 def _run(model, data_spec, epochs, levels, criteria, finetune_epochs, precision_bits, batch_size, lr, gate_lr,
          seed, arch, trust_model, out, as_json):
     from bmrs_surgery import loading
-    from bmrs_surgery.data import check_fits, load_data
+    from bmrs_surgery.data import check_fits, head, load_data
     from bmrs_surgery.fit import FitConfig, fit
     from bmrs_surgery.gated import attach_gates, unmask
     from bmrs_surgery.report_html import sweep_page
@@ -70,7 +70,7 @@ def _run(model, data_spec, epochs, levels, criteria, finetune_epochs, precision_
     if epochs is None:
         epochs = 0 if loaded.gated else 10
     if not loaded.gated:
-        net = attach_gates(net, data.train.tensors[0][:2])
+        net = attach_gates(net, head(data.train, 2))  # in-memory and streamed (imagefolder:) splits alike
     elif epochs == 0:
         unmask(net)
     cfg = FitConfig(epochs=epochs, mode="post-training", prior="uniform", precision_bits=precision_bits,
