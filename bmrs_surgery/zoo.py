@@ -61,7 +61,7 @@ def torchvision_model(name: str, num_classes: int | None = None) -> tuple[nn.Mod
     shape = TORCHVISION_SHAPES.get(kind, (3, 224, 224))
     if name == "inception_v3":
         shape = (3, 299, 299)
-    elif name.startswith("mvit"):  # fixed 16 x 224 x 224 clips
+    elif name.startswith("mvit") or name == "s3d":  # 16 x 224 x 224 clips (fixed, or pooled to 7 x 7)
         shape = (3, 16, 224, 224)
     return net, shape
 
