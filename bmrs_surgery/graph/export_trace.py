@@ -330,16 +330,19 @@ def analyse_model(model: nn.Module, example, ignore: tuple[str, ...] = (), trace
             analysis.tracer = "fx"  # type: ignore[attr-defined]
             return analysis
         except GraphError as exc:
-            if tracer == "fx":
+            # a name fx cannot write into generated code is the user's to rename, whatever captures
+            # the graph: the pruned network is generated code too
+            if tracer == "fx" or "rename it" in exc.message:
                 raise
             fx_error = exc
     one = {k: v[:1] for k, v in example.items()} if named else (example[:1] if example.ndim > 1 else example)
     try:
         analysis = analyse_exported(model, one, ignore)
-    except GraphError as exc:
+    except Exception as exc:  # noqa: BLE001 - after fx failed, any failure of the fallback is reported with fx's
         if fx_error is not None:
+            why = exc.message if isinstance(exc, GraphError) else _first_line(exc)
             raise GraphError(f"neither tracer could capture {type(model).__name__}: torch.fx: {fx_error.message}; "
-                             f"torch.export: {exc.message}") from None
+                             f"torch.export: {why}") from None
         raise
     if not analysis.groups:
         why = analysis.propagation.opaque
