@@ -147,27 +147,17 @@ def build(spec: str):
     return build_arch(spec)
 
 
-def _tensors(out):
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
-    return []
-
-
 def torch_pruning(model, shape) -> dict:
     """Torch-Pruning out of the box: L2 magnitude, 30% of every prunable group, classifier ignored."""
     import torch
     import torch_pruning as tp
 
+    from bmrs_surgery.inputs import output_tensors
+
     t = time.perf_counter()
     example = torch.randn(shape)
     with torch.no_grad():
-        before = [tuple(o.shape) for o in _tensors(model(example))]
+        before = [tuple(o.shape) for o in output_tensors(model(example))]
     n0 = sum(p.numel() for p in model.parameters())
     outs = {o[-1] for o in before if len(o) == 2}  # (batch, classes): the classifier's width
     ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features in outs]
@@ -176,7 +166,7 @@ def torch_pruning(model, shape) -> dict:
                                            pruning_ratio=RATIO, ignored_layers=ignored)
         pruner.step()
         with torch.no_grad():
-            after = [tuple(o.shape) for o in _tensors(model(example))]
+            after = [tuple(o.shape) for o in output_tensors(model(example))]
     except Exception as exc:  # noqa: BLE001 - report it
         return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
                 "seconds": time.perf_counter() - t}

@@ -166,13 +166,14 @@ def shape_of(x: Any) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-def _tensors(out) -> list[torch.Tensor]:
+def output_tensors(out) -> list[torch.Tensor]:
+    """Every tensor of a model's output (a tensor, or dicts, lists and tuples of them), in order."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
+        return [t for o in out for t in output_tensors(o)]
     return []
 
 
@@ -183,6 +184,6 @@ def outputs(model: nn.Module, examples: list) -> list[list[torch.Tensor]]:
     model.eval()
     try:
         with torch.no_grad():
-            return [[t.detach().float() for t in _tensors(call(model, x))] for x in examples]
+            return [[t.detach().float() for t in output_tensors(call(model, x))] for x in examples]
     finally:
         model.train(was)

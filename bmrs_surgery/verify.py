@@ -9,6 +9,7 @@ from torch import nn
 
 from .errors import ModelLoadError
 from .gates import GateBank
+from .inputs import output_tensors
 
 
 @dataclass
@@ -73,22 +74,12 @@ def emptied_layers(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.numel() == 0 and p.ndim > 0]
 
 
-def _tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
-    return []
-
-
 def outputs(model: nn.Module, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return [[t.detach().float() for t in _tensors(model(x))] for x in inputs]
+            return [[t.detach().float() for t in output_tensors(model(x))] for x in inputs]
     finally:
         model.train(was)
 

@@ -41,7 +41,7 @@ from torch import fx, nn
 from ..errors import GatePlacementError, GraphError
 from ..errors import first_line as _first_line
 from . import registry
-from .groups import Analysis, build_groups
+from .groups import Analysis, solve_groups
 from .propagate import propagate
 
 TRACERS = ("auto", "fx", "export")
@@ -291,14 +291,7 @@ def analyse_exported(model: nn.Module, example, ignore: tuple[str, ...] = ()) ->
     gm, _ = capture(model, example)
     t1 = time.perf_counter()
     prop = propagate(gm)
-    for s in prop.slots:
-        if s.module in ignore and s.role == "out":
-            prop.recorder.block(s.ids)
-    unknown = [n for n in ignore if n not in dict(model.named_modules())]
-    if unknown:
-        raise GatePlacementError(f"ignored layer {unknown[0]!r} is not a module of the model")
-    sol = prop.recorder.solve()
-    groups = build_groups(prop, sol)
+    sol, groups = solve_groups(model, prop, ignore)
     t2 = time.perf_counter()
     return ExportAnalysis(model, gm, _example_shape(example), prop, sol, groups, [],
                           {"trace_s": t1 - t0, "shapes_s": 0.0, "groups_s": t2 - t1}, [], None,

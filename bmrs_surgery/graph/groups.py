@@ -162,6 +162,19 @@ def _name_groups(groups: list[Group]) -> None:
         g.name = name
 
 
+def solve_groups(model: nn.Module, prop, ignore: tuple[str, ...] = ()):
+    """(solution, groups) of a propagation, with the outputs of the ``ignore`` layers kept whole;
+    shared by the torch.fx and torch.export front ends."""
+    for s in prop.slots:
+        if s.module in ignore and s.role == "out":
+            prop.recorder.block(s.ids)
+    unknown = [n for n in ignore if n not in dict(model.named_modules())]
+    if unknown:
+        raise GatePlacementError(f"ignored layer {unknown[0]!r} is not a module of the model")
+    sol = prop.recorder.solve()
+    return sol, build_groups(prop, sol)
+
+
 def analyse(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> Analysis:
     """Trace, propagate channels, solve and group: everything later stages need."""
     t0 = time.perf_counter()
@@ -171,14 +184,7 @@ def analyse(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (
     propagate_shapes(gm, example)
     t2 = time.perf_counter()
     prop = propagate(gm)
-    for s in prop.slots:
-        if s.module in ignore and s.role == "out":
-            prop.recorder.block(s.ids)
-    unknown = [n for n in ignore if n not in dict(model.named_modules())]
-    if unknown:
-        raise GatePlacementError(f"ignored layer {unknown[0]!r} is not a module of the model")
-    sol = prop.recorder.solve()
-    groups = build_groups(prop, sol)
+    sol, groups = solve_groups(model, prop, ignore)
     t3 = time.perf_counter()
     return Analysis(model, gm, tuple(example.shape), prop, sol, groups, opaque,
                     {"trace_s": t1 - t0, "shapes_s": t2 - t1, "groups_s": t3 - t2}, lowered)
