@@ -12,6 +12,7 @@ stop already meets the target, its keep-mask is kept and the result says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from collections.abc import Callable
@@ -183,6 +184,22 @@ def meet(gated, keep: torch.Tensor, score: torch.Tensor, budget: Budget, example
     return final, info
 
 
+@contextlib.contextmanager
+def on_cpu(module: torch.nn.Module):
+    """``module`` on the CPU inside the block, back on its own device after it (parameters keep
+    their identity, so an optimiser holding them is unaffected)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if device.type == "cpu":
+        yield module
+        return
+    module.to("cpu")
+    try:
+        yield module
+    finally:
+        module.to(device)
+
+
 class Planner:
     """From a decision to the deployed keep-mask, as the job asks: no group emptied, widths rounded
     (``round_to`` an integer, or ``"auto"``: :mod:`latency_table`), then the budget met. Called by
@@ -239,22 +256,28 @@ class Planner:
         return self.widths_by_latency(k, score) if self.table is not None else k
 
     def __call__(self, dec):
-        """The decision ``dec`` with its keep-mask planned (a new Decision)."""
+        """The decision ``dec`` with its keep-mask planned (a new Decision). Planning measures the
+        network on the CPU (MACs, parameters, ONNX Runtime): a network fitted on another device
+        (``--device cuda``) is moved to the CPU for it and back afterwards."""
         from .criteria import Decision
 
-        score = dec.score if dec.lower_is_better else -dec.score
+        score = (dec.score if dec.lower_is_better else -dec.score).cpu()
         key = dec.keep.bool().cpu().numpy().tobytes()
         if key not in self._plans:
-            self.bmrs_keep = self.finalise(dec.keep.cpu(), score)
-            if self.budget is None:
-                self._plans[key] = self.bmrs_keep
-            else:
-                refine = (lambda k: self.widths_by_latency(k, score)) if self.table is not None else None
-                keep, self.info = meet(self.gated, dec.keep.cpu(), score, self.budget, self.example,
-                                       lambda k: self.valid(k, score), self.threads, refine=refine)
-                self._plans[key] = keep
+            with on_cpu(self.gated):
+                self._plan(dec, score, key)
         self.keep = self._plans[key]
-        return Decision(dec.criterion, dec.score, self.keep, dec.lower_is_better)
+        return Decision(dec.criterion, dec.score, self.keep.to(dec.keep.device), dec.lower_is_better)
+
+    def _plan(self, dec, score: torch.Tensor, key: bytes) -> None:
+        self.bmrs_keep = self.finalise(dec.keep.cpu(), score)
+        if self.budget is None:
+            self._plans[key] = self.bmrs_keep
+        else:
+            refine = (lambda k: self.widths_by_latency(k, score)) if self.table is not None else None
+            keep, self.info = meet(self.gated, dec.keep.cpu(), score, self.budget, self.example,
+                                   lambda k: self.valid(k, score), self.threads, refine=refine)
+            self._plans[key] = keep
 
     def report(self) -> dict:
         """What the plan did, for report.json."""

@@ -208,7 +208,7 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
         saver = ResumeWriter(out, key) if out is not None and rank == 0 else None  # one writer: rank 0
         with reporter if hasattr(reporter, "__enter__") else contextlib.nullcontext():  # a live display
             fit_result = fit(gated, data, cfg, reporter, checkpoint=saver, resume=state, teacher=teacher,
-                             planner=planner if planner.active and torch.device(job.device).type == "cpu" else None)
+                             planner=planner if planner.active else None)
         for name, t in gated.state_dict().items():  # the fit stops on a non-finite loss; this catches the rest
             bad = nonfinite_tensor(t)
             if bad:

@@ -225,3 +225,15 @@ def test_compress_with_target_macs_reports_both_points(tmp_path):
     r = runner.invoke(cli, ["lenet5", "--data", "digits", "--target-macs", "1.5", "-q", "--out", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "--target-macs" in r.stderr.splitlines()[-1]  # the console script: one line
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_the_budget_is_met_before_fine_tuning_on_any_device(device):
+    """Fine-tuning trains the network that is deployed: the budget's keep-mask is applied before
+    fine-tuning starts (planning runs on the CPU, the network moves back to ``device``)."""
+    res = bmrs.compress(Job(model="lenet5", data="digits", epochs=1, finetune_epochs=1, device=device,
+                            target_macs=0.4, bench_batch_sizes=()))
+    assert res.report["surgery"]["counts"]["macs_ratio"] <= 0.4
+    assert res.report["plan"]["budget"]["met"]
+    assert torch.equal(res.fit.prune.keep.cpu(), res.decision.keep.cpu())  # fine-tuned = deployed
