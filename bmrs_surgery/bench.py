@@ -213,12 +213,114 @@ def check_timeout(timeout) -> float:
     return float(timeout)
 
 
+ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16", "tensor(int8)": "int8",
+             "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+"""The ONNX input types bench can feed, as numpy dtype names."""
+
+
+def onnx_vocab(path: Path) -> dict[str, int]:
+    """For each integer graph input that indexes an embedding table (a ``Gather`` of an initializer,
+    directly or through a ``Cast``): the table's rows, i.e. the vocabulary its ids must stay below."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - check_onnx has vetted the file; no vocabulary is no error
+        return {}
+    tables = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) >= 1}
+    source = {i.name: i.name for i in model.graph.input}  # a tensor name -> the graph input it carries
+    for node in model.graph.node:
+        if node.op_type in ("Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze") and node.input \
+                and node.input[0] in source:
+            for o in node.output:
+                source[o] = source[node.input[0]]
+    vocab: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) >= 2 and node.input[1] in source and node.input[0] in tables:
+            name = source[node.input[1]]
+            vocab[name] = min(vocab.get(name, tables[node.input[0]]), tables[node.input[0]])
+    return vocab
+
+
+def describe_feed(feed: dict) -> str:
+    """``input_ids:int64:Bx12 (ids in [0, 50))``: one input as it is fed at batch size B."""
+    how = {"normal": "standard normal", "ones": "all ones", "zeros": "all zeros", "positions": "0..L-1",
+           "file": "rows of --inputs-file"}.get(feed["fill"]) or f"ids in [0, {feed.get('high') or 2})"
+    return f"{feed['name']}:{feed['dtype']}:{'x'.join(['B'] + [str(d) for d in feed['shape']])} ({how})"
+
+
+def graph_feeds(info: dict, path: Path, shape: list[int] | None = None) -> list[dict]:
+    """Feeds for every graph input of a model when no ``--input`` is given: each input's dtype and
+    fixed sizes from the ONNX graph, the batch from the request; ``shape`` (``--input-shape``) gives
+    the sizes of a model with one input. A symbolic size besides the batch needs ``--input``."""
+    from .inputs import fill_for
+
+    inputs = info.get("inputs") or [{"name": info["input"], "type": "tensor(float)", "shape": info["input_shape"]}]
+    if shape is not None and len(inputs) != 1:
+        raise BenchError(f"{path}: --input-shape sizes one input, but the model takes {len(inputs)} "
+                         f"({', '.join(i['name'] for i in inputs)}): give each with --input NAME:DTYPE:SHAPE")
+    feeds = []
+    for i in inputs:
+        dtype = ORT_TYPES.get(i["type"])
+        if dtype is None:
+            raise BenchError(f"{path}: input {i['name']} is a {i['type']}, which bench cannot feed")
+        dims = list(shape[1:]) if shape is not None else i["shape"][1:]
+        if any(d is None for d in dims):
+            sizes = "x".join("?" if d is None else str(d) for d in i["shape"])
+            if len(inputs) == 1 and dtype.startswith("float"):
+                raise BenchError(f"the model's input has symbolic dimensions besides the batch ({sizes}): give "
+                                 "--input-shape (or --input NAME:DTYPE:SHAPE)")
+            raise BenchError(f"{path}: input {i['name']} has symbolic dimensions besides the batch ({sizes}): give "
+                             f"every input's sizes with --input, e.g. --input {i['name']}:{dtype}:1x128")
+        feeds.append({"name": i["name"], "dtype": dtype, "shape": dims, "fill": fill_for(i["name"], dtype),
+                      "high": None})
+    return feeds
+
+
+def _high(feed: dict, rows: int | None) -> int:
+    """Token ids stay below the feed's own ``high`` (the model's vocabulary) and the embedding
+    table found in the ONNX graph; below 2 when neither is known."""
+    known = [h for h in (feed.get("high"), rows) if h]
+    return min(known) if known else 2
+
+
+def _feeds_for(info: dict, feeds: list[dict], path: Path) -> list[dict]:
+    """The feeds one model takes: every graph input must have one, with its dtype and fixed sizes;
+    a feed the graph does not take (an exporter drops inputs the model never reads) is left out."""
+    given = {f["name"]: f for f in feeds}
+    out = []
+    for i in info.get("inputs", []):
+        f = given.get(i["name"])
+        if f is None:
+            raise BenchError(f"{path}: the model takes input {i['name']!r}, which the given inputs "
+                             f"({', '.join(given)}) do not include")
+        want = ORT_TYPES.get(i["type"], i["type"])
+        if want != f["dtype"]:
+            raise BenchError(f"{path}: input {i['name']} is {want} in the model, not {f['dtype']}")
+        dims = i["shape"][1:]
+        if len(dims) != len(f["shape"]) or any(d is not None and d != g for d, g in zip(dims, f["shape"])):
+            sizes = "x".join("?" if d is None else str(d) for d in i["shape"])
+            raise BenchError(f"{path}: input {i['name']} has shape {sizes} in the model, not "
+                             f"{'x'.join(['B'] + [str(d) for d in f['shape']])}")
+        out.append(f)
+    return out
+
+
 def benchmark(paths: list[Path], batch_sizes=(1, 8, 32), threads: int = 0, warmup: int = 5, runs: int = 30,
-              rounds: int = 5, shape: list[int] | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> dict:
+              rounds: int = 5, shape: list[int] | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+              feeds: list[dict] | None = None) -> dict:
     """Latency of each ONNX model per batch size, interleaved across models; ratios vs the first.
 
     ``threads``: 0 (ONNX Runtime's default) up to the machine's cores; ``timeout``: seconds each
-    answer of a worker may take (a worker past it is killed: :class:`BenchTimeout`)."""
+    answer of a worker may take (a worker past it is killed: :class:`BenchTimeout`).
+
+    Every graph input of a model is fed with its own dtype and sizes, the batch size on axis 0.
+    ``feeds`` (see :mod:`_ort_worker`: ``name``, numpy ``dtype``, ``shape`` after the batch,
+    ``fill``, ``high``) describe named inputs, e.g. from ``--input``; without them they come from
+    the first model's graph inputs (:func:`graph_feeds`; ``shape`` sizes a model with one input).
+    Token ids (``fill`` ``ids``) without a ``high`` stay below the vocabulary read from the models'
+    embedding tables (:func:`onnx_vocab`), or below 2 when none is found."""
     check_threads(threads)
     timeout = check_timeout(timeout)
     for p in paths:
@@ -228,19 +330,27 @@ def benchmark(paths: list[Path], batch_sizes=(1, 8, 32), threads: int = 0, warmu
     try:
         for p in paths:
             workers.append(_Worker(p, threads, timeout))
-        shapes = [w.info["input_shape"][1:] for w in workers]
-        if any(s != shapes[0] for s in shapes[1:]):
-            raise BenchError(f"the models take different inputs: {' vs '.join(str(s) for s in shapes)}")
-        if shape is None and any(d is None for d in shapes[0]):
-            raise BenchError("the model's input has symbolic dimensions besides the batch: give --input-shape")
+        if feeds is None:
+            sigs = [[(i["type"], i["shape"][1:]) for i in w.info.get("inputs", [])] for w in workers]
+            if any(s != sigs[0] for s in sigs[1:]):
+                shapes = [[i["shape"][1:] for i in w.info.get("inputs", [])] for w in workers]
+                shapes = [s[0] if len(s) == 1 else s for s in shapes]
+                raise BenchError(f"the models take different inputs: {' vs '.join(str(s) for s in shapes)}")
+            feeds = graph_feeds(workers[0].info, paths[0], shape)
+        vocab: dict[str, int] = {}
+        for p in paths:
+            for name, rows in onnx_vocab(p).items():
+                vocab[name] = min(vocab.get(name, rows), rows)
+        feeds = [dict(f, high=_high(f, vocab.get(f["name"]))) if f["fill"] == "ids" else f for f in feeds]
+        per_model = [_feeds_for(w.info, feeds, paths[i]) for i, w in enumerate(workers)]
         stats = {(i, b): Stats(b) for i in range(len(paths)) for b in batch_sizes}
         per_round = max(1, runs // rounds)
         for b in batch_sizes:
             for i, w in enumerate(workers):
-                w.ask(paths[i], batch=b, warmup=warmup, runs=0, shape=shape)
+                w.ask(paths[i], batch=b, warmup=warmup, runs=0, feeds=per_model[i])
             for _ in range(rounds):
                 for i, w in enumerate(workers):
-                    ans = w.ask(paths[i], batch=b, warmup=0, runs=per_round, shape=shape)
+                    ans = w.ask(paths[i], batch=b, warmup=0, runs=per_round, feeds=per_model[i])
                     s = stats[(i, b)]
                     s.times_ms += ans["times_ms"]
                     s.peak_rss_mb = max(s.peak_rss_mb, ans["peak_rss_mb"])
@@ -256,12 +366,14 @@ def benchmark(paths: list[Path], batch_sizes=(1, 8, 32), threads: int = 0, warmu
     models = []
     for i, p in enumerate(paths):
         models.append({"path": str(p), "file_size_bytes": p.stat().st_size,
+                       "inputs": [f["name"] for f in per_model[i]],
                        "batches": [stats[(i, b)].to_dict() for b in batch_sizes]})
     result = {
         "session": {"provider": info["provider"], "onnxruntime": info["onnxruntime"],
                     "intra_op_threads": threads or "default (all cores)", "inter_op_threads": 1,
                     "graph_optimization": info["optimization"], "execution_mode": "sequential",
-                    "warmup": warmup, "runs": per_round * rounds, "rounds_interleaved": rounds},
+                    "warmup": warmup, "runs": per_round * rounds, "rounds_interleaved": rounds,
+                    "inputs": [describe_feed(f) for f in per_model[0]]},
         "models": models,
     }
     if len(paths) > 1:

@@ -124,19 +124,65 @@ def make_inputs(specs: list[InputSpec], model: nn.Module | None = None, *, batch
     out = {}
     for s in specs:
         shape = ((batch,) + s.shape[1:]) if batch else s.shape
-        lname = s.name.lower()
-        if s.dtype.is_floating_point:
+        fill = fill_for(s.name, _dtype_name(s.dtype))
+        if fill == "normal":
             t = torch.randn(shape, generator=gen).to(s.dtype)
-        elif "mask" in lname or s.dtype == torch.bool:
+        elif fill == "ones":
             t = torch.ones(shape, dtype=s.dtype)
-        elif "token_type" in lname:
+        elif fill == "zeros":
             t = torch.zeros(shape, dtype=s.dtype)
-        elif "position" in lname:
+        elif fill == "positions":
             t = torch.arange(shape[-1], dtype=s.dtype).expand(shape).clone()
         else:
             t = torch.randint(0, high, shape, generator=gen, dtype=s.dtype)
         out[s.name] = t
     return out
+
+
+def fill_for(name: str, dtype: str) -> str:
+    """How a random example of input ``name`` (``dtype``: ``int64``, ``float32``, ...) is filled:
+    ``normal`` (floats), ``ones`` (``*mask*`` and bool inputs), ``zeros`` (``token_type_ids``),
+    ``positions`` (``position_ids``: ``0..L-1``) or ``ids`` (token ids below the vocabulary).
+    The same rules for :func:`make_inputs` and for the ONNX Runtime benchmark's inputs."""
+    lname = name.lower()
+    if dtype.startswith(("float", "bfloat")):
+        return "normal"
+    if "mask" in lname or dtype == "bool":
+        return "ones"
+    if "token_type" in lname:
+        return "zeros"
+    if "position" in lname:
+        return "positions"
+    return "ids"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def bench_feeds(specs: list[InputSpec], model: nn.Module | None = None,
+                example: dict[str, torch.Tensor] | None = None, folder: str | Path | None = None) -> list[dict]:
+    """The ONNX Runtime benchmark's description of named inputs (see :mod:`bmrs_surgery._ort_worker`):
+    each input's numpy dtype and sizes after the batch axis, filled by :func:`fill_for` with token
+    ids below ``model``'s vocabulary; with ``example`` (an example-inputs file) and ``folder``, the
+    file's own values, written there as ``.npy`` files and repeated row by row to each batch size."""
+    high = vocab_size(model) if model is not None else None
+    feeds = []
+    for s in specs:
+        dtype = _dtype_name(s.dtype)
+        if dtype == "bfloat16":
+            raise JobError(f"{s}: ONNX Runtime's Python API cannot be fed bfloat16 inputs; give float32 or float16",
+                           param="input")
+        feed = {"name": s.name, "dtype": dtype, "shape": list(s.shape[1:]), "fill": fill_for(s.name, dtype),
+                "high": high}
+        if example is not None and folder is not None:
+            path = Path(folder) / f"input-{len(feeds)}.npy"
+            import numpy as np
+
+            np.save(path, example[s.name].detach().cpu().numpy(), allow_pickle=False)
+            feed.update(fill="file", path=str(path))
+        feeds.append(feed)
+    return feeds
 
 
 def call(model: nn.Module, x: Any):

@@ -13,13 +13,38 @@ from bmrs_surgery.bench import DEFAULT_TIMEOUT_S, Interrupted, signals_raise
 from bmrs_surgery.errors import BmrsError
 from bmrs_surgery.limits import machine_cores
 
-from ._common import fail, input_shape_option, markup_safe, parse_batch_sizes, parse_shape
+from ._common import (
+    fail,
+    input_option,
+    input_shape_option,
+    inputs_file_option,
+    markup_safe,
+    parse_batch_sizes,
+    parse_shape,
+)
 
 
-def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str) -> Path:
-    """An .onnx path for ``spec``: itself, or a model exported on the fly."""
+def _named(inputs, inputs_file, input_shape):
+    """(specs, example file tensors) from --input / --inputs-file, or (None, None)."""
+    if not inputs and not inputs_file:
+        return None, None
+    from bmrs_surgery import inputs as named
+
+    if input_shape is not None:
+        raise BmrsError("--input-shape and --input/--inputs-file exclude each other: give the shapes in --input")
+    if inputs and inputs_file:
+        raise BmrsError("--input and --inputs-file exclude each other")
+    example = named.load_example_file(inputs_file) if inputs_file else None
+    specs = named.specs_of(example) if example is not None else named.parse_inputs(inputs)
+    return specs, example
+
+
+def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str, specs=None):
+    """(an .onnx path for ``spec``: itself, or a model exported on the fly; the torch model or None).
+    With named inputs (``specs``) the export has one ONNX input per name, with its dtype, and dynamic
+    batch and sequence axes."""
     if spec.endswith(".onnx"):
-        return Path(spec)
+        return Path(spec), None
     import torch
 
     from bmrs_surgery.errors import ExportError
@@ -28,16 +53,26 @@ def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str) -> Path:
 
     from ._common import load_network
 
-    net, shape = load_network(spec, input_shape, arch, trust)
+    if specs:
+        from bmrs_surgery import loading
+        from bmrs_surgery.deploy import plain_network
+        from bmrs_surgery.inputs import make_inputs
+
+        loaded = loading.load_model(spec, arch=arch, trust=trust)
+        net = plain_network(loaded.model) if loaded.gated else loaded.model
+        example = make_inputs(specs, net, batch=2)  # torch.export fixes a size of 1: export at batch 2
+    else:
+        net, shape = load_network(spec, input_shape, arch, trust)
+        example = torch.randn((2,) + tuple(shape[1:]))
     if has_gates(net):
         net = network(net)
     try:
-        data, _ = onnx_bytes(net.eval(), torch.randn((2,) + tuple(shape[1:])))
+        data, _ = onnx_bytes(net.eval(), example)
     except ExportError as exc:
         raise BmrsError(f"{spec}: {exc}") from None
     path = tmp / f"{tag}.onnx"
     path.write_bytes(data)
-    return path
+    return path, net
 
 
 @click.command()
@@ -50,18 +85,25 @@ def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str) -> Path:
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs per batch size.")
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs per batch size.")
 @input_shape_option
+@input_option
+@inputs_file_option
 @click.option("--arch", help="Architecture of a state-dict MODEL (bundled name or torchvision:NAME).")
 @click.option("--trust-model", is_flag=True, help="Allow unpickling a whole nn.Module (runs code from the file).")
 @click.option("--timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True, metavar="SECONDS",
               help="Time limit for each answer of an ONNX Runtime worker (loading a model, a batch size's "
                    "warm-up, one round of timed runs); a worker past it is stopped and bench ends with exit code 2.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch, trust_model, timeout, as_json):
+def bench(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, inputs, inputs_file, arch, trust_model,
+          timeout, as_json):
     """Benchmark MODEL_A (and MODEL_B, interleaved) in ONNX Runtime on the CPU.
 
-    Models are .onnx files, or .pt models / bundled names exported on the fly. Reports per batch
-    size the median, p90 and min latency, throughput, file size and peak memory, and with B the
-    ratio B/A.
+    Models are .onnx files, or .pt models / bundled names / hf:DIR exported on the fly. Reports per
+    batch size the median, p90 and min latency, throughput, file size and peak memory, and with B
+    the ratio B/A.
+
+    Every input of a model is fed with its own dtype and shape, the batch size on axis 0: named
+    inputs from --input or --inputs-file (token ids below the vocabulary, masks all ones), else
+    those of the .onnx file's graph (a symbolic size besides the batch needs --input).
 
     SIGINT (Ctrl-C) and SIGTERM stop the workers, remove the temporary files and end with exit
     code 130 or 143.
@@ -69,7 +111,7 @@ def bench(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arc
     try:
         with signals_raise():
             result = _run(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch, trust_model,
-                          timeout)
+                          timeout, inputs, inputs_file)
     except BmrsError as exc:
         fail(exc)
         return
@@ -84,19 +126,32 @@ def bench(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arc
     _print(result)
 
 
-def _run(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch, trust_model, timeout) -> dict:
+def _run(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch, trust_model, timeout,
+         inputs=(), inputs_file=None) -> dict:
     from bmrs_surgery.bench import benchmark, check_timeout
     from bmrs_surgery.limits import check_threads
 
     sizes = parse_batch_sizes(batch_sizes)
+    specs, example = _named(inputs, inputs_file, input_shape)
     shape = parse_shape(input_shape)
     check_threads(threads)  # before any export: a mistake ends at once
     check_timeout(timeout)
+    if specs:
+        from bmrs_surgery.inputs import bench_feeds
+        from bmrs_surgery.limits import check_input_bytes
+
+        for s in specs:  # the largest batch of every input, before anything is exported
+            check_input_bytes((max(sizes),) + tuple(s.shape[1:]), what=f"input {s.name} of shape")
     with tempfile.TemporaryDirectory(prefix="bmrs-bench-") as tmp:
-        paths = [_as_onnx(m, input_shape, arch, trust_model, Path(tmp), f"model{i}")
-                 for i, m in enumerate([model_a] + ([model_b] if model_b else []))]
+        made = [_as_onnx(m, input_shape, arch, trust_model, Path(tmp), f"model{i}", specs)
+                for i, m in enumerate([model_a] + ([model_b] if model_b else []))]
+        paths = [p for p, _ in made]
+        feeds = None
+        if specs:
+            net = next((n for _, n in made if n is not None), None)  # a model's vocabulary bounds its token ids
+            feeds = bench_feeds(specs, net, example, tmp)
         result = benchmark(paths, sizes, threads=threads, warmup=warmup, runs=runs,
-                           shape=list(shape) if shape else None, timeout=timeout)
+                           shape=list(shape) if shape else None, timeout=timeout, feeds=feeds)
     for m, spec in zip(result["models"], [model_a, model_b]):
         m["model"] = spec
     return result
@@ -118,6 +173,8 @@ def _print(result: dict) -> None:
                           f"{b['peak_rss_mb']:.0f}")
     console = Console(width=max(120, Console().width))
     console.print(table)
+    if s.get("inputs"):
+        console.print("inputs: " + "; ".join(markup_safe(i) for i in s["inputs"]), highlight=False)
     for r in result.get("ratios_vs_first", []):
         console.print("B/A median latency: " + ", ".join(
             f"batch {b['batch']}: {b['median_ratio']:.3f}" for b in r["batches"]), highlight=False)

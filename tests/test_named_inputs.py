@@ -1,0 +1,168 @@
+"""Named inputs beyond ``check`` and ``inspect`` (issue 16, item 2): ``bench`` and ``compress`` with
+``--input NAME:DTYPE:SHAPE`` / ``--inputs-file``, ONNX Runtime fed every input with its own dtype
+and shape, and ONNX exports of named-input models with dynamic batch and sequence axes, run at two
+batch sizes and two sequence lengths. Tiny random transformers (2 layers, hidden size 32)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+
+from bmrs_surgery.export import onnx_bytes, session  # noqa: E402
+from bmrs_surgery.hf import from_config  # noqa: E402
+from bmrs_surgery.inputs import InputSpec, make_inputs  # noqa: E402
+from test_cli import assert_one_line_error, invoke, ok  # noqa: E402
+
+BERT_SIZES = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=48, max_position_embeddings=64)
+BERT = "hf:BertConfig:" + ",".join(f"{k}={v}" for k, v in BERT_SIZES.items())
+TOKENS = [InputSpec("input_ids", torch.int64, (1, 16)), InputSpec("attention_mask", torch.int64, (1, 16))]
+IDS = ["--input", "input_ids:int64:1x16", "--input", "attention_mask:int64:1x16"]
+FAST = ["--runs", "3", "--warmup", "1", "--threads", "1", "--json"]
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return from_config("BertConfig", **BERT_SIZES).eval()
+
+
+@pytest.fixture(scope="module")
+def bert_onnx(tmp_path_factory):
+    """A tiny BERT exported with named int64 inputs (dynamic batch and sequence axes)."""
+    model = tiny_bert()
+    path = tmp_path_factory.mktemp("named") / "bert.onnx"
+    path.write_bytes(onnx_bytes(model, make_inputs(TOKENS, model, batch=2))[0])
+    return path
+
+
+def _gather_onnx(path, rows: int = 20, length: int = 8):
+    """A hand-written ONNX model with two int64 inputs of fixed length: ``input_ids`` index a table of
+    ``rows`` rows (ONNX Runtime's Gather fails on an id out of range), ``attention_mask`` scales them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(rows * 4, dtype=np.float32).reshape(rows, 4), "table")
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["emb"]),
+             helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["maskf", "axis"], ["mask3"]),
+             helper.make_node("Mul", ["emb", "mask3"], ["output"])]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", length]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", length])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", length, 4])],
+        [table, numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+# ---- item 3: the export of a named-input model has dynamic batch and sequence axes ----------------
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_named_onnx_runs_at_two_batch_sizes_and_two_sequence_lengths(exporter):
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")  # torch's dynamo exporter needs it
+    model = tiny_bert()
+    data, used = onnx_bytes(model, make_inputs(TOKENS, model, batch=2), exporter)
+    assert used == exporter
+    sess = session(data)
+    ins = {i.name: i for i in sess.get_inputs()}
+    assert set(ins) == {"input_ids", "attention_mask"} and ins["input_ids"].type == "tensor(int64)"
+    seen = set()
+    for batch in (1, 3):
+        for length in (5, 24):
+            spec = [InputSpec(s.name, s.dtype, (batch, length)) for s in TOKENS]
+            x = make_inputs(spec, model, seed=batch * 100 + length)
+            x["attention_mask"][:, -2:] = 0  # a padded tail: the mask reaches the attention
+            (out,) = sess.run(None, {k: v.numpy() for k, v in x.items()})
+            with torch.no_grad():
+                ref = model(**x).last_hidden_state.numpy()
+            assert out.shape == (batch, length, 32)
+            np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
+            seen.add(out.shape)
+    assert len(seen) == 4
+
+
+# ---- item 1: bench feeds every input with its own dtype and shape ---------------------------------
+
+def test_bench_model_spec_with_token_inputs():
+    doc = json.loads(ok(invoke("bench", BERT, *IDS, "--batch-sizes", "1,3", *FAST)).stdout)
+    assert doc["session"]["inputs"] == ["input_ids:int64:Bx16 (ids in [0, 50))",
+                                        "attention_mask:int64:Bx16 (all ones)"]
+    (m,) = doc["models"]
+    assert m["inputs"] == ["input_ids", "attention_mask"]
+    assert [b["batch"] for b in m["batches"]] == [1, 3] and all(b["runs"] >= 3 for b in m["batches"])
+
+
+def test_bench_onnx_file_against_a_model_spec_with_named_inputs(bert_onnx):
+    doc = json.loads(ok(invoke("bench", bert_onnx, BERT, *IDS, "--batch-sizes", "2", *FAST)).stdout)
+    assert [m["model"] for m in doc["models"]] == [str(bert_onnx), BERT]
+    assert doc["ratios_vs_first"][0]["batches"][0]["median_ratio"] > 0
+
+
+def test_bench_plain_onnx_reads_its_graph_inputs(tmp_path):
+    path = _gather_onnx(tmp_path / "fixed.onnx", rows=20, length=8)
+    doc = json.loads(ok(invoke("bench", path, "--batch-sizes", "1,4", *FAST)).stdout)
+    assert doc["session"]["inputs"] == ["input_ids:int64:Bx8 (ids in [0, 20))", "attention_mask:int64:Bx8 (all ones)"]
+
+
+def test_bench_token_ids_stay_below_the_onnx_vocabulary(tmp_path):
+    """ids asked below 1000 are capped by the 3-row table found in the graph; uncapped, ORT's Gather fails."""
+    from bmrs_surgery.bench import benchmark
+
+    path = _gather_onnx(tmp_path / "small.onnx", rows=3, length=8)
+    feeds = [{"name": "input_ids", "dtype": "int64", "shape": [8], "fill": "ids", "high": 1000},
+             {"name": "attention_mask", "dtype": "int64", "shape": [8], "fill": "ones", "high": None}]
+    doc = benchmark([path], (64,), threads=1, warmup=0, runs=2, rounds=1, feeds=feeds)
+    assert doc["session"]["inputs"][0] == "input_ids:int64:Bx8 (ids in [0, 3))"
+    sess = session(str(path))  # and ids out of range do fail there: the cap is what lets the run pass
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error types
+        sess.run(None, {"input_ids": np.full((1, 8), 5, dtype=np.int64), "attention_mask": np.ones((1, 8), np.int64)})
+
+
+def test_bench_symbolic_sequence_without_input_says_so(bert_onnx):
+    line = assert_one_line_error(invoke("bench", bert_onnx, "--batch-sizes", "1"), "symbolic", "--input")
+    assert "input_ids" in line or "attention_mask" in line
+
+
+def test_bench_onnx_file_with_input_and_with_inputs_file(bert_onnx, tmp_path):
+    from safetensors.torch import save_file
+
+    doc = json.loads(ok(invoke("bench", bert_onnx, *IDS, "--batch-sizes", "1,5", *FAST)).stdout)
+    assert doc["session"]["inputs"][0] == "input_ids:int64:Bx16 (ids in [0, 50))"  # the table read from the graph
+    example = {"input_ids": torch.randint(0, 50, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.int64)}
+    save_file(example, str(tmp_path / "ex.safetensors"))
+    doc = json.loads(ok(invoke("bench", bert_onnx, "--inputs-file", tmp_path / "ex.safetensors",
+                               "--batch-sizes", "3", *FAST)).stdout)
+    assert doc["session"]["inputs"] == ["input_ids:int64:Bx16 (rows of --inputs-file)",
+                                        "attention_mask:int64:Bx16 (rows of --inputs-file)"]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--input", "input_ids:int64"], ["--input", "NAME:DTYPE:SHAPE"]),
+    (["--input", "input_ids:int64:1x16", "--input-shape", "1,16"], ["exclude each other"]),
+    (["--input", "input_ids:int64:1x16"], ["attention_mask", "do not include"]),
+    (["--input", "input_ids:int32:1x16", "--input", "attention_mask:int64:1x16"], ["input_ids is int64", "int32"]),
+    (["--input", "input_ids:int64:1x16", "--input", "attention_mask:int64:1x16x2"], ["attention_mask has shape"]),
+    (["--inputs-file", "missing.safetensors"], ["--inputs-file", "no such file"]),
+    (["--input", "input_ids:int64:1x16", "--input", "attention_mask:int64:1x16", "--batch-sizes", "0"],
+     ["--batch-sizes"]),
+])
+def test_bench_bad_named_inputs_are_one_line(bert_onnx, tmp_path, monkeypatch, args, fragments):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(invoke("bench", bert_onnx, *args), *fragments)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bench_help_lists_the_input_options():
+    text = ok(invoke("bench", "--help")).stdout
+    assert "--input NAME:DTYPE:SHAPE" in text and "--inputs-file" in text
