@@ -237,3 +237,44 @@ def test_the_budget_is_met_before_fine_tuning_on_any_device(device):
     assert res.report["surgery"]["counts"]["macs_ratio"] <= 0.4
     assert res.report["plan"]["budget"]["met"]
     assert torch.equal(res.fit.prune.keep.cpu(), res.decision.keep.cpu())  # fine-tuned = deployed
+
+
+def test_cli_latency_target_is_timed_at_the_target_batch(tmp_path):
+    """--target-latency MS --target-batch B: the latency of BMRS's own stop is measured at batch B in
+    ONNX Runtime; a target above it keeps BMRS's stop and says so. A bad batch is one line, exit 2."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:
+        runner = CliRunner()
+    out = tmp_path / "out"
+    r = runner.invoke(cli, ["lenet5", "--data", "digits", "--epochs", "1", "--finetune-epochs", "0", "-q",
+                            "--bench-batch-sizes", "", "--target-latency", "1e6", "--target-batch", "4",
+                            "--out", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    b = json.loads((out / "report.json").read_text())["plan"]["budget"]
+    assert b["option"] == "--target-latency" and b["batch"] == 4 and b["kept"] == "bmrs" and b["met"]
+    assert b["bmrs"]["latency_batch"] == 4 and 0 < b["bmrs"]["latency_ms"] < 1e6
+    r = runner.invoke(cli, ["lenet5", "--data", "digits", "--target-latency", "5", "--target-batch", "0", "-q",
+                            "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "--target-batch" in r.stderr.splitlines()[-1]
+    assert not (tmp_path / "o2").exists()
+
+
+def test_cli_amp_fits_in_bfloat16_autocast_and_still_proves(tmp_path):
+    """--amp (bf16 autocast for the network while fitting) on the CPU: the job runs, and surgery's
+    proof holds on the deployed float network."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["lenet5", "--data", "digits", "--epochs", "1", "--finetune-epochs", "1", "--amp",
+                                 "-q", "--bench-batch-sizes", "", "--out", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["surgery"]["proof"]["ok"]
+    assert doc["fit"]["config"]["amp"] is True
