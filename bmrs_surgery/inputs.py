@@ -233,3 +233,48 @@ def outputs(model: nn.Module, examples: list) -> list[list[torch.Tensor]]:
             return [[t.detach().float() for t in output_tensors(call(model, x))] for x in examples]
     finally:
         model.train(was)
+
+
+def validate_job(job) -> None:
+    """Named inputs in a compression job (``--input`` / ``--inputs-file``): the specs parse, and the
+    job is one they can serve. Fitting reads one tensor per example from ``--data``, so named inputs
+    go with a model that already carries fitted gates, no data, no sweep, no distillation and no
+    budget or ``--round-to auto`` (both measure the network on one float tensor)."""
+    inputs, inputs_file = tuple(getattr(job, "inputs", ()) or ()), getattr(job, "inputs_file", None)
+    if not inputs and not inputs_file:
+        return
+    if inputs and inputs_file:
+        raise JobError("--input and --inputs-file exclude each other", param="input")
+    if not all(isinstance(t, str) for t in inputs):
+        raise JobError(f"must be NAME:DTYPE:SHAPE texts, got {inputs!r}", param="input")
+    if inputs:
+        parse_inputs(inputs)
+    option = "input" if inputs else "inputs_file"
+    if job.data is not None:
+        raise JobError("named inputs serve a model that already carries fitted gates (from the Python API), "
+                       "without --data: fitting on --data feeds one tensor per example", param=option)
+    if job.epochs:
+        raise JobError(f"named inputs serve a model that already carries fitted gates: nothing is fitted, so "
+                       f"--epochs {job.epochs} cannot apply (leave it out)", param=option)
+    from .budget import budget_of
+
+    if budget_of(job) is not None or job.round_to == "auto":
+        raise JobError("named inputs do not go with a budget or --round-to auto (both time the network on one "
+                       "float tensor); prune at BMRS's own stop, --round-to N allowed", param=option)
+
+
+def job_inputs(job) -> tuple[list[InputSpec] | None, dict[str, torch.Tensor] | None]:
+    """(specs, the example-inputs file's tensors or None) of a job, or (None, None) without named
+    inputs; every input's largest benchmark batch is checked against the input size limit."""
+    inputs, inputs_file = tuple(getattr(job, "inputs", ()) or ()), getattr(job, "inputs_file", None)
+    if not inputs and not inputs_file:
+        return None, None
+    example = load_example_file(inputs_file) if inputs_file else None
+    specs = specs_of(example) if example is not None else parse_inputs(inputs)
+    if job.bench_batch_sizes:
+        for s in specs:
+            n = max(job.bench_batch_sizes) * math.prod(s.shape[1:])
+            if n > MAX_INPUT_ELEMENTS:
+                raise JobError(f"input {s.name} at batch {max(job.bench_batch_sizes)} has {n:,} elements, more than "
+                               f"the limit of {MAX_INPUT_ELEMENTS:,}", param="bench_batch_sizes")
+    return specs, example

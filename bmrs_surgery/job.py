@@ -62,6 +62,8 @@ class Job:
     target_batch: int = defaults.LATENCY_TARGET_BATCH
     distill: bool = False  # fit and fine-tune against the original network's logits too
     lr_schedule: str = defaults.LR_SCHEDULE  # "constant" or "cosine" within each phase
+    inputs: tuple[str, ...] = ()  # named inputs NAME:DTYPE:SHAPE (a gated model, no data): see inputs.validate_job
+    inputs_file: str | None = None  # or a safetensors file of named example inputs
     bench_batch_sizes: tuple[int, ...] = defaults.BENCH_BATCH_SIZES
     threads: int = defaults.THREADS
     resume: bool = False
@@ -96,10 +98,11 @@ class Job:
         if self.round_to is not None and self.round_to != "auto" and (
                 isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
             raise JobError(f"must be a positive integer or auto, got {self.round_to!r}", param="round_to")
-        from . import budget, weights
+        from . import budget, inputs, weights
 
         budget.validate_job(self)
         weights.validate_job(self)
+        inputs.validate_job(self)
         if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
                                             or not 8 <= self.image_size <= 4096):
             raise JobError(f"must be an integer 8..4096, got {self.image_size!r}", param="image_size")
@@ -131,6 +134,7 @@ class Job:
         d = asdict(self)
         d["out"] = None if self.out is None else str(self.out)
         d["bench_batch_sizes"] = list(self.bench_batch_sizes)
+        d["inputs"] = list(self.inputs)
         return d
 
 

@@ -35,6 +35,7 @@ from .errors import BmrsError, DataError, FitError, JobError
 from .fit import FitResult, accuracy, distributed_rank, fit
 from .gated import attach_gates, gate_bank, unmask
 from .imagefolder import options_for
+from .inputs import job_inputs
 from .job import Job
 from .latency_table import TABLE_NAME
 from .limits import check_input_bytes
@@ -161,8 +162,13 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
     torch.manual_seed(job.seed)  # the seed fixes everything, the initial weights of a fresh network included
 
     # load
+    specs, named = job_inputs(job)  # named inputs (--input/--inputs-file): a gated model, no data
     loaded, weights_info = weights.load_for_job(job)  # the file or architecture, with --weights/--pretrained
     check_weights(loaded.model, job.model)
+    if specs and not loaded.gated:
+        raise JobError(f"{job.model} carries no fitted gates: named inputs need a model gated and fitted with the "
+                       "Python API (fitting on --data feeds one tensor per example)",
+                       param="input" if job.inputs else "inputs_file")
     data = load_data(job.data, seed=job.seed, target=job.target,
                      image=image_options_for(job, loaded, weights_info)) if job.data else None
     if not loaded.gated and data is None:
@@ -187,8 +193,8 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
 
     # everything checkable is checked before the fit: the input shape (the data's own when data is
     # given: it has just run through the model), and the benchmark's largest input
-    shape = input_shape_for(job, loaded, gated, data)
-    if job.bench_batch_sizes:
+    shape = tuple(specs[0].shape[1:]) if specs else input_shape_for(job, loaded, gated, data)
+    if job.bench_batch_sizes and not specs:
         try:
             check_input_bytes((max(job.bench_batch_sizes),) + tuple(shape), what="a benchmark input of shape")
         except BmrsError as exc:
@@ -243,8 +249,9 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
             planner.info["budget"]["accuracy"] = acc["after"]
 
     # surgery -> proof -> ONNX -> ONNX Runtime
-    real = [head(data.test, 64)] if data is not None else None
-    dep = deploy(gated, keep, (1,) + tuple(shape), real, tuple(job.bench_batch_sizes) or None, threads=job.threads)
+    real = [head(data.test, 64)] if data is not None else [named] if named is not None else None
+    dep = deploy(gated, keep, (1,) + tuple(shape), real, tuple(job.bench_batch_sizes) or None, threads=job.threads,
+                 specs=specs)
     if data is not None:
         acc["pruned"] = accuracy(dep.pruned, data.test)
 
@@ -256,12 +263,13 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
         gated=gated, decision=dec, model_spec=job.model, data_spec=job.data, prior=job.prior,
         precision_bits=job.precision_bits, fit_result=fit_result, accuracy=acc,
         wall_time_s=time.perf_counter() - start, outputs=OUTPUTS, deployment=dep, sweep=sweep_result,
-        extra={"weights": weights_info.to_dict(), "plan": planner.report()},
+        extra={"weights": weights_info.to_dict(), "plan": planner.report(),
+               **({"inputs": [str(s) for s in specs]} if specs else {})},
     )
     doc_bytes = report.report_json(doc)
     files = {
         OUTPUTS["pruned_model"]: buf.getvalue(), OUTPUTS["onnx"]: dep.onnx,
-        OUTPUTS["gated_model"]: loading.checkpoint_bytes(gated, loaded.arch, shape),
+        OUTPUTS["gated_model"]: loading.checkpoint_bytes(gated, loaded.arch, None if specs else shape),
         OUTPUTS["scores"]: report.scores_csv(rows), OUTPUTS["report"]: doc_bytes,
         OUTPUTS["html"]: report_html.render(report._finite(doc), rows),
     }

@@ -18,7 +18,7 @@ from bmrs_surgery.gates import NOISE_MODES
 from bmrs_surgery.job import Job
 from bmrs_surgery.pipeline import compress as compress_job
 
-from ._common import EPOCHS, fail, markup_safe, out_dir_option, parse_batch_sizes
+from ._common import EPOCHS, fail, input_option, inputs_file_option, markup_safe, out_dir_option, parse_batch_sizes
 from .user_options import ROUND_TO, user_options
 
 
@@ -99,6 +99,8 @@ def _terminate(signum, frame):
               help="Keep a multiple of N channels in every group (hardware-friendly widths), or auto: per group, "
                    "the width at or above BMRS's with the lowest latency measured in ONNX Runtime on this machine.")
 @user_options
+@input_option
+@inputs_file_option
 @click.option("--bench-batch-sizes", default=",".join(map(str, defaults.BENCH_BATCH_SIZES)), show_default=True,
               help="ONNX Runtime benchmark of original vs pruned at these batch sizes ('' to skip).")
 @click.option("--threads", type=click.IntRange(min=0), default=defaults.THREADS, show_default=True,
@@ -112,13 +114,17 @@ def _terminate(signum, frame):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def compress(model, prior, precision_bits, data_spec, mode, epochs, max_steps, max_minutes, finetune_epochs, prune_every,  # noqa: PLR0913
              batch_size, lr, gate_lr, kl_weighting, noise, finetune_gates, seed, device, amp, arch, trust_model,
-             sweep_levels, round_to, bench_batch_sizes, threads, out, resume, overwrite, as_json, quiet,
-             **user_opts):
+             sweep_levels, round_to, inputs, inputs_file, bench_batch_sizes, threads, out, resume, overwrite, as_json,
+             quiet, **user_opts):
     """Fit BMRS gates on MODEL (or use its fitted gates), prune where dF >= 0, remove the pruned
     structures for real, prove the result, export and benchmark it.
 
     MODEL is a bundled name (lenet5, mlp, ...), torchvision:NAME, or a saved model file. Writes
     into --out: pruned.pt, pruned.onnx, gated.pt, scores.csv, report.json and report.html.
+
+    A model that takes named inputs (token ids, an attention mask) and already carries fitted gates
+    is pruned, proved, exported and benchmarked with --input NAME:DTYPE:SHAPE (repeatable) or
+    --inputs-file, without --data.
     """
     from bmrs_surgery.outputs import epochs_saved
 
@@ -130,7 +136,7 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, max_steps, m
             finetune_epochs=finetune_epochs,
             prune_every=prune_every, batch_size=batch_size, lr=lr, gate_lr=gate_lr, kl_weighting=kl_weighting,
             noise=noise, finetune_gates=finetune_gates, seed=seed, device=_init_distributed(device), amp=amp,
-            sweep_levels=sweep_levels, round_to=round_to,
+            sweep_levels=sweep_levels, round_to=round_to, inputs=tuple(inputs), inputs_file=inputs_file,
             bench_batch_sizes=parse_batch_sizes(bench_batch_sizes, "--bench-batch-sizes") if bench_batch_sizes.strip() else (),
             threads=threads, resume=resume, overwrite=overwrite, **user_opts,
         )

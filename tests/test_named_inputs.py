@@ -166,3 +166,92 @@ def test_bench_bad_named_inputs_are_one_line(bert_onnx, tmp_path, monkeypatch, a
 def test_bench_help_lists_the_input_options():
     text = ok(invoke("bench", "--help")).stdout
     assert "--input NAME:DTYPE:SHAPE" in text and "--inputs-file" in text
+
+
+# ---- compress: a model that carries fitted gates, with named inputs --------------------------------
+
+@pytest.fixture(scope="module")
+def gated_bert(tmp_path_factory):
+    """A tiny BERT gated through torch.export (the Python API), its gates set as if fitted: the
+    first layer's heads and some FFN neurons have dF >= 0, the second layer's none."""
+    from bmrs_surgery.gated import attach_gates
+    from bmrs_surgery.graph.export_trace import analyse_model
+
+    model = tiny_bert()
+    gated = attach_gates(model, analysis=analyse_model(model, make_inputs(TOKENS, model), tracer="export"))
+    bank = gated.bmrs_gates
+    with torch.no_grad():
+        bank.posterior[0].copy_(torch.linspace(-6, 0.5, bank.num_gates))
+        bank.posterior[1].fill_(-2.0)
+    path = tmp_path_factory.mktemp("gated") / "gated_bert.pt"
+    torch.save(gated, path)
+    return path
+
+
+@pytest.mark.slow
+def test_compress_gated_token_model_with_named_inputs(gated_bert, tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "out"
+    ok(invoke(gated_bert, "--trust-model", *IDS, "--bench-batch-sizes", "1,3", "--out", out, "--quiet"))
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["inputs"] == ["input_ids:int64:1x16", "attention_mask:int64:1x16"]
+    sur = doc["surgery"]
+    assert sur["counts"]["params_after"] < sur["counts"]["params_before"]
+    assert sur["proof"]["max_abs_diff"] <= 1e-4 * max(1.0, sur["proof"]["output_scale"])
+    assert sur["benchmark"]["session"]["inputs"] == ["input_ids:int64:Bx16 (ids in [0, 50))",
+                                                     "attention_mask:int64:Bx16 (all ones)"]
+    assert [b["batch"] for b in sur["benchmark"]["models"][1]["batches"]] == [1, 3]
+    # pruned.onnx: int64 inputs with dynamic batch and sequence axes, equal to pruned.pt at other sizes
+    pruned = torch.load(out / "pruned.pt", weights_only=False).eval()
+    sess = ort.InferenceSession(str(out / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in sess.get_inputs()] == [("input_ids", "tensor(int64)"),
+                                                            ("attention_mask", "tensor(int64)")]
+    for batch, length in ((1, 9), (4, 20)):
+        x = make_inputs([InputSpec(s.name, s.dtype, (batch, length)) for s in TOKENS], pruned, seed=length)
+        (got,) = sess.run(None, {k: v.numpy() for k, v in x.items()})
+        with torch.no_grad():
+            ref = pruned(**x).last_hidden_state.numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+    # the gated.pt written holds the gates and the decision: it compresses again, from an inputs file
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.int64)},
+              str(tmp_path / "ex.safetensors"))
+    res = ok(invoke(out / "gated.pt", "--trust-model", "--inputs-file", tmp_path / "ex.safetensors",
+                    "--bench-batch-sizes", "2", "--out", tmp_path / "again", "--json"))
+    again = json.loads(res.stdout)  # --json: nothing else on stdout
+    assert sorted(again["inputs"]) == ["attention_mask:int64:2x12", "input_ids:int64:2x12"]
+    assert again["surgery"]["counts"]["params_after"] == sur["counts"]["params_after"]
+    assert sorted(again["surgery"]["benchmark"]["session"]["inputs"]) == [
+        "attention_mask:int64:Bx12 (rows of --inputs-file)", "input_ids:int64:Bx12 (rows of --inputs-file)"]
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (["--data", "digits"], ["--input", "without --data"]),
+    (["--target-macs", "0.5"], ["--input", "budget"]),
+    (["--round-to", "auto"], ["--input", "--round-to auto"]),
+    (["--inputs-file", "ex.safetensors"], ["exclude each other"]),
+    (["--input", "token_type_ids:int64"], ["--input", "NAME:DTYPE:SHAPE"]),
+    (["--input", "token_type_ids:int64:2x16"], ["--input", "batch"]),
+    (["--sweep", "3"], ["--data", "sweep"]),
+    (["--epochs", "auto"], ["--input", "--epochs auto"]),
+    (["--bench-batch-sizes", "300000000"], ["--bench-batch-sizes", "limit"]),
+])
+def test_compress_bad_named_inputs_are_one_line_and_write_nothing(gated_bert, tmp_path, extra, fragments):
+    out = tmp_path / "out"
+    assert_one_line_error(invoke(gated_bert, "--trust-model", *IDS, *extra, "--out", out), *fragments)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_compress_named_inputs_need_fitted_gates(tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(invoke(BERT, *IDS, "--out", out), "--input", "carries no fitted gates")
+    assert not out.exists() or list(out.iterdir()) == []
+    assert_one_line_error(invoke(BERT, "--inputs-file", tmp_path / "none.safetensors", "--out", out),
+                          "--inputs-file", "no such file")
+
+
+def test_compress_help_lists_the_input_options():
+    text = ok(invoke("compress", "--help")).stdout
+    assert "--input NAME:DTYPE:SHAPE" in text and "--inputs-file" in text
