@@ -17,7 +17,7 @@ from torch import nn
 
 from . import defaults
 from .errors import GatePlacementError, JobError, NoGatesError
-from .gates import Gate, GateBank
+from .gates import Gate, GateBank, OutputGate
 from .graph.group import Group
 from .placement import analyse_model
 
@@ -88,30 +88,36 @@ def _hook(model: nn.Module, bank: GateBank) -> None:
             if tap.module not in modules:
                 raise GatePlacementError(f"group {group.name}: model has no module {tap.module!r}")
         for t, tap in enumerate(group.taps):
-            modules[tap.module].register_forward_pre_hook(Gate(bank, i, t))
+            if getattr(tap, "side", "in") == "out":  # a writer of the residual stream: its output
+                modules[tap.module].register_forward_hook(OutputGate(bank, i, t))
+            else:
+                modules[tap.module].register_forward_pre_hook(Gate(bank, i, t))
 
 
 def has_gate_hooks(net: nn.Module) -> bool:
-    return any(isinstance(h, Gate) for m in net.modules() for h in m._forward_pre_hooks.values())
+    return any(isinstance(h, Gate) for m in net.modules()
+               for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
 
 
 def remove_gate_hooks(net: nn.Module) -> None:
     for mod in net.modules():
-        for hid, hook in list(mod._forward_pre_hooks.items()):
-            if isinstance(hook, Gate):
-                del mod._forward_pre_hooks[hid]
+        for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+            for hid, hook in list(hooks.items()):
+                if isinstance(hook, Gate):
+                    del hooks[hid]
 
 
 @contextlib.contextmanager
 def gates_removed(net: nn.Module):
     """Run a block with ``net``'s gate hooks taken off (tracing, copying); they come back after."""
-    saved = {id(m): dict(m._forward_pre_hooks) for m in net.modules()}
+    saved = {id(m): (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in net.modules()}
     remove_gate_hooks(net)
     try:
         yield net
     finally:
         for m in net.modules():
-            m._forward_pre_hooks.update(saved[id(m)])
+            m._forward_pre_hooks.update(saved[id(m)][0])
+            m._forward_hooks.update(saved[id(m)][1])
 
 
 def detach_gates(gated: GatedModel) -> nn.Module:

@@ -232,3 +232,13 @@ class Gate:
     def __repr__(self) -> str:
         g = self.bank.groups[self.index]
         return f"Gate({g.name}: {g.size} structures at {g.taps[self.tap].module})"
+
+
+class OutputGate(Gate):
+    """A forward hook that multiplies a module's *output* by one group's gate values (a tap with
+    ``side="out"``: a layer that writes the residual stream of an RMSNorm model)."""
+
+    def __call__(self, module, args, output):  # forward-hook signature
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"gate {self.bank.groups[self.index].name}: module output is not a tensor")
+        return output * self.bank.theta_for(self.index, output, self.tap)

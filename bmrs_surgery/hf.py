@@ -100,6 +100,25 @@ def update_size_attributes(model: nn.Module) -> None:
         _update_mlp(mod)
 
 
+def update_hidden_size(model: nn.Module, old: int, new: int) -> None:
+    """After the residual stream was cut from ``old`` to ``new`` channels (RMSNorm models): every
+    config the model's modules hold (the shared one, per-layer copies) gets ``hidden_size = new``
+    with its ``head_dim`` written out first (so nothing derives a head size from the new width), and
+    the modules' own ``hidden_size`` attributes follow."""
+    seen: set[int] = set()
+    for mod in model.modules():
+        config = getattr(mod, "config", None)
+        if config is not None and id(config) not in seen and getattr(config, "hidden_size", None) == old:
+            seen.add(id(config))
+            heads = getattr(config, "num_attention_heads", None)
+            if getattr(config, "head_dim", None) is None and isinstance(heads, int) and heads and old % heads == 0:
+                config.head_dim = old // heads
+            config.hidden_size = new
+        if isinstance(getattr(mod, "hidden_size", None), int) and not isinstance(mod.hidden_size, bool) \
+                and mod.hidden_size == old:
+            mod.hidden_size = new
+
+
 # -- loading ---------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -183,15 +202,30 @@ def _prepare(model: nn.Module) -> None:
 def from_config(name: str, **sizes) -> nn.Module:
     """A randomly initialised transformers model from its config class with small sizes, e.g.
     ``from_config("LlamaConfig", hidden_size=64, num_attention_heads=4, num_key_value_heads=2)``
-    (no weights, nothing read or downloaded)."""
+    (the base model, ``AutoModel``), or from a model class with a head, e.g.
+    ``from_config("LlamaForCausalLM", ...)`` (no weights, nothing read or downloaded)."""
     tf = _transformers(name)
     cls = getattr(tf, name, None)
+    config_cls = _config_class(cls)
+    if config_cls is not None:  # a model class (LlamaForCausalLM): its own head
+        model = cls(config_cls(**sizes))
+        _prepare(model)
+        return model
     if cls is None or not isinstance(cls, type) or not name.endswith("Config"):
-        raise ModelLoadError(f"{name}: not a transformers config class (e.g. BertConfig, LlamaConfig)")
+        raise ModelLoadError(f"{name}: not a transformers config class (e.g. BertConfig, LlamaConfig) or model class "
+                             "(e.g. LlamaForCausalLM)")
     config = cls(**sizes)
     model = tf.AutoModel.from_config(config)
     _prepare(model)
     return model
+
+
+def _config_class(cls):
+    """The config class of a transformers model class (None for anything else)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return None
+    config_cls = getattr(cls, "config_class", None)
+    return config_cls if isinstance(config_cls, type) else None
 
 
 # small sizes for checks: every family gets 2 layers, 4 query heads of 16, 2 key/value heads where
@@ -235,10 +269,13 @@ def _value(text: str):
 
 
 def load_spec(spec: str) -> nn.Module:
-    """``hf:DIR`` (a local folder) or ``hf:NAMEConfig[:key=value,...]`` (small random weights)."""
+    """``hf:DIR`` (a local folder), ``hf:NAMEConfig[:key=value,...]`` (the base model with small
+    random weights) or ``hf:MODELCLASS[:key=value,...]`` (``hf:LlamaForCausalLM``: with its head)."""
     rest = spec[3:]
     head, _, opts = rest.partition(":")
-    if head.endswith("Config") and not Path(rest).exists():
+    model_class = not head.endswith("Config") and head.startswith(tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")) \
+        and "For" in head and not Path(rest).exists()
+    if (head.endswith("Config") or model_class) and not Path(rest).exists():
         overrides = {}
         for item in filter(None, opts.split(",")):
             key, eq, val = item.partition("=")
@@ -248,9 +285,12 @@ def load_spec(spec: str) -> nn.Module:
         tf = _transformers(spec)
         cls = getattr(tf, head, None)
         if not isinstance(cls, type):
-            raise ModelLoadError(f"{spec}: transformers has no config class {head}")
+            raise ModelLoadError(f"{spec}: transformers has no {'model' if model_class else 'config'} class {head}")
+        config_cls = _config_class(cls) if model_class else cls
+        if config_cls is None:
+            raise ModelLoadError(f"{spec}: {head} is not a transformers model class with a config")
         try:
-            return from_config(head, **_small_sizes(cls, overrides))
+            return from_config(head, **_small_sizes(config_cls, overrides))
         except ModelLoadError:
             raise
         except Exception as exc:  # noqa: BLE001 - a config that refuses these sizes
@@ -305,13 +345,24 @@ def pretrained_config(pruned: nn.Module):
             config.head_dim = head_dim
     if kv and hasattr(config, "num_key_value_heads"):
         config.num_key_value_heads = kv.pop()
+    why = _stream_config(pruned, config)
+    if why is not None:
+        return None, why
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except Exception as exc:  # noqa: BLE001 - transformers' validators raise several kinds
+            cause = getattr(exc, "__cause__", None) or exc
+            return None, (f"{type(config).__name__} refuses the pruned sizes ({str(cause).splitlines()[0]}): load it "
+                          "with bmrs_surgery.apply_recipe")
     if ffn:
         width = ffn.pop()
         for name in ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "d_ff"):
             if hasattr(config, name):
                 setattr(config, name, width)
                 break
-    fresh = tf.AutoModel.from_config(config)
+    fresh = tf.AutoModel.from_config(config) if type(pruned).__name__.endswith("Model") else type(pruned)(config)
     want = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     bad = next((k for k in want if got.get(k) != want[k]), None)
@@ -319,7 +370,34 @@ def pretrained_config(pruned: nn.Module):
         return None, (f"{type(config).__name__} cannot describe the pruned shapes ({bad}: {want[bad]} pruned, "
                       f"{got.get(bad)} from the config; the head size follows the head count there): load it "
                       f"with bmrs_surgery.apply_recipe")
+    from .graph.rules.transformers_layers import EPS_NAMES
+
+    built = dict(fresh.named_modules())
+    for name, mod in pruned.named_modules():
+        for attr in EPS_NAMES:
+            mine, theirs = getattr(mod, attr, None), getattr(built.get(name), attr, None)
+            if isinstance(mine, float) and isinstance(theirs, float) and abs(mine - theirs) > 1e-12 * max(1.0, mine):
+                return None, (f"{type(config).__name__} has one norm eps, the pruned {name} needs {mine:g} "
+                              f"(from_config gives {theirs:g}): load it with bmrs_surgery.apply_recipe")
     return config, None
+
+
+def _stream_config(pruned: nn.Module, config) -> str | None:
+    """A config for a pruned residual stream: ``hidden_size`` is the stream's width (already set by
+    surgery) and ``rms_norm_eps`` the rescaled eps of its norms, which must all agree."""
+    from .graph.rules.transformers_layers import _eps_name, stream_norm_widths
+
+    widths = stream_norm_widths(pruned)
+    if not widths or getattr(config, "hidden_size", None) not in set(widths.values()):
+        return None
+    eps = {getattr(pruned.get_submodule(n), _eps_name(pruned.get_submodule(n))) for n in widths}
+    if len(eps) > 1:
+        return f"the stream's norms have different eps {sorted(eps)}: load it with bmrs_surgery.apply_recipe"
+    for name in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps"):
+        if hasattr(config, name):
+            setattr(config, name, eps.pop())
+            break
+    return None
 
 
 def save_pretrained(pruned: nn.Module, folder: str | Path) -> str | None:

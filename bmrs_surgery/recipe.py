@@ -4,7 +4,8 @@ dimensions were kept, group by group) plus the pruned weights in safetensors.
 ``apply_recipe(model, recipe)`` replays the recipe on a fresh instance of the user's own class:
 every recorded parameter dimension is cut to its kept indices (by qualified name), the layers'
 size attributes follow (their rules' ``resize``; attention head counts and MLP widths, see
-:func:`bmrs_surgery.hf.update_size_attributes`), then the pruned weights are loaded. The result
+:func:`bmrs_surgery.hf.update_size_attributes`; a cut residual stream rescales its RMSNorms' eps
+and sets ``hidden_size``), then the pruned weights are loaded. The result
 is the pruned model with its original class and forward. Works for models analysed through
 torch.export (see :mod:`bmrs_surgery.graph.export_trace`), whose surgery slices the eager model.
 
@@ -85,6 +86,7 @@ def apply_recipe(model: nn.Module, recipe, weights: dict[str, torch.Tensor] | No
     from .graph.rules import transformers_layers
 
     transformers_layers.register()
+    widths = transformers_layers.stream_norm_widths(model)  # RMSNorms whose stream the recipe may cut
     touched: set[str] = set()
     with torch.no_grad():
         for cut in data["cuts"]:
@@ -110,6 +112,11 @@ def apply_recipe(model: nn.Module, recipe, weights: dict[str, torch.Tensor] | No
         rule = registry.module_rule(mod)
         if rule is not None:
             rule.resize(mod)
+    hidden = transformers_layers.rescale_stream_norms(model, widths)  # eps * C/C' (the weights come below)
+    if hidden is not None:
+        from .hf import update_hidden_size
+
+        update_hidden_size(model, *hidden)
     update_size_attributes(model)
     if weights is not None:
         state = model.state_dict()

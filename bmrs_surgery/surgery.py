@@ -67,9 +67,28 @@ def fold_expected(gm: fx.GraphModule, analysis: Analysis, expected: dict[int, np
         for g in analysis.groups:
             e = np.append(np.asarray(expected[g.id], dtype=np.float64), 1.0)
             for tap in g.taps:
+                if getattr(tap, "side", "in") == "out":
+                    _fold_output(gm, g, tap, e)
+                    continue
                 mod = gm.get_submodule(tap.module)
                 f = torch.as_tensor(e[np.where(tap.index >= 0, tap.index, len(e) - 1)])
                 _rule(mod, tap.module).fold(mod, f)
+
+
+def _fold_output(gm: nn.Module, group, tap, e: np.ndarray) -> None:
+    """A gate on a writer's output (a tap with ``side="out"``): its value multiplies the writer's
+    output rows, i.e. every ``out`` slot the group owns in that layer (a linear layer's weight rows
+    and bias, an embedding's columns), which is exact because the output is linear in them."""
+    slots = [s for s in group.slots if s.module == tap.module and s.role == "out"]
+    if not slots:
+        raise SurgeryError(f"group {group.name}: the gate on the output of {tap.module} has no output rows to fold into")
+    for s in slots:
+        owner, name = _owner(gm, s.target)
+        t = getattr(owner, name)
+        f = torch.as_tensor(e[np.where(s.index >= 0, s.index, len(e) - 1)], dtype=t.dtype, device=t.device)
+        shape = [1] * t.ndim
+        shape[s.dim] = -1
+        t.mul_(f.reshape(shape))
 
 
 def slice_parameters(gm: fx.GraphModule, analysis: Analysis, keep: dict[int, np.ndarray]) -> set[str]:

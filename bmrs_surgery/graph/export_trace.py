@@ -18,7 +18,9 @@ whose forward takes token ids, masks or several keyword inputs). The captured gr
 
 Surgery (:func:`shrink_module`) then works on a copy of the eager model: gates folded, parameters
 sliced by qualified name, size attributes updated (layer rules' ``resize``, then the attention and
-MLP attributes of :func:`bmrs_surgery.hf.update_size_attributes`). The pruned model keeps its own
+MLP attributes of :func:`bmrs_surgery.hf.update_size_attributes`). The residual stream of an
+RMSNorm model is one group whose gates sit on the outputs of its writers (:func:`stream_groups`);
+its norms are rescaled at surgery and ``hidden_size`` follows. The pruned model keeps its own
 class and forward, which is what a recipe replays (:mod:`bmrs_surgery.recipe`).
 """
 
@@ -45,6 +47,7 @@ from .groups import Analysis, solve_groups
 from .propagate import propagate
 
 TRACERS = ("auto", "fx", "export")
+_SAME_VALUE = {"to", "_to_copy", "alias", "clone", "contiguous"}
 _DROP = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range_for_size",
          "sym_constrain_range", "_assert_tensor_metadata.default"}
 
@@ -201,6 +204,18 @@ def outline(gm: fx.GraphModule, model: nn.Module) -> list[str]:
         path = paths[key]
         inside = set(nodes)
         own = path + "."
+        for n in nodes:  # a same-dtype cast of the input that export also hands out as the input
+            # itself (an RMSNorm's ``x.to(float32)`` doubling as the decoder's residual): its outside
+            # users read the input, so the call still has one input and one output
+            src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            if src is None or src in inside or _op_name(n.target) not in _SAME_VALUE:
+                continue
+            a, b = n.meta.get("val"), src.meta.get("val")
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+                    and tuple(a.shape) == tuple(b.shape):
+                for u in list(n.users):
+                    if u not in inside:
+                        u.replace_input_with(n, src)
         ext: list[fx.Node] = []
         for n in nodes:
             for a in n.all_input_nodes:
@@ -279,6 +294,84 @@ def capture(model: nn.Module, example) -> tuple[fx.GraphModule, list[str]]:
     return new, outlined
 
 
+def _stream_problem(model: nn.Module, gm: fx.GraphModule, group) -> str | None:
+    """Why a residual stream group (tagged ``stream`` by an RMSNorm rule) cannot be pruned exactly,
+    or None. Its gates must make a pruned channel zero in the stream itself, so every writer must be
+    a layer whose output is linear in its output rows (``nn.Linear``, ``nn.Embedding``, ``Conv1D``),
+    called as one layer, whose weight no other layer shares (tied embeddings would fold the writer's
+    gate into the reader too)."""
+    from .rules.layers import EmbeddingRule, LinearRule
+    from .rules.transformers_layers import Conv1DRule
+
+    modules = dict(model.named_modules())
+    calls = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    writers = [s for s in group.slots if s.role in ("out", "param")]
+    for s in writers:
+        shared = [n for n in names.get(id(params.get(s.target)), []) if n != s.target]
+        if shared:
+            return (f"{s.target} and {shared[0]} are one tensor (tied embeddings): a gate folded into the writer "
+                    "would scale the reader too")
+    for s in writers:
+        if s.role == "param":
+            return f"parameter {s.target} is added to the residual stream with no layer whose output a gate could scale"
+        mod = modules.get(s.module)
+        if not isinstance(registry.module_rule(mod), (LinearRule, EmbeddingRule, Conv1DRule)) or s.module not in calls:
+            return f"{s.module} ({type(mod).__name__}) writes the residual stream and its output cannot be gated"
+    return None
+
+
+def _writer_taps(gm: fx.GraphModule, group) -> None:
+    """The stream's gates: one on the output of each writer (``side="out"``), replacing the
+    readers' input gates, so that a pruned channel is zero everywhere in the stream."""
+    from .group import Tap
+
+    calls: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, n.name)
+    taps = []
+    for module in dict.fromkeys(s.module for s in group.slots if s.role == "out"):
+        out = next(s for s in group.slots if s.module == module and s.role == "out" and s.target.endswith(".weight"))
+        taps.append(Tap(module, -1, out.index.copy(), calls[module], side="out"))
+    group.taps = taps
+    group.kind = "stream"
+
+
+def stream_groups(model: nn.Module, gm: fx.GraphModule, prop, ignore: tuple[str, ...] = ()):
+    """:func:`solve_groups`, then the residual streams of RMSNorm models (ids tagged ``stream``):
+    a stream that can be pruned exactly gets gates on its writers' outputs (:func:`_writer_taps`);
+    one that cannot is kept, with the reason among the opaque operations (``inspect`` shows it)."""
+    sol, groups = solve_groups(model, prop, ignore)
+    said = False
+    for _ in range(8):
+        bad = False
+        for g in groups:
+            if "stream" in g.tags:
+                why = _stream_problem(model, gm, g)
+                if why is not None:
+                    prop.recorder.block(g.classes)
+                    prop.opaque.append((g.norms[0] if g.norms else g.name, why))
+                    bad = said = True
+        if not bad:
+            break
+        sol, groups = solve_groups(model, prop, ignore)
+    for g in groups:
+        if "stream" in g.tags:
+            _writer_taps(gm, g)
+    if not said and not any(g.kind == "stream" for g in groups):
+        tagged = [r for r, t in sol.tags.items() if "stream" in t and sol.blocked[r]]
+        if tagged:
+            norm = next((s.module for s in prop.slots if s.role == "norm" and sol.root[s.ids[0]] in tagged), "stream")
+            prop.opaque.append((norm, "the residual stream reaches the model's output (the hidden states) or an "
+                                      "operation that keeps it, so the hidden size stays; with a head "
+                                      "(ForCausalLM, ForSequenceClassification) it can be pruned"))
+    return sol, groups
+
+
 def _example_shape(example) -> tuple[int, ...]:
     if isinstance(example, dict):
         return tuple(next(iter(example.values())).shape)
@@ -291,7 +384,7 @@ def analyse_exported(model: nn.Module, example, ignore: tuple[str, ...] = ()) ->
     gm, _ = capture(model, example)
     t1 = time.perf_counter()
     prop = propagate(gm)
-    sol, groups = solve_groups(model, prop, ignore)
+    sol, groups = stream_groups(model, gm, prop, ignore)
     t2 = time.perf_counter()
     return ExportAnalysis(model, gm, _example_shape(example), prop, sol, groups, [],
                           {"trace_s": t1 - t0, "shapes_s": 0.0, "groups_s": t2 - t1}, [], None,
@@ -354,14 +447,19 @@ def shrink_module(analysis: ExportAnalysis, expected: dict[int, np.ndarray], kee
     into the layer it scales, every owned parameter dimension sliced to the kept indices by
     qualified name, size attributes updated. Its class and forward are the model's own."""
     from ..gated import gates_removed
-    from ..hf import update_size_attributes
+    from ..hf import update_hidden_size, update_size_attributes
     from ..surgery import fold_expected, slice_parameters, update_sizes
+    from .rules.transformers_layers import rescale_stream_norms, stream_norm_widths
 
+    widths = stream_norm_widths(analysis.model)
     with gates_removed(analysis.model):
         model = copy.deepcopy(analysis.model)
     model.eval()
     fold_expected(model, analysis, expected)
     touched = slice_parameters(model, analysis, keep)
     update_sizes(model, touched)
+    hidden = rescale_stream_norms(model, widths)  # RMSNorm: weight * sqrt(C/C'), eps * C/C'
+    if hidden is not None:
+        update_hidden_size(model, *hidden)
     update_size_attributes(model)
     return model

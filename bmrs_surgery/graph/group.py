@@ -9,7 +9,9 @@ dimensions: removing structure ``i`` of a group removes index ``i`` wherever the
   structure of each index along ``dim`` (``-1``: not this group's, left alone).
 * :class:`Tap`: the input of a weighted layer that reads the group's channels; the gate multiplies
   that input along ``axis`` (``index`` as for slots), and a kept gate's E[theta] folds into the
-  layer's input columns.
+  layer's input columns. A tap with ``side="out"`` sits on the *output* of a layer that writes the
+  channels instead (the residual stream of an RMSNorm model, where a pruned channel must be zero
+  in the stream itself); its E[theta] folds into that layer's output rows.
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ class Tap:
     axis: int
     index: np.ndarray  # structure per input index along ``axis``, -1 where not in this group
     node: str = ""  # the graph node of the call (empty for a group loaded from a file)
+    side: str = "in"  # "in": the gate scales the layer's input; "out": its output (a writer of the stream)
 
     def state(self) -> dict:
-        return {"module": self.module, "axis": self.axis, "index": self.index.tolist()}
+        state = {"module": self.module, "axis": self.axis, "index": self.index.tolist()}
+        if self.side != "in":
+            state["side"] = self.side
+        return state
 
 
 def _unique(items) -> list[str]:
@@ -109,7 +115,8 @@ class Group:
         return cls(
             id=int(state.get("id", default_id)), size=int(state["size"]), kind=str(state.get("kind", "channels")),
             tags=list(state.get("tags", [])), name=str(state["name"]),
-            taps=[Tap(str(t["module"]), int(t["axis"]), np.asarray(t["index"], dtype=np.int64)) for t in state["taps"]],
+            taps=[Tap(str(t["module"]), int(t["axis"]), np.asarray(t["index"], dtype=np.int64),
+                      side=str(t.get("side", "in"))) for t in state["taps"]],
             slots=[Slot(str(s["target"]), int(s["dim"]), np.asarray(s["index"], dtype=np.int64), str(s["role"]),
                         str(s.get("module", ""))) for s in state["slots"]],
         )
