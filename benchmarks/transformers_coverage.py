@@ -37,6 +37,11 @@ FAMILIES = [
     ("Qwen2 (GQA)", "hf:Qwen2Config", TOKENS), ("Qwen3 (GQA)", "hf:Qwen3Config", TOKENS),
     ("Phi-3 (GQA)", "hf:Phi3Config", TOKENS), ("Gemma (GQA)", "hf:GemmaConfig", TOKENS),
     ("ViT", "hf:ViTConfig", IMAGE), ("Swin", "hf:SwinConfig", IMAGE), ("T5 (stretch)", "hf:T5Config", T5),
+    # with a language-model head the residual stream is no longer the output: its width (the hidden
+    # size) is pruned under RMSNorm (issue 16, item 4); Gemma ties its embeddings, so it keeps it
+    ("LlamaForCausalLM", "hf:LlamaForCausalLM", TOKENS), ("MistralForCausalLM", "hf:MistralForCausalLM", TOKENS),
+    ("Qwen2ForCausalLM", "hf:Qwen2ForCausalLM", TOKENS), ("Qwen3ForCausalLM", "hf:Qwen3ForCausalLM", TOKENS),
+    ("Phi3ForCausalLM", "hf:Phi3ForCausalLM", TOKENS), ("GemmaForCausalLM", "hf:GemmaForCausalLM", TOKENS),
 ]
 OUT = Path(__file__).parent / "results" / "transformers_coverage"
 
@@ -50,14 +55,18 @@ def bmrs_row(spec, specs):
     res = check_model(model, specs[0].shape, name=spec, specs=specs, ratio=0.3)
     from bmrs_surgery.graph.export_trace import analyse_model
 
-    kinds = []
+    kinds, hidden = [], None
     if res.stages.get("groups") == "ok":
         a = analyse_model(model, make_inputs(specs, model))
         kinds = sorted({g.kind for g in a.groups})
+        stream = next((g for g in a.groups if g.kind == "stream"), None)
+        if stream is not None:  # the stream width before -> after check's random 30 %
+            hidden = [stream.size, stream.size - min(int(round(0.3 * stream.size)), stream.size - 1)]
     failed = next((s for s, v in res.stages.items() if v != "ok"), None)
     return {"ok": res.ok, "failed": failed, "error": res.stages.get(failed) if failed else None,
             "groups": res.groups, "structures": res.structures, "kept": res.structures_kept, "kinds": kinds,
             "params_before": res.params_before, "params_after": res.params_after,
+            "hidden": hidden,
             "max_abs_diff": res.max_abs_diff, "onnx_max_abs_diff": res.onnx_max_abs_diff,
             "seconds": round(time.perf_counter() - t, 1)}
 
@@ -178,7 +187,9 @@ def main():
     order = [f[0] for f in FAMILIES]
     rows.sort(key=lambda r: order.index(r["family"]) if r["family"] in order else len(order))
     meta = {"command": "for f in bert distil roberta gpt llama mistral qwen2 qwen3 phi gemma vit swin t5; do "
-                       "python benchmarks/transformers_coverage.py --only $f --tp-timeout 60; done", "torch": torch.__version__,
+                       "python benchmarks/transformers_coverage.py --only $f --tp-timeout 60; done; "
+                       "python benchmarks/transformers_coverage.py --no-tp --only llamafor mistralfor qwen2for qwen3for "
+                       "phi3for gemmafor", "torch": torch.__version__,
             "transformers": transformers.__version__, "machine": platform.machine(), "rows": rows}
     (OUT / "cpu.json").write_text(json.dumps(meta, indent=1) + "\n")
     lines = ["| family | bmrs check | prunes | groups | params before -> after | proof max abs diff | ONNX/ORT diff "
@@ -187,7 +198,9 @@ def main():
         b, t = r["bmrs"], r.get("torch_pruning", {})
         status = "PASS" if b["ok"] else f"FAIL at {b.get('failed')}: {b.get('error')}"
         kinds = b.get("kinds") or []
-        prunes = " + ".join((["heads"] if "heads" in kinds else []) + (["FFN"] if set(kinds) - {"heads"} else [])) or "-"
+        prunes = " + ".join((["heads"] if "heads" in kinds else []) + (["FFN"] if set(kinds) - {"heads", "stream"} else [])
+                            + ([f"hidden {b['hidden'][0]}->{b['hidden'][1]}" if b.get("hidden") else "hidden"]
+                               if "stream" in kinds else [])) or "-"
         params = f"{b.get('params_before', 0):,} -> {b['params_after']:,}" if b.get("params_after") else "-"
         if t.get("ok"):
             tps = f"runs, {t['params_before']:,} -> {t['params_after']:,}"
@@ -195,6 +208,8 @@ def main():
                 tps += " (nothing pruned)"
         elif t.get("output_shape_same") is False:
             tps = f"runs, {t['params_before']:,} -> {t['params_after']:,}, but the output width changed (hidden size cut)"
+        elif not t:
+            tps = "not run (--no-tp)"
         else:
             tps = f"fails: {t.get('error', 'not run')}"
         lines.append(f"| {r['family']} | {status} | {prunes} | {b.get('groups', '-')} | {params} | "
