@@ -289,3 +289,16 @@ class Planner:
         if self.info is not None:
             doc["budget"] = self.info
         return doc
+
+
+def unmet_warning(plan: dict | None) -> str | None:
+    """One line for a budget the run could not meet (None when it was met, or when there was none):
+    a run that did not do what was asked says so."""
+    b = (plan or {}).get("budget")
+    if not b or b.get("met", True):
+        return None
+    point = b.get("budget") or {}
+    got = {"macs": f"MACs ratio {point.get('macs_ratio', float('nan')):.3f}",
+           "params": f"parameter ratio {point.get('params_ratio', float('nan')):.3f}",
+           "latency": f"{point.get('latency_ms', float('nan')):.3g} ms at batch {b.get('batch')}"}[b["kind"]]
+    return f"Warning: {b['note']}; the outputs hold the closest network found ({got})"

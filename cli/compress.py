@@ -158,6 +158,11 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, max_steps, m
     if result.report is None:
         return  # a data-parallel rank other than 0
     _say_settling(result.report)
+    from bmrs_surgery.budget import unmet_warning
+
+    warning = unmet_warning(result.report.get("plan"))
+    if warning:  # a budget the run could not meet: said, not a silent success
+        click.echo(warning, err=True)
     if as_json:
         click.echo(result.files["report.json"].decode(), nl=False)
     else:

@@ -278,3 +278,22 @@ def test_cli_amp_fits_in_bfloat16_autocast_and_still_proves(tmp_path):
     doc = json.loads((out / "report.json").read_text())
     assert doc["surgery"]["proof"]["ok"]
     assert doc["fit"]["config"]["amp"] is True
+
+
+def test_cli_says_when_a_budget_cannot_be_met(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:
+        runner = CliRunner()
+    out = tmp_path / "out"
+    r = runner.invoke(cli, ["lenet5", "--data", "digits", "--epochs", "1", "--finetune-epochs", "0", "-q",
+                            "--bench-batch-sizes", "", "--target-params", "0.0001", "--out", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    b = json.loads((out / "report.json").read_text())["plan"]["budget"]
+    assert not b["met"]
+    line = [x for x in r.stderr.splitlines() if x.startswith("Warning:") and "target" in x]
+    assert len(line) == 1 and "--target-params 0.0001 cannot be met" in line[0] and "parameter ratio" in line[0]
