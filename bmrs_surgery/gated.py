@@ -5,7 +5,9 @@ functions that find a gated model's parts.
 structure of every coupled group, and registers a forward *pre*-hook on each layer that reads a
 group's channels through its weights: the gate multiplies that layer's input, so a zero gate
 removes the structure's whole contribution, and a kept gate's E[theta] folds exactly into the
-layer's input columns at surgery. ``model`` itself is gated too (the hooks sit on it).
+layer's input columns at surgery. ``model`` itself is gated too (the hooks sit on it). The
+residual stream of an RMSNorm transformer is gated on its writers instead: forward hooks that scale
+their outputs (taps with ``side="out"``, see ``graph.export_trace.stream_groups``).
 """
 
 from __future__ import annotations

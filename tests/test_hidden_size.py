@@ -118,13 +118,17 @@ def test_check_prunes_the_stream_and_proves_it(family):
     res = check_model(model, (1, 12), name=family, specs=TOKENS, ratio=0.3)
     assert res.ok, res.stages  # trace, groups, gates, surgery, proof, ONNX export and ORT parity
     assert res.max_abs_diff <= 1e-4 * res.output_scale and res.onnx_max_abs_diff is not None
-    assert res.groups == 5  # heads and FFN per layer, and the stream
-    # the same random masks by hand: 30 % of the 32 stream channels are gone
+    assert res.groups == 5 and res.structures == 2 * (2 + 48) + HIDDEN  # heads, FFN per layer; the stream
+    assert res.structures_kept == 2 * (1 + 34) + HIDDEN - 10  # 30 % of every group, the stream's 32 too
+    # the same counts by hand: 10 of the 32 stream channels are gone, and check's pruned model had
+    # exactly this many parameters (with the stream kept it would have more)
     gated, pruned, analysis, keep = pruned_in_float64(FAMILIES[family])
     kept = int(keep[stream_of(analysis).id].sum())
-    assert kept == HIDDEN - round(0.3 * HIDDEN)
+    assert kept == HIDDEN - 10
     assert pruned.get_input_embeddings().weight.shape[1] == kept
     assert pruned.get_output_embeddings().weight.shape[1] == kept
+    assert res.params_after == sum(p.numel() for p in pruned.parameters()) < res.params_before
+    detach_gates(gated)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
