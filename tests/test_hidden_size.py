@@ -266,3 +266,30 @@ def test_stream_gates_on_the_writers_outputs_train(noise):
     # gates off: the writers' hooks are gone, and the model computes what it did before gating
     plain = detach_gates(gated)
     assert not any(m._forward_hooks for m in plain.modules())
+
+
+@pytest.mark.slow
+def test_compress_a_gated_causal_lm_cuts_its_hidden_size(tmp_path):
+    """The whole job on a gated LlamaForCausalLM with named inputs: the stream's gates with dF >= 0
+    go, the proof and ONNX pass, and pruned.pt is the narrower model with its norms rescaled."""
+    import json
+
+    from test_cli import invoke, ok
+
+    model = tiny()
+    gated = attach_gates(model, analysis=analyse_model(model, make_inputs(TOKENS, model), tracer="export"))
+    bank = gated.bmrs_gates
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as if fitted: a few structures of every group at dF >= 0
+        bank.posterior[0].copy_(torch.linspace(-6, 0.5, bank.num_gates)[torch.randperm(bank.num_gates, generator=gen)])
+        bank.posterior[1].fill_(-2.0)
+    torch.save(gated, tmp_path / "gated.pt")
+    out = tmp_path / "out"
+    ok(invoke(tmp_path / "gated.pt", "--trust-model", "--input", "input_ids:int64:1x12", "--input",
+              "attention_mask:int64:1x12", "--bench-batch-sizes", "1", "--out", out, "--quiet"))
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["surgery"]["proof"]["ok"]
+    pruned = torch.load(out / "pruned.pt", weights_only=False)
+    k = pruned.config.hidden_size
+    assert k < HIDDEN and pruned.model.norm.weight.shape == (k,)
+    assert pruned.model.norm.variance_epsilon == pytest.approx(SIZES.get("rms_norm_eps", 1e-6) * HIDDEN / k)
