@@ -48,6 +48,7 @@ SETTINGS = {  # one change each against the defaults (gate_lr_5e-2 is the defaul
     "gate_lr_5e-2": {"gate_lr": 5e-2},
     "gate_lr_1.5e-2": {"gate_lr": 1.5e-2},  # the default before the study
     "gate_lr_5e-3": {"gate_lr": 5e-3},
+    "gate_lr_1e-1": {"gate_lr": 1e-1},
     "init_sigma_-2": {"init_log_sigma": -2.0},
     "kl_elbo": {"kl_weighting": "elbo"},
 }
@@ -124,9 +125,9 @@ def suite(folder: Path) -> dict:
     return {
         "mlp-tabular": (lambda k: mlp([30, 256, 256, k]), tab, 10),
         "mlp-digits": (lambda k: mlp([64, 512, 256, k]), flat, 10),
-        "chain-cnn": (chain_cnn, img, 5),
-        "residual-cnn": (ResidualCNN, img, 5),
-        "concat-cnn": (ConcatCNN, img, 5),
+        "chain-cnn": (chain_cnn, img, 80),  # 80 epochs: 98.9% (5 epochs left it at 57%)
+        "residual-cnn": (ResidualCNN, img, 5),  # 99.7% after 5 epochs
+        "concat-cnn": (ConcatCNN, img, 80),  # 97.2% (42% after 5 epochs)
         "lenet5-fmnist": (None, "fashion-mnist-sample", 5),
     }
 
@@ -144,6 +145,21 @@ def trained(name: str, factory, spec: str, epochs: int):
     return net, data
 
 
+class Trajectory:
+    """Keeps every settling check of a fit (the fit calls ``check``; the other calls are ignored)."""
+
+    def __init__(self):
+        self.checks = []
+
+    def check(self, found) -> None:
+        from dataclasses import asdict
+
+        self.checks.append({k: v for k, v in asdict(found).items() if k != "stable"} | {"stable": found.stable})
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
 def run_one(net, data, setting: dict, epochs) -> dict:
     net = copy.deepcopy(net)
     opts = dict(setting)
@@ -151,7 +167,8 @@ def run_one(net, data, setting: dict, epochs) -> dict:
     gated = attach_gates(net, data.train.tensors[0][:2], init_log_sigma=init)
     cfg = FitConfig(epochs=epochs, **opts)
     t0 = time.perf_counter()
-    res = fit(gated, data, cfg)
+    trajectory = Trajectory()
+    res = fit(gated, data, cfg, trajectory)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     info = res.settling or {}
     return {
@@ -160,7 +177,7 @@ def run_one(net, data, setting: dict, epochs) -> dict:
         "stopped": info.get("stopped"),
         "compression": res.prune.compression, "kept_fraction": res.prune.kept_fraction,
         "accuracy": accuracy(gated, data.test), "seconds": time.perf_counter() - t0,
-        "checks": (info.get("checks"), info.get("last_check")),
+        "checks": trajectory.checks,
     }
 
 
@@ -203,19 +220,26 @@ def main(argv=None) -> int:
 
 def table(doc: dict) -> str:
     lines = ["# Settling study", "", "Commands:", ""] + [f"    {c}" for c in doc["commands"]] + [
-        "", "| network | setting | settled | steps to settle | steps fitted | compression | 10x fit compression "
-        "| accuracy | trained accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+        "", "Goal (issue 14): settled in at most 2,000 steps, compression within 5 points of a fit 10x as long, "
+        "accuracy within 1 point of the trained network. Accuracies on the test split, after the default "
+        "fine-tuning.", "",
+        "| network | setting | settled | steps to settle | steps fitted | compression | 10x fit: steps, compression "
+        "(difference) | accuracy (vs trained) | 10x fit accuracy | trained accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in doc["runs"].items():
         if key.endswith("/10x"):
             continue
         name, setting = key.split("/")
         long = doc["runs"].get(key + "/10x")
-        long_text = f"{100 * long['compression']:.1f}%" if long else "-"
+        long_text = (f"{long['steps']}, {100 * long['compression']:.1f}% "
+                     f"({100 * (r['compression'] - long['compression']):+.1f})") if long else "-"
+        long_acc = f"{100 * long['accuracy']:.2f}%" if long else "-"
         lines.append(f"| {name} | {setting} | {'yes' if r['settled'] else 'no'} | {r['settled_at_step'] or '-'} | "
-                     f"{r['steps']} | {100 * r['compression']:.1f}% | "
-                     f"{long_text} | {100 * r['accuracy']:.2f}% | "
+                     f"{r['steps']} | {100 * r['compression']:.1f}% | {long_text} | {100 * r['accuracy']:.2f}% "
+                     f"({100 * (r['accuracy'] - r['trained_accuracy']):+.2f}) | {long_acc} | "
                      f"{100 * r['trained_accuracy']:.2f}% |")
-    return "\n".join(lines) + "\n"
+    notes = doc.get("notes")
+    return "\n".join(lines + (["", notes] if notes else [])) + "\n"
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class SettleCheck:
     objective_change: float  # relative change against the previous interval (inf at the first check)
     kl: float
     stable: bool
+    compression: float | None = None  # parameter compression of the decision now (with ``measure``)
 
 
 @dataclass
@@ -146,6 +147,7 @@ def observe(state: SettleState, *, step: int, epoch: float, score: torch.Tensor,
     flipped = flipped_share(keep, state.last_keep)
     projected = projected_share(score, state.scores[0] if state.scores else None, keep, interval,
                                 horizon=int(horizon * step), boundary=boundary, lower_is_better=lower_is_better)
+    now = None
     if measure is not None:  # in what the user asked for: points of parameter compression, not structures
         now = measure(keep)
         if state.last_keep is not None:
@@ -161,7 +163,7 @@ def observe(state: SettleState, *, step: int, epoch: float, score: torch.Tensor,
         state.settled_at = step
     check = SettleCheck(step=step, epoch=epoch, kept=float(keep.double().mean()) if keep.numel() else 1.0,
                         flipped=flipped, projected=projected, objective=objective, objective_change=change,
-                        kl=kl, stable=stable)
+                        kl=kl, stable=stable, compression=now)
     state.checks.append(check)
     state.last_keep = keep.detach().bool().cpu().clone()
     state.last_score = score.detach().double().cpu().clone()
