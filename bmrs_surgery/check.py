@@ -25,6 +25,8 @@ from .plan import plan_keep
 from .surgery import parameter_count, shrink
 from .verify import check_weights, compare, failing_group, outputs, random_inputs
 
+NORM_STATISTICS = ("running_mean", "running_var")  # the buffers randomized_copy draws anew
+
 STAGES = ("trace", "groups", "gates", "surgery", "verify", "onnx")
 
 
@@ -98,10 +100,13 @@ def random_masks(bank, ratio: float, generator: torch.Generator) -> torch.Tensor
 
 def randomized_copy(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """A copy with random weights and norm statistics, so that a freshly built network (zero-initialised
-    heads, unit statistics, tiny layer scales) gives outputs large enough to prove anything."""
+    heads, unit statistics, tiny layer scales) gives outputs large enough to prove anything. Other
+    buffers are constants of the computation (CSATv2's DCT bases and coefficient variances, masks,
+    fixed position tables) and stay as built: random ones can make the output non-finite."""
     model = copy.deepcopy(model)
+    stats = [(n, b) for n, b in model.named_buffers() if n.rpartition(".")[2] in NORM_STATISTICS]
     with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        for name, t in list(model.named_parameters()) + stats:
             if not t.is_floating_point():
                 continue
             leaf = name.rpartition(".")[2]
@@ -195,6 +200,11 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
         res.params_after = parameter_count(pruned)
         t = time.perf_counter()
         reference = run(gated, inputs)
+        if not all(bool(torch.isfinite(t).all()) for ref in reference for t in ref):
+            # nothing to prove against (inf - inf is no difference a group made); say so
+            res.stages["verify"] = ("the gated model's outputs are not finite on these inputs"
+                                    + ("" if keep_weights else " with random weights") + ": nothing to compare")
+            return res
         try:
             proof = compare(reference, run(pruned, inputs), tolerance)
         except Exception as exc:  # noqa: BLE001

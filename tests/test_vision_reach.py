@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bmrs_surgery.check import check_model
+from bmrs_surgery.graph.export_trace import analyse_model as analyse_traced
 from bmrs_surgery.graph.groups import analyse
 
 timm = pytest.importorskip("timm")
@@ -310,3 +311,116 @@ def test_sliding_windows_over_space_keep_channels_prunable():
     assert [g.size for g in analysis.groups] == [8]
     res = check_model(Halo().eval(), (2, 3, 6, 6), ratio=0.5, onnx=False)
     assert res.ok, res.stages
+
+
+class _EagerHeads(nn.Module):
+    """Hiera's attention in small: the head count and the output width are the module's own
+    attributes, written into its reshapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.heads, self.head_dim, self.dim_out = 2, 4, 8
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, -1, self.dim_out))
+
+
+class _OptionalMask(nn.Module):
+    """A forward with an optional mask (Hiera's): torch.fx traces ``mask`` as a tensor, the trace
+    fails, and torch.export captures the model instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = _EagerHeads()
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask[..., None]
+        x = x + self.attn(x)
+        return self.head(x + self.mlp(x))
+
+
+def test_sizes_in_eager_code_keep_their_channels_under_torch_export():
+    """A torch.export graph is analysis only: the pruned network is the eager model, whose
+    ``reshape(B, N, 3, self.heads, self.head_dim)`` and ``reshape(B, -1, self.dim_out)`` nobody
+    rewrites. Those heads are kept, with a reason (the pruned model failed to run before: "mat1 and
+    mat2 shapes cannot be multiplied", timm:hiera_tiny_224); the MLP is still pruned."""
+    res = check_model(_OptionalMask().eval(), (2, 5, 8), ratio=0.5, onnx=False)
+    assert res.tracer == "export"
+    assert res.ok, res.stages
+    assert res.structures_kept < res.structures  # the MLP's hidden neurons
+    assert any("cannot follow pruned channels" in why for why in res.opaque), res.opaque
+    analysis = analyse_traced(_OptionalMask().eval(), torch.randn(1, 5, 8))
+    assert not [g for g in analysis.groups if g.kind == "heads"]
+
+
+def test_hiera_prunes_with_proof():
+    model = timm.create_model("hiera_tiny_224", embed_dim=16, num_heads=1, stages=(1, 2, 1, 1),
+                              num_classes=5).eval()
+    res = check_model(model, (2, 3, 224, 224), ratio=0.5, onnx=False)
+    assert res.ok, res.stages
+    assert res.params_after < 0.9 * res.params_before
+
+
+class _DctStem(nn.Module):
+    """CSATv2's stem in small: input statistics held in buffers (a variance under a square root)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.full((4,), 0.5))
+        self.register_buffer("var", torch.full((4,), 4.0))
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.fc1((x - self.mean) / self.var ** 0.5).relu())
+
+
+def test_random_weights_leave_constant_buffers_as_built():
+    """check draws the weights and norm statistics anew, not the model's constants: a random
+    ``var`` buffer went negative under CSATv2's square root and the outputs were NaN ("max abs diff
+    inf", blamed on a group)."""
+    from bmrs_surgery.check import randomized_copy
+
+    net = nn.Sequential(_DctStem(), nn.BatchNorm1d(3))
+    copy = randomized_copy(net, torch.Generator().manual_seed(0))
+    assert torch.equal(copy[0].var, net[0].var) and torch.equal(copy[0].mean, net[0].mean)
+    assert not torch.equal(copy[1].running_var, net[1].running_var)  # norm statistics are drawn
+    assert not torch.equal(copy[0].fc1.weight, net[0].fc1.weight)
+    res = check_model(_DctStem().eval(), (2, 4), ratio=0.5, onnx=False)
+    assert res.ok, res.stages
+
+
+def test_outputs_that_are_not_finite_are_said_so():
+    class Inf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 8)
+            self.fc2 = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x).relu()) / 0.0
+
+    res = check_model(Inf().eval(), (2, 4), ratio=0.5, onnx=False)
+    assert "not finite" in res.stages["verify"] and not res.ok
+
+
+def test_s3d_gets_an_input_it_accepts():
+    """S3D pools its last features with a fixed (2, 7, 7) kernel: the 16 x 112 x 112 clips of the
+    other video models leave 4 x 4 there and fail; its default is 16 x 224 x 224 (run on the meta
+    device: shapes only)."""
+    from bmrs_surgery import zoo
+
+    net, shape = zoo.torchvision_model("s3d", num_classes=4)
+    assert shape == (3, 16, 224, 224)
+    net = net.to("meta").eval()
+    assert net(torch.empty((1,) + shape, device="meta")).shape == (1, 4)
+    with pytest.raises(RuntimeError):
+        net(torch.empty((1,) + zoo.TORCHVISION_SHAPES["video"], device="meta"))

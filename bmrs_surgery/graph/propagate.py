@@ -367,8 +367,23 @@ class Propagator:
         # attention's input width, which pruned heads no longer match): written as the kept count
         if sizes is not None and p < len(sizes) and (
                 isinstance(sizes[p], fx.Node) or (isinstance(sizes[p], int) and sizes[p] != -1)):
-            self.out.rewrites.append(Rewrite(node.name, "shape", p, [ids]))
+            self.rewrite(node, "shape", p, [ids])
         return Label(nd, p, ids)
+
+    def rewrite(self, node, kind: str, index: int, ids: list[np.ndarray]) -> None:
+        """A literal size that counts channels: rewritten after pruning (:class:`Rewrite`). A graph
+        captured with torch.export is analysis only; the pruned network is the eager model, whose
+        code is not rewritten, and only transformers' modules get their size attributes updated at
+        surgery (``hf.update_size_attributes``). A size in any other module's code (Hiera's
+        ``reshape(B, -1, self.dim_out)``) cannot follow: those channels are kept."""
+        owner = _eager_owner(node)
+        if owner is None or owner.startswith("transformers."):
+            self.out.rewrites.append(Rewrite(node.name, kind, index, ids))
+            return
+        for piece in ids:
+            self.rec.block(piece)
+        self.out.opaque.append((node.name, f"a size written in {owner.rpartition('.')[2]}'s code "
+                                           "(captured with torch.export) cannot follow pruned channels"))
 
     def softmax_rule(self, node, x: Label, dim):
         nd = x.ndim
@@ -380,6 +395,19 @@ class Propagator:
     def blocked_piece(self, ids, nd):
         self.rec.block(ids)
         return fixed(nd)
+
+
+def _eager_owner(node: fx.Node) -> str | None:
+    """None for a torch.fx node (the pruned network is the graph itself); for an ATen node of a
+    torch.export capture, the type of the innermost module whose code it runs ("" at the top)."""
+    if not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    entry = list(stack.values())[-1]
+    typ = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else ""
+    return typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
 
 
 def _fetch_attr(gm: nn.Module, target: str):

@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from ..labels import Label, fixed
-from ..propagate import Rewrite, _name, _shape
+from ..propagate import _name, _shape
 from ..registry import ModuleRule, register_function, register_module
 from ..unionfind import BLOCKED
 
@@ -129,7 +129,7 @@ def expand(ctx, node):
     p = x.axis + len(dst) - x.ndim
     sizes = ctx.shape_args(node)
     if sizes is not None and isinstance(sizes[p], int) and sizes[p] != -1:
-        ctx.out.rewrites.append(Rewrite(node.name, "shape", p, [x.ids]))
+        ctx.rewrite(node, "shape", p, [x.ids])
     return Label(len(dst), p, x.ids)
 
 
@@ -155,7 +155,7 @@ def split(ctx, node):
         n = m.shape[d]
         pieces.append(x.ids[start:start + n])
         start += n
-    ctx.out.rewrites.append(Rewrite(node.name, "split", d, pieces))
+    ctx.rewrite(node, "split", d, pieces)
     return tuple(Label(nd, d, p) if len(p) > 1 else ctx.blocked_piece(p, nd) for p in pieces)
 
 
