@@ -382,8 +382,9 @@ class Propagator:
             return
         for piece in ids:
             self.rec.block(piece)
-        self.out.opaque.append((node.name, f"a size written in {owner.rpartition('.')[2]}'s code "
-                                           "(captured with torch.export) cannot follow pruned channels"))
+        where = f"{owner.rpartition('.')[2]}'s code" if owner else "the model's code"
+        self.out.opaque.append((node.name, f"a size written in {where} (captured with torch.export) "
+                                           "cannot follow pruned channels"))
 
     def softmax_rule(self, node, x: Label, dim):
         nd = x.ndim
