@@ -120,6 +120,23 @@ def randomized_copy(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
+def _fold_only_diff(analysis, bank, gated: nn.Module, inputs, run) -> float | None:
+    """Max abs output difference between the gated network and its surgery with every structure
+    kept (only E[theta] folded into the weights): a network whose outputs change that much from
+    rounding alone cannot prove anything at the tolerance. None when it cannot be computed."""
+    saved = bank.mask.clone()
+    every = torch.ones(bank.num_gates, dtype=torch.bool)
+    try:
+        with torch.no_grad():
+            bank.mask.fill_(1.0)
+        return compare(run(gated, inputs), run(shrink(analysis, bank, every), inputs)).max_abs_diff
+    except Exception:  # noqa: BLE001 - a diagnosis only
+        return None
+    finally:
+        with torch.no_grad():
+            bank.mask.copy_(saved)
+
+
 def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "model", ratio: float = defaults.CHECK_RATIO,
                 seed: int = 0, onnx: bool = True, real_inputs: list[torch.Tensor] | None = None,
                 ignore: tuple[str, ...] = (), tolerance: float = defaults.TOLERANCE, keep_weights: bool = False,
@@ -200,7 +217,7 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
         res.params_after = parameter_count(pruned)
         t = time.perf_counter()
         reference = run(gated, inputs)
-        if not all(bool(torch.isfinite(t).all()) for ref in reference for t in ref):
+        if not all(bool(torch.isfinite(v).all()) for ref in reference for v in ref):
             # nothing to prove against (inf - inf is no difference a group made); say so
             res.stages["verify"] = ("the gated model's outputs are not finite on these inputs"
                                     + ("" if keep_weights else " with random weights") + ": nothing to compare")
@@ -218,6 +235,14 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
             else:
                 res.stages["verify"] = f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
         if res.stages["verify"] != "ok":
+            if proof is not None:
+                folded = _fold_only_diff(analysis, bank, gated, inputs, run)
+                if folded is not None and folded > tolerance * proof.scale:
+                    res.stages["verify"] += (
+                        f"; removing nothing (the gates folded in only) already differs by {folded:.3g}: the"
+                        + ("" if keep_weights else " random-weight") + " network amplifies rounding; no group is"
+                        " to blame" + ("" if keep_weights else " (--keep-weights checks the model's own weights)"))
+                    return res
             group = None if specs else failing_group(analysis, bank, keep, gated, inputs, tolerance)
             if group is not None:
                 res.stages["verify"] += f" (group {group.name}, {group.kind}, layers {', '.join(group.consumers[:3])})"

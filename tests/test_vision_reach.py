@@ -424,3 +424,21 @@ def test_s3d_gets_an_input_it_accepts():
     assert net(torch.empty((1,) + shape, device="meta")).shape == (1, 4)
     with pytest.raises(RuntimeError):
         net(torch.empty((1,) + zoo.TORCHVISION_SHAPES["video"], device="meta"))
+
+
+def test_a_network_that_amplifies_rounding_is_not_blamed_on_a_group():
+    """timm:efficientvit_m0 with random weights: activations reach 1e3 in front of its softmaxes, and
+    folding the gates into the weights without removing anything already moves the output by 15%
+    of its scale. check says so instead of naming a group that broke equivalence."""
+    class Chaotic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 16)
+            self.fc2 = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return torch.sin(1e6 * self.fc2(self.fc1(x).relu()))
+
+    res = check_model(Chaotic().eval(), (2, 4), ratio=0.5, onnx=False)
+    assert not res.ok
+    assert "amplifies rounding" in res.stages["verify"] and "group" not in res.stages["verify"].split(";")[0]
