@@ -55,7 +55,8 @@ def main() -> None:
         print(json.dumps(row), file=sys.stderr, flush=True)
 
     cfg = FitConfig(epochs=args.epochs, mode="continuous", prior="normal", batch_size=128, lr=1.5e-3,
-                    gate_lr=args.gate_lr_factor * 1.5e-3, seed=args.seed, finetune_epochs=0)
+                    gate_lr=args.gate_lr_factor * 1.5e-3, seed=args.seed, finetune_epochs=0,
+                    lr_schedule="constant")
     fit(gated, data, cfg, checkpoint=after_epoch)
     command = "python " + " ".join(sys.argv)
     lines = ["# Exact BMRS_N during continuous pruning (MLP, Fashion-MNIST)", "", f"Command: `{command}`", "",

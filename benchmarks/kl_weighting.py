@@ -38,7 +38,7 @@ def run_one(job: dict) -> dict:
     cfg = FitConfig(
         epochs=job["epochs"], finetune_epochs=job["finetune"], mode="continuous", prior="uniform",
         precision_bits=8, kl_weighting=job["kl"], seed=job["seed"],
-        gate_lr=job["gate_lr_factor"] * PAPER[job["model"]]["lr"], **PAPER[job["model"]],
+        gate_lr=job["gate_lr_factor"] * PAPER[job["model"]]["lr"], lr_schedule="constant", **PAPER[job["model"]],
     )
     t0 = time.perf_counter()
     fit(gated, data, cfg)

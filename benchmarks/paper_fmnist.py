@@ -65,7 +65,9 @@ def fit_config(job: dict):
         epochs=job["epochs"], finetune_epochs=job["finetune"], mode="continuous", prior=prior,
         precision_bits=bits, criterion=criterion, criterion_opts=opts, kl_weighting=job["kl"], kl_scale=job.get("kl_scale", 1.0),
         kl_warmup_epochs=job["kl_warmup"], gate_lr=job["gate_lr_factor"] * p["lr"], seed=job["seed"],
-        device=job["device"], finetune_gates=job.get("finetune_gates", "sampled"), **p,
+        device=job["device"], finetune_gates=job.get("finetune_gates", "sampled"),
+        lr_schedule="constant",  # the paper's set-up (and the schedule its committed results were measured with)
+        **p,
     )
 
 

@@ -62,7 +62,7 @@ def run_one(job: dict) -> dict:
     torch.manual_seed(job["seed"])
     gated = bmrs.attach_gates(model, data.train.tensors[0][:2])
     cfg = FitConfig(epochs=job["gate_epochs"], mode="post-training", prior="uniform", seed=job["seed"],
-                    gate_lr=1.5e-2, finetune_epochs=0)
+                    gate_lr=1.5e-2, finetune_epochs=0, lr_schedule="constant")
     fit(gated, data, cfg)
     bmrs.unmask(gated)
     out = dict(job, accuracy_trained=acc_trained, accuracy_gated=accuracy(gated, data.test))

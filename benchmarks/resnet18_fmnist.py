@@ -72,7 +72,7 @@ def compress(method: str, ckpt: Path, data_path: Path, out: Path, args) -> dict:
     cmd = ["bmrs-compress", "compress", str(ckpt), "--arch", "resnet18-1ch", "--data", str(data_path),
            *METHODS[method], "--mode", "post-training", "--epochs", str(args.gate_epochs),
            "--finetune-epochs", str(args.finetune_epochs), "--batch-size", str(args.batch_size),
-           "--lr", str(args.finetune_lr), "--gate-lr", str(args.gate_lr), "--bench-batch-sizes", args.bench_batch_sizes, "--threads",
+           "--lr", str(args.finetune_lr), "--gate-lr", str(args.gate_lr), "--lr-schedule", "constant", "--bench-batch-sizes", args.bench_batch_sizes, "--threads",
            str(args.threads), "-q", "--json", "--out", str(out)]
     if args.round_to:
         cmd += ["--round-to", str(args.round_to)]

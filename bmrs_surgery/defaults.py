@@ -7,7 +7,8 @@ BMRS_N pruned nothing while fitting, because dF approaches 0 from below for a ga
 continuous pruning; two epochs of fine-tuning with the deployed gates (E[theta] * mask). Fitting
 lasts until the gates settle ("auto"), with a gate learning rate 33x the weights' (docs/settling.md:
 a gate's mean must travel about 5.5 in log space before dF reaches 0, and Adam moves it at most about
-one learning rate per step).
+one learning rate per step). The learning rates follow a cosine within each phase: higher accuracy
+than a constant rate for under a point of compression (benchmarks/results/finetune_options/cpu.md).
 """
 
 PRIOR = "uniform"  # reduced prior: "uniform" (BMRS_U) or "normal" (BMRS_N)
@@ -48,4 +49,4 @@ DATA_WORKERS = 4  # DataLoader worker processes for imagefolder:DIR (at most the
 LATENCY_TARGET_BATCH = 1  # --target-latency: the batch size the latency is measured at
 DISTILL_TEMPERATURE = 4.0  # --distill: softmax temperature of the teacher's and student's logits
 DISTILL_WEIGHT = 0.5  # --distill: share of the loss that is the distillation term (the rest: labels)
-LR_SCHEDULE = "constant"  # learning rates within each phase: "constant" or "cosine" (to 0)
+LR_SCHEDULE = "cosine"  # learning rates within each phase fall to 0 along half a cosine (or "constant"): benchmarks/results/finetune_options

@@ -127,7 +127,7 @@ def test_continuous_mode_with_a_baseline_criterion_masks_by_it(digits):
     g = _gated(digits)
     # after 3 short epochs the SNRs are still ~30 (sigma starts at e^-5): a threshold of 30 splits them
     cfg = FitConfig(epochs=3, mode="continuous", criterion="snr", criterion_opts={"threshold": 30.0},
-                    batch_size=64, gate_lr=3e-2)
+                    batch_size=64, gate_lr=3e-2, lr_schedule="constant")  # the threshold suits a constant rate
     result = fit(g, digits, cfg)
     assert result.prune.criterion == "snr"
     assert torch.equal(g.bmrs_gates.mask.bool(), snr(g.bmrs_gates, 30.0).keep)  # masks = SNR >= 30 now
