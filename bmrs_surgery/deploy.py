@@ -40,6 +40,12 @@ class Deployment:
     bench: dict | None
 
 
+def failure_cause(proof: Proof) -> str:
+    """Why ``proof`` failed, in words (its problem, or the difference against the tolerance)."""
+    return proof.problem or (f"max abs diff {proof.max_abs_diff:.3g} > {proof.tolerance:g} x output scale "
+                             f"{proof.scale:.3g}")
+
+
 def plain_network(gated: nn.Module) -> nn.Module:
     """A copy of the gated network without its gates (the network before pruning)."""
     net = copy.deepcopy(network(gated))
@@ -98,7 +104,7 @@ def deploy(gated: nn.Module, keep: torch.Tensor, input_shape: tuple[int, ...],
         proof = Proof(float("inf"), 1.0, tolerance, len(inputs))
         cause = first_line(exc)
     else:
-        cause = proof.problem or f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
+        cause = failure_cause(proof)
     if not proof.ok:
         group = failing_group(analysis, bank, keep, gated, inputs, tolerance)
         where = f" in group {group.name} ({group.kind}; layers {', '.join(group.consumers[:3])})" if group else ""
@@ -191,7 +197,7 @@ def _deploy_named(gated, keep, specs, real_inputs, bench_batch_sizes, bench_runs
         proof = Proof(float("inf"), 1.0, tolerance, len(inputs))
         cause = first_line(exc)
     else:
-        cause = proof.problem or f"max abs diff {proof.max_abs_diff:.3g} > {tolerance:g} x output scale {proof.scale:.3g}"
+        cause = failure_cause(proof)
     if not proof.ok:
         raise SurgeryError(f"surgery changed the network's output: {cause}; nothing written")
     original = plain_network(gated)

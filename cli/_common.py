@@ -106,22 +106,30 @@ tracer_option = click.option(
     help="Graph capture: torch.fx, torch.export (strict=False), or auto (what works).")
 
 
+def named_inputs(inputs, inputs_file, input_shape):
+    """(specs, example file tensors) from ``--input`` / ``--inputs-file``, or (None, None) without them."""
+    if not inputs and not inputs_file:
+        return None, None
+    from bmrs_surgery import inputs as named
+
+    if input_shape is not None:
+        raise BmrsError("--input-shape and --input/--inputs-file exclude each other: give the shapes in --input")
+    if inputs and inputs_file:
+        raise BmrsError("--input and --inputs-file exclude each other")
+    example = named.load_example_file(inputs_file) if inputs_file else None
+    return (named.specs_of(example) if example is not None else named.parse_inputs(inputs)), example
+
+
 def load_network_inputs(spec: str, input_shape: str | None, inputs, inputs_file, arch: str | None, trust: bool):
     """(network, input shape, named input specs or None, example file tensors or None): named
     inputs from ``--input``/``--inputs-file``, else one float tensor as :func:`load_network`."""
     if not inputs and not inputs_file:
         net, shape = load_network(spec, input_shape, arch, trust)
         return net, shape, None, None
-    if input_shape is not None:
-        raise BmrsError("--input-shape and --input/--inputs-file exclude each other: give the shapes in --input")
-    from bmrs_surgery import inputs as named
     from bmrs_surgery import loading
     from bmrs_surgery.deploy import plain_network
 
-    if inputs and inputs_file:
-        raise BmrsError("--input and --inputs-file exclude each other")
-    example = named.load_example_file(inputs_file) if inputs_file else None
-    specs = named.specs_of(example) if example is not None else named.parse_inputs(inputs)
+    specs, example = named_inputs(inputs, inputs_file, input_shape)
     loaded = loading.load_model(spec, arch=arch, trust=trust)
     net = plain_network(loaded.model) if loaded.gated else loaded.model
     return net, specs[0].shape, specs, example

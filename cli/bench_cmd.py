@@ -19,24 +19,10 @@ from ._common import (
     input_shape_option,
     inputs_file_option,
     markup_safe,
+    named_inputs,
     parse_batch_sizes,
     parse_shape,
 )
-
-
-def _named(inputs, inputs_file, input_shape):
-    """(specs, example file tensors) from --input / --inputs-file, or (None, None)."""
-    if not inputs and not inputs_file:
-        return None, None
-    from bmrs_surgery import inputs as named
-
-    if input_shape is not None:
-        raise BmrsError("--input-shape and --input/--inputs-file exclude each other: give the shapes in --input")
-    if inputs and inputs_file:
-        raise BmrsError("--input and --inputs-file exclude each other")
-    example = named.load_example_file(inputs_file) if inputs_file else None
-    specs = named.specs_of(example) if example is not None else named.parse_inputs(inputs)
-    return specs, example
 
 
 def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str, specs=None):
@@ -132,7 +118,7 @@ def _run(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch
     from bmrs_surgery.limits import check_threads
 
     sizes = parse_batch_sizes(batch_sizes)
-    specs, example = _named(inputs, inputs_file, input_shape)
+    specs, example = named_inputs(inputs, inputs_file, input_shape)
     shape = parse_shape(input_shape)
     check_threads(threads)  # before any export: a mistake ends at once
     check_timeout(timeout)
