@@ -1,7 +1,7 @@
-"""Hugging Face transformers through torch.export (issue 16): tiny random BERT, GPT-2 (Conv1D) and
-Llama with grouped-query attention. Groups exactly as expected, surgery, proof, ONNX with named
-int64 inputs and dynamic axes, recipe replay, from_pretrained where widths are uniform, and token
-inputs through the CLI."""
+"""Hugging Face transformers through torch.export (issue 16): tiny random BERT, GPT-2 (Conv1D),
+Llama with grouped-query attention and Swin with its per-head relative-position tables. Groups
+exactly as expected, surgery, proof, ONNX with named int64 inputs and dynamic axes, recipe replay,
+from_pretrained where widths are uniform, and token inputs through the CLI."""
 
 from __future__ import annotations
 
@@ -100,7 +100,10 @@ def test_llama_gqa_structure_is_a_kv_head_with_its_query_heads():
 
 
 def _pruned(name, drop_first=True):
-    model, a = analysed(name)
+    return _cut(*analysed(name), drop_first)
+
+
+def _cut(model, a, drop_first=True):
     gated = attach_gates(model, analysis=a)
     bank = gated.bmrs_gates
     keep = torch.ones(bank.num_gates, dtype=torch.bool)
@@ -323,3 +326,58 @@ def test_recipe_replays_an_fx_pruned_network_on_the_users_class():
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(pruned(x), replayed(x))
+
+
+SWIN = dict(image_size=16, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=2, mlp_ratio=2.0)
+IMAGE = [InputSpec("pixel_values", torch.float32, (1, 3, 16, 16))]
+TABLE = "relative_position_bias.relative_position_bias_table"
+
+
+def tiny_swin():
+    """Stage 0: a 4x4 patch grid, 2 heads of 8, its second block shifted (the bias plus the window
+    mask); stage 1: 2x2, 4 heads of 8. transformers starts the bias tables at zero, where a wrongly
+    sliced table would not show in the proof: here they are random."""
+    model = from_config("SwinConfig", **SWIN)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(TABLE):
+                p.normal_()
+    return model
+
+
+def test_swin_heads_slice_q_k_v_and_the_relative_position_bias_table(tmp_path):
+    """Swin's attention adds ``table[index]`` (one table column per head, rules.aten.index) to the
+    scores: a head is its q/k/v rows, its o_proj columns and its table column, and the pruned model
+    runs its own forward, proven equal, and replays from a recipe."""
+    from bmrs_surgery import apply_recipe
+    from bmrs_surgery.recipe import make_recipe, save_recipe
+
+    model = tiny_swin()
+    a = analyse_model(model, make_inputs(IMAGE, model))
+    blocks = {"encoder.layers.0.blocks.0.attention": 2, "encoder.layers.0.blocks.1.attention": 2,
+              "encoder.layers.1.blocks.0.attention": 4}
+    heads = [g for g in a.groups if g.kind == "heads"]
+    assert [(g.consumers, g.size) for g in heads] == [([f"{att}.o_proj"], n) for att, n in blocks.items()]
+    for g, (att, n) in zip(heads, blocks.items()):
+        assert slot(g, f"{att}.{TABLE}").dim == 1 and slot(g, f"{att}.{TABLE}").index.tolist() == list(range(n))
+        for proj in ("q_proj", "k_proj", "v_proj"):  # rows 8h..8h+7 are head h
+            assert slot(g, f"{att}.{proj}.weight").index.tolist() == np.repeat(np.arange(n), 8).tolist()
+        assert slot(g, f"{att}.o_proj.weight").dim == 1
+    assert sorted(g.size for g in a.groups if g.kind != "heads") == [32, 32, 64]  # the FFN neurons
+
+    model, a, gated, bank, keep, pruned = _cut(model, a)  # head 0 of every attention goes
+    for att, n in blocks.items():
+        cut = pruned.get_submodule(att)
+        assert cut.num_attention_heads == n - 1 and cut.q_proj.out_features == 8 * (n - 1)
+        table = model.get_submodule(att).relative_position_bias.relative_position_bias_table
+        assert torch.equal(cut.relative_position_bias.relative_position_bias_table, table[:, 1:])
+    xs = [make_inputs(IMAGE, model, batch=2, seed=s) for s in (1, 2)]
+    proof = compare(outputs(gated, xs), outputs(pruned, xs), 1e-4)
+    assert proof.ok and proof.max_abs_diff < 1e-5, proof.max_abs_diff
+
+    save_recipe(pruned, make_recipe(a, group_keep(bank, keep)), tmp_path / "r")
+    replayed = apply_recipe(tiny_swin(), tmp_path / "r")
+    assert replayed.encoder.layers[1].blocks[0].attention.num_attention_heads == 3
+    proof = compare(outputs(pruned, xs), outputs(replayed, xs), 1e-6)
+    assert proof.ok and proof.max_abs_diff == 0.0

@@ -4,9 +4,9 @@ The capture names most operations by their ATen overload packet (``aten.view``, 
 ``aten.add``...), whose arguments are those of the torch functions with the same names, so the
 rules of the other files apply unchanged. This file adds the operations that only appear in ATen
 graphs: ``slice`` and ``select`` (what ``x[:, 0]`` and ``x[..., :d]`` become), ``embedding`` read
-from a parameter, the casts and aliases export inserts, and attention with grouped key/value heads
-(``enable_gqa``: query heads ``g*r .. g*r+r-1`` read key/value head ``g``, so they form one
-structure with it).
+from a parameter, ``index`` (what ``table[index]`` with an index tensor becomes), the casts and
+aliases export inserts, and attention with grouped key/value heads (``enable_gqa``: query heads
+``g*r .. g*r+r-1`` read key/value head ``g``, so they form one structure with it).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..labels import Label, fixed
 from ..propagate import _shape
 from ..registry import register_function
 from . import attention
+from .shape_ops import _gather_axis
 
 BIG = 2**62  # ATen writes an open slice end as 2**63 - 1
 
@@ -75,6 +76,29 @@ def embedding(ctx, node):
     if w is not None and w.labelled and w.axis == 1:
         return Label(nd, nd - 1, w.ids)
     ctx.block(w)
+    return fixed(nd)
+
+
+@register_function("index")
+def index(ctx, node):
+    """``aten.index(x, indices)``: ``x[i]`` with index tensors, None standing for a full slice (what
+    ``table[index]`` becomes: Swin's relative-position table, one column per head, gathered per
+    query/key pair). The getitem rule's gather: channels on an axis after the one indexed pass,
+    moved by the index's own axes; anything else keeps them."""
+    x = ctx.label(node.args[0])
+    nd = len(_shape(node))
+    indices = node.args[1]
+    if x is None or not isinstance(indices, (list, tuple)):
+        return ctx.opaque(node, "index of a non-tensor")
+    if not x.labelled:
+        ctx.block_all(indices)
+        return fixed(nd)
+    gathered = _gather_axis(ctx, x, tuple(slice(None) if i is None else i for i in indices), nd)
+    if gathered is not None:
+        return gathered
+    ctx.block(x)
+    ctx.block_all(indices)
+    ctx.out.opaque.append((node.name, "indexes the channel axis or several axes at once"))
     return fixed(nd)
 
 
