@@ -290,23 +290,46 @@ def summary(results: list[dict]) -> str:
     return "\n".join(head + out)
 
 
+def _rss_gb(pid: int) -> float:
+    """Resident memory of a process, in GB (0 when it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(ln.split()[1]) / 2**20 for ln in f if ln.startswith("VmRSS:")), 0.0)
+    except OSError:
+        return 0.0
+
+
 def _run_child(row, args) -> dict:
     kind, family, spec = row
     cmd = [sys.executable, __file__, "--one", spec, "--threads", str(args.threads)]
     cmd += ["--no-onnx"] if args.no_onnx else []
     cmd += ["--no-tp"] if args.no_tp else []
     t = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    stopped = None
+    while True:
+        try:
+            stdout, stderr = p.communicate(timeout=2.0)
+            break
+        except subprocess.TimeoutExpired:
+            if time.perf_counter() - t > args.timeout:
+                stopped = f"over the {args.timeout:.0f} s limit"
+            elif _rss_gb(p.pid) > args.max_gb:
+                stopped = f"over the {args.max_gb:g} GB memory limit"
+            if stopped:
+                p.kill()
+                p.communicate()
+                break
+    if stopped:
+        r = {"ok": False, "stages": {"run": stopped}}
+    else:
+        line = [ln for ln in stdout.splitlines() if ln.startswith(MARK)]
         if line:
             r = json.loads(line[-1][len(MARK):])
         else:
-            last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            last = (stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
             r = {"ok": False, "stages": {"run": last[:200]}}
-    except subprocess.TimeoutExpired:
-        r = {"ok": False, "stages": {"run": f"over the {args.timeout:.0f} s limit"}}
     r.update(kind=kind, family=family, spec=spec)
     r.setdefault("seconds_total", time.perf_counter() - t)
     print(f"{spec:45s} {'PASS' if r.get('ok') else 'FAIL'} {_failure(r)[:90]}", flush=True)
@@ -322,9 +345,13 @@ def main() -> None:
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds per model")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-gb", type=float, default=8.0, help="resident memory per model before it is stopped")
     ap.add_argument("--out", default="benchmarks/results/coverage/cpu")
     ap.add_argument("--jobs", type=int, default=1, help="models checked at once (each in its own process)")
     ap.add_argument("--refresh-list", action="store_true", help="make timm's family list again")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished rows of <out>.json and run only the models it lacks (and those that ran "
+                         "over their time limit)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -340,8 +367,21 @@ def main() -> None:
         rows = [r for r in rows if r[0] in wanted or r[0].split()[0] in wanted]
     if args.exclude:
         rows = [r for r in rows if r[0] not in args.exclude.split(",")]
+    model_order = [r[2] for r in rows]
     started = time.time()
     results: list[dict] = []
+    if args.resume and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            previous = json.load(f)
+        results = [r for r in previous["results"] if " limit" not in r.get("stages", {}).get("run", "")]
+        args.earlier = previous["meta"]
+        done = {r["spec"] for r in results}
+        started -= previous["meta"].get("seconds", 0.0)
+        print(f"resuming: {len(done)} models kept from {args.out}.json", flush=True)
+        rows_all = rows
+        rows = [r for r in rows if r[2] not in done]
+        results = [r for r in results if r["spec"] in {x[2] for x in rows_all}]
+    planned = len(rows) + len(results)
 
     lock = threading.Lock()
 
@@ -349,14 +389,24 @@ def main() -> None:
         r = _run_child(row, args)
         with lock:
             results.append(r)
-            _write(args, results, started, len(rows))  # after every model: a stopped run keeps what it did
+            _write(args, results, started, planned)  # after every model: a stopped run keeps what it did
         return r
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         list(pool.map(one, rows))
-    order = {row[2]: i for i, row in enumerate(rows)}
-    results.sort(key=lambda r: order[r["spec"]])
-    _write(args, results, started, len(rows))
+    order = {spec: i for i, spec in enumerate(model_order)}
+    results.sort(key=lambda r: order.get(r["spec"], len(order)))
+    _write(args, results, started, planned)
+
+
+def _resumed(meta: dict) -> str:
+    """The earlier runs whose rows a --resume run kept, newest first."""
+    lines, m = [], meta.get("resumed")
+    while m:
+        lines.append(f"Resumed from: `{m['command']}` ({m['date']}, {m['models_done']} models)")
+        lines += [f"Rows re-run then: {x}" for x in m.get("reruns", [])]
+        m = m.get("resumed")
+    return "".join(line + "\n\n" for line in lines)
 
 
 def _write(args, results: list[dict], started: float, planned: int) -> None:
@@ -364,12 +414,14 @@ def _write(args, results: list[dict], started: float, planned: int) -> None:
     meta = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "date": datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(), "cpus": os.cpu_count(),
         "ratio": RATIO, "seconds": time.time() - started, "models_done": len(results), "models_planned": planned}
+    if getattr(args, "earlier", None):  # --resume: the run whose finished rows were kept
+        meta["resumed"] = args.earlier
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
     with open(args.out + ".md", "w") as f:
         f.write(f"# Coverage at --ratio {RATIO}\n\nCommand: `{meta['command']}` ({meta['date']}, {meta['machine']}, "
-                f"{meta['cpus']} CPUs, {meta['seconds']:.0f} s; {len(results)} of {planned} models done)\n\n" + summary(results) + "\n\n" + table(results) + "\n")
+                f"{meta['cpus']} CPUs, {meta['seconds']:.0f} s; {len(results)} of {planned} models done)\n\n" + _resumed(meta) + summary(results) + "\n\n" + table(results) + "\n")
 
 
 if __name__ == "__main__":
