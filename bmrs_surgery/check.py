@@ -48,6 +48,7 @@ class CheckResult:
     tracer: str | None = None  # fx or export: the front end that captured the graph
     inputs: list[str] = field(default_factory=list)  # named inputs (NAME:DTYPE:SHAPE), if any
     reach: float | None = None  # share of the parameters that some group can prune (see prunable_share)
+    parts: list = field(default_factory=list)  # partial tracing: one dict per pruned part (see check_parts)
 
     @property
     def ok(self) -> bool:
@@ -169,12 +170,15 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
         if exc.stage == "groups":  # traced, but nothing to prune
             res.stages["trace"] = "ok"
             res.stages["groups"] = msg
-        else:
-            res.stages["trace"] = msg
-        return res
+            return res
+        res.stages["trace"] = msg
     except Exception as exc:  # noqa: BLE001 - report, never crash
         res.stages["trace"] = _err(exc)
-        return res
+    if res.stages.get("trace"):  # not traced: a detector's top level; its traceable parts instead
+        if specs:
+            return res
+        return check_parts(model, res, ratio=ratio, seed=seed, onnx=onnx, tolerance=tolerance,
+                           keep_weights=keep_weights)
     res.seconds["analysis"] = time.perf_counter() - t
     res.tracer = getattr(analysis, "tracer", "fx")
     res.stages["trace"] = "ok"
@@ -260,4 +264,52 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
         except Exception as exc:  # noqa: BLE001
             res.stages["onnx"] = _err(exc)
         res.seconds["onnx"] = time.perf_counter() - t
+    return res
+
+
+def check_parts(model: nn.Module, res: CheckResult, *, ratio: float, seed: int, onnx: bool, tolerance: float,
+                keep_weights: bool) -> CheckResult:
+    """``check`` for a model whose top level does not trace (a detector's Python control flow over
+    image lists and boxes): its largest traceable parts are pruned at random and proven one by one
+    (:func:`~bmrs_surgery.graph.partial.prune_parts`), each exported to ONNX; then the whole model,
+    its own control flow around the pruned parts, is run on two random images and its outputs
+    (boxes, scores, labels) compared with the gated model's. ``res`` holds the top level's trace
+    error; without a traceable part it is returned as it is."""
+    from .graph.partial import confident_detector, detection_outputs, prune_parts
+
+    top_error = res.stages["trace"]
+    t = time.perf_counter()
+    if not keep_weights:
+        model = confident_detector(model)
+    gen = torch.Generator().manual_seed(check_seed(seed) + 1)
+    images = [torch.rand((1,) + tuple(res.input_shape[1:]), generator=gen) for _ in range(2)]
+    try:
+        pruned, reference, parts = prune_parts(model, images[0], ratio=ratio, seed=check_seed(seed),
+                                               tolerance=tolerance, onnx=onnx)
+    except Exception:  # noqa: BLE001 - the model does not run on an image batch either: the trace error stands
+        return res
+    if not parts:
+        return res
+    res.tracer = "partial"
+    res.stages = {"trace": "ok"}
+    res.opaque = [f"top level: {top_error if len(top_error) <= 120 else top_error[:117] + '...'}"]
+    res.parts = [p.__dict__ for p in parts]
+    res.groups = len(parts)
+    res.params_after = parameter_count(pruned)
+    res.reach = sum((p.reach or 0.0) * p.params_before for p in parts) / max(res.params_before, 1)
+    failed = [p for p in parts if not p.ok]
+    res.stages["parts"] = "ok" if not failed else "; ".join(
+        f"{p.name}: {next((v for v in p.stages.values() if v != 'ok'), 'failed')}" for p in failed)[:300]
+    res.max_abs_diff = max((p.max_abs_diff or 0.0 for p in parts), default=None)
+    if onnx:
+        res.onnx_max_abs_diff = max((p.onnx_max_abs_diff or 0.0 for p in parts), default=None)
+    try:
+        proof = compare([detection_outputs(reference, x) for x in images], [detection_outputs(pruned, x) for x in images],
+                        tolerance)
+        res.output_scale = proof.scale
+        res.stages["whole"] = "ok" if proof.ok else (
+            f"outputs differ by {proof.max_abs_diff:.3g} (scale {proof.scale:.3g}) with the pruned parts in place")
+    except Exception as exc:  # noqa: BLE001
+        res.stages["whole"] = f"the model with its pruned parts fails to run: {_err(exc)}"
+    res.seconds["parts"] = time.perf_counter() - t
     return res

@@ -68,22 +68,36 @@ def _print(res, no_onnx: bool) -> None:
 
     console = Console()
     stages = ["trace", "groups", "gates", "surgery", "verify"] + ([] if no_onnx else ["onnx"])
+    if res.parts:  # partial tracing: the top level did not trace, its parts did
+        stages = list(res.stages)
     for stage in stages:
         status = res.stages.get(stage)
         # a failed stage's message names layers of the model: shown as text, never as markup
         mark = "[green]ok[/]" if status == "ok" else "[yellow]skipped[/]" if status is None else f"[red]{markup_safe(status)}[/]"
         console.print(f"{stage:8s} {mark}", highlight=False)
-    if res.tracer:
+    for part in res.parts:
+        after = "n/a" if part["params_after"] is None else f"{part['params_after']:,}"
+        diff = "" if part["max_abs_diff"] is None else f", max abs diff {part['max_abs_diff']:.3g}"
+        ort = "" if part.get("onnx_max_abs_diff") is None else f", ONNX Runtime {part['onnx_max_abs_diff']:.3g}"
+        console.print(f"  part {markup_safe(part['name'])}: {'ok' if part['ok'] else 'FAIL'}; parameters "
+                      f"{part['params_before']:,} -> {after}{diff}{ort}; {part['boundary']}", highlight=False)
+    if res.parts:
+        console.print("partial tracing: the top level does not trace (see --json for why); each part pruned and "
+                      "proven on its own, the whole model compared on random images", highlight=False)
+    elif res.tracer:
         console.print(f"traced with {res.tracer}" + (f"; inputs {' '.join(res.inputs)}" if res.inputs else ""),
                       highlight=False)
     after = "n/a" if res.params_after is None else f"{res.params_after:,}"
-    console.print(f"{res.groups} groups, {res.structures_kept}/{res.structures} structures kept; "
-                  f"parameters {res.params_before:,} -> {after}", highlight=False)
+    if res.parts:
+        console.print(f"{len(res.parts)} parts; parameters {res.params_before:,} -> {after}", highlight=False)
+    else:
+        console.print(f"{res.groups} groups, {res.structures_kept}/{res.structures} structures kept; "
+                      f"parameters {res.params_before:,} -> {after}", highlight=False)
     if res.reach is not None:
         # what an operation without a rule (or a norm over channels) holds is out of reach, never silently
         console.print(f"reach {100 * res.reach:.1f}% of the parameters (in prunable groups)"
                       + (f"; channels kept at {markup_safe(res.opaque[0])}" + (" and more" if len(res.opaque) > 1 else "")
-                         if res.opaque else ""), highlight=False)
+                         if res.opaque and not res.parts else ""), highlight=False)
     if res.max_abs_diff is not None:
         console.print(f"max abs diff {res.max_abs_diff:.3g} (output scale {res.output_scale:.3g})"
                       + (f"; ONNX Runtime {res.onnx_max_abs_diff:.3g}" if res.onnx_max_abs_diff is not None else ""),

@@ -246,6 +246,31 @@ def test_detector_parts_pruned_with_proof_inside_its_own_control_flow():
 
 
 @pytest.mark.slow
+def test_check_falls_back_to_the_detectors_traceable_parts():
+    """``bmrs-compress check`` on a detector: the top level traces with neither front end, so check
+    prunes its parts at random, proves and exports each, and compares the whole detector's boxes,
+    scores and labels with the gated one's; the result says it was partial and lists the parts."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = CliRunner().invoke(cli, ["check", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", "--json"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output[out.output.index("{"):])
+    assert res["ok"] and res["tracer"] == "partial"
+    assert list(res["stages"]) == ["trace", "parts", "whole"]
+    assert res["opaque"][0].startswith("top level: ")  # why the top level was not traced
+    parts = {p["name"]: p for p in res["parts"]}
+    assert list(parts) == ["backbone", "rpn.head", "roi_heads.box_head"]
+    for p in parts.values():
+        assert p["ok"] and p["params_after"] < p["params_before"], p
+        assert p["stages"]["onnx"] == "ok" and p["onnx_max_abs_diff"] < 1e-3, p
+    assert res["params_after"] < 0.8 * res["params_before"]
+
+
+@pytest.mark.slow
 def test_yolo_from_ultralytics_yaml_prunes_with_proof():
     """YOLOv8n from ultralytics' YAML: C2f split and concatenation, SPPF, the Detect head kept."""
     pytest.importorskip("ultralytics")

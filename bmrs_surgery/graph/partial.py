@@ -52,6 +52,7 @@ class PartResult:
     max_abs_diff: float | None = None
     reach: float | None = None  # share of the part's parameters in prunable groups
     boundary: str = "outputs kept whole"
+    onnx_max_abs_diff: float | None = None  # the pruned part in ONNX Runtime against torch (with onnx=True)
 
 
 def _record_inputs(model: nn.Module, inputs) -> dict[str, tuple]:
@@ -124,9 +125,11 @@ def _install(model: nn.Module, part: Part, pruned: nn.Module, analysis) -> None:
             setattr(target.get_submodule(sub_owner) if sub_owner else target, leaf, mod)
 
 
-def prune_parts(model: nn.Module, images, *, ratio: float = 0.3, seed: int = 0, tolerance: float = 1e-4):
-    """Random gates and keep-masks on every part (like ``check``), each proven on its recorded input;
-    returns (pruned model, gated reference model, part results). ``model`` is not modified."""
+def prune_parts(model: nn.Module, images, *, ratio: float = 0.3, seed: int = 0, tolerance: float = 1e-4,
+                onnx: bool = False):
+    """Random gates and keep-masks on every part (like ``check``), each proven on its recorded input
+    (and, with ``onnx``, exported and compared in ONNX Runtime); returns (pruned model, gated
+    reference model, part results). ``model`` is not modified."""
     from ..check import prunable_share, random_masks
     from ..gated import attach_gates
     from ..placement import analyse_model
@@ -159,11 +162,33 @@ def prune_parts(model: nn.Module, images, *, ratio: float = 0.3, seed: int = 0, 
             res.stages["verify"] = "ok" if proof.ok else f"max abs diff {proof.max_abs_diff:.3g}"
             _install(pruned_model, part, pruned, analysis)
             res.params_after = parameter_count(pruned)
-            res.ok = proof.ok
+            if onnx and proof.ok:
+                from ..export import onnx_parity
+
+                try:
+                    res.onnx_max_abs_diff = onnx_parity(pruned, tuple(part.example.shape), ins[:1], tolerance)
+                    res.stages["onnx"] = "ok"
+                except Exception as exc:  # noqa: BLE001 - reported per part
+                    res.stages["onnx"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            res.ok = all(v == "ok" for v in res.stages.values())
         except Exception as exc:  # noqa: BLE001 - one part failing leaves it unpruned, said so
             res.stages["part"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         results.append(res)
     return pruned_model.eval(), reference, results
+
+
+def confident_detector(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place) made comparable at random weights: every box kept (score
+    threshold 0) and the class scores spread (classifier weights x 30), since near-equal random
+    scores make the top-k boxes noise that no pruning caused."""
+    for owner in (model, getattr(model, "roi_heads", None)):
+        if owner is not None and hasattr(owner, "score_thresh"):
+            owner.score_thresh = 0.0
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.endswith(("cls_score", "cls_logits")) and "rpn" not in name and hasattr(mod, "weight"):
+                mod.weight.mul_(30.0)
+    return model
 
 
 def _canonical_order(item: dict) -> dict:
