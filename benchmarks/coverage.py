@@ -183,19 +183,12 @@ def check_detector(model, shape) -> dict:
     import torch
 
     from bmrs_surgery.check import randomized_copy
-    from bmrs_surgery.graph.partial import detection_outputs, prune_parts
+    from bmrs_surgery.graph.partial import confident_detector, detection_outputs, prune_parts
     from bmrs_surgery.surgery import parameter_count
     from bmrs_surgery.verify import compare
 
     t = time.perf_counter()
-    model = randomized_copy(model, torch.Generator().manual_seed(0)).eval()
-    for owner in (model, getattr(model, "roi_heads", None)):
-        if owner is not None and hasattr(owner, "score_thresh"):
-            owner.score_thresh = 0.0
-    with torch.no_grad():  # confident classes: random weights give near-equal scores, whose top-k is noise
-        for name, mod in model.named_modules():
-            if name.endswith(("cls_score", "cls_logits")) and "rpn" not in name:
-                mod.weight.mul_(30.0)
+    model = confident_detector(randomized_copy(model, torch.Generator().manual_seed(0)).eval())
     images = torch.rand((1,) + tuple(shape), generator=torch.Generator().manual_seed(1))
     pruned, reference, parts = prune_parts(model, images, ratio=RATIO)
     n0, n1 = parameter_count(model), parameter_count(pruned)
