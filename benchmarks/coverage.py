@@ -343,8 +343,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="models checked at once (each in its own process)")
     ap.add_argument("--refresh-list", action="store_true", help="make timm's family list again")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the finished rows of <out>.json and run only the models it lacks (and those that ran "
-                         "over their time limit)")
+                    help="keep the finished rows of <out>.json and run only the models it lacks")
+    ap.add_argument("--retry-limits", action="store_true",
+                    help="with --resume, run again the models stopped at the time or memory limit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -366,7 +367,8 @@ def main() -> None:
     if args.resume and os.path.exists(args.out + ".json"):
         with open(args.out + ".json") as f:
             previous = json.load(f)
-        results = [r for r in previous["results"] if " limit" not in r.get("stages", {}).get("run", "")]
+        results = [r for r in previous["results"]
+                   if not (args.retry_limits and " limit" in r.get("stages", {}).get("run", ""))]
         args.earlier = previous["meta"]
         done = {r["spec"] for r in results}
         started -= previous["meta"].get("seconds", 0.0)
