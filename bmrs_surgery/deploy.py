@@ -21,7 +21,7 @@ from torch import nn
 
 from . import defaults
 from .errors import SurgeryError, first_line
-from .export import onnx_bytes, ort_parity
+from .export import onnx_bytes, verified_onnx
 from .gated import analysis_of, gate_bank, network, remove_gate_hooks
 from .surgery import parameter_count, shrink
 from .verify import Proof, failing_group, nonfinite_tensor, outputs, prove, random_inputs
@@ -119,9 +119,8 @@ def _finish(pruned, original, proof, batch2, example, inputs, bench_batch_sizes,
     """Export, ONNX Runtime parity, counts and the benchmark of a proved pruned network. ``feeds``:
     the benchmark's named inputs (see :func:`~bmrs_surgery.bench.benchmark`), or a function of the
     benchmark's temporary folder that makes them there."""
-    data, exporter = onnx_bytes(pruned, batch2)
+    data, exporter, onnx_diff = verified_onnx(pruned, batch2, inputs, tolerance)
     data_orig, _ = onnx_bytes(original, batch2, exporter)
-    onnx_diff = ort_parity(pruned, data, inputs, tolerance)
     macs_before, params_before = count(original, example)
     macs_after, params_after = count(pruned, example)
     counts = {
