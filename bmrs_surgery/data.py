@@ -30,7 +30,7 @@ from torch.utils.data import TensorDataset
 from .errors import DataError, file_problem
 from .limits import MAX_NUM_CLASSES, check_npz, check_seed
 
-__all__ = ["DATASETS", "DataSplits", "check_fits", "eval_batch_size", "head", "load_data", "split_batches"]
+__all__ = ["DATASETS", "DataSplits", "NamedDataset", "check_fits", "eval_batch_size", "head", "load_data", "split_batches"]
 
 DATASETS = ("fashion-mnist", "fashion-mnist-sample", "digits")
 
@@ -70,8 +70,35 @@ def _choices() -> str:
     return ", ".join(DATASETS) + ", imagefolder:DIR, csv:FILE or a path to an .npz file"
 
 
-def head(split, n: int) -> torch.Tensor:
-    """The first ``n`` inputs of a split (a TensorDataset or a streamed image split)."""
+class NamedDataset:
+    """Examples of named inputs (token ids, an attention mask, ...) with class labels: ``inputs``
+    maps each input's name to a tensor whose first axis is the example, ``labels`` is (N,) int64.
+    A batch is a dict of tensors, given to the model as keyword arguments (see :mod:`tokens`)."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+        self.inputs = dict(inputs)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> dict[str, torch.Tensor]:
+        return {k: v[:n] for k, v in self.inputs.items()}
+
+    def take(self, idx) -> NamedDataset:
+        return NamedDataset({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx])
+
+    def batches(self, index_batches, device):
+        inputs = {k: v.to(device) for k, v in self.inputs.items()}
+        y = self.labels.to(device)
+        for idx in index_batches:
+            idx = idx.to(device)
+            yield {k: v[idx] for k, v in inputs.items()}, y[idx]
+
+
+def head(split, n: int):
+    """The first ``n`` inputs of a split (a TensorDataset, a streamed image split, or named inputs:
+    a dict of tensors)."""
     if isinstance(split, TensorDataset):
         return split.tensors[0][:n]
     return split.head(n)
@@ -82,7 +109,7 @@ STREAMED_EVAL_BATCH = 64  # images decoded per evaluation batch of a streamed sp
 
 def eval_batch_size(split, batch_size: int) -> int:
     """The batch size to evaluate a split with: at most STREAMED_EVAL_BATCH for streamed images."""
-    return batch_size if isinstance(split, TensorDataset) else min(batch_size, STREAMED_EVAL_BATCH)
+    return batch_size if isinstance(split, (TensorDataset, NamedDataset)) else min(batch_size, STREAMED_EVAL_BATCH)
 
 
 def split_batches(split, index_batches, device):
@@ -193,7 +220,9 @@ def _apply_limit(splits: DataSplits, limit: int | None) -> DataSplits:
     if limit is None:
         return splits
 
-    def cut(ds: TensorDataset) -> TensorDataset:
+    def cut(ds):
+        if isinstance(ds, NamedDataset):
+            return ds if len(ds) <= limit else ds.take(slice(0, limit))
         x, y = ds.tensors
         if len(x) <= limit:
             return ds

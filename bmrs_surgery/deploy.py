@@ -26,6 +26,8 @@ from .gated import analysis_of, gate_bank, network, remove_gate_hooks
 from .surgery import parameter_count, shrink
 from .verify import Proof, failing_group, nonfinite_tensor, outputs, prove, random_inputs
 
+_FIRST = object()  # deploy(bench_example=...): the first real input (an example-inputs file)
+
 
 @dataclass
 class Deployment:
@@ -80,13 +82,16 @@ def deploy(gated: nn.Module, keep: torch.Tensor, input_shape: tuple[int, ...],
            real_inputs: list[torch.Tensor] | None = None,
            bench_batch_sizes: tuple[int, ...] | None = defaults.BENCH_BATCH_SIZES,
            bench_runs: int = defaults.BENCH_RUNS, threads: int = defaults.THREADS,
-           tolerance: float = defaults.TOLERANCE, specs: list | None = None) -> Deployment:
+           tolerance: float = defaults.TOLERANCE, specs: list | None = None, bench_example=_FIRST) -> Deployment:
     """``specs``: named inputs (:class:`~bmrs_surgery.inputs.InputSpec`) given to the model as
     keyword arguments, instead of one float tensor of ``input_shape``; ``real_inputs`` are then
     dicts of named tensors (an example-inputs file). The proof, the ONNX export (one input per name,
-    dynamic batch and sequence axes), the counts and the benchmark all use them."""
+    dynamic batch and sequence axes), the counts and the benchmark all use them. ``bench_example``:
+    the named tensors whose rows the benchmark feeds (default: the first of ``real_inputs``; None:
+    random inputs by :func:`~bmrs_surgery.inputs.fill_for`)."""
     if specs:
-        return _deploy_named(gated, keep, specs, real_inputs, bench_batch_sizes, bench_runs, threads, tolerance)
+        return _deploy_named(gated, keep, specs, real_inputs, bench_batch_sizes, bench_runs, threads, tolerance,
+                             bench_example)
     bank = gate_bank(gated)
     example = torch.randn((1,) + tuple(input_shape[1:]))
     analysis = analysis_of(gated, example)
@@ -170,7 +175,8 @@ def named_analysis(gated: nn.Module, example: dict):
     return inner.analysis
 
 
-def _deploy_named(gated, keep, specs, real_inputs, bench_batch_sizes, bench_runs, threads, tolerance) -> Deployment:
+def _deploy_named(gated, keep, specs, real_inputs, bench_batch_sizes, bench_runs, threads, tolerance,
+                  bench_example=_FIRST) -> Deployment:
     from .inputs import bench_feeds, make_inputs
     from .inputs import outputs as named_outputs
     from .verify import compare, emptied_layers
@@ -201,7 +207,7 @@ def _deploy_named(gated, keep, specs, real_inputs, bench_batch_sizes, bench_runs
         raise SurgeryError(f"surgery changed the network's output: {cause}; nothing written")
     original = plain_network(gated)
     batch2 = make_inputs(specs, net, batch=2)  # torch.export fixes a size of 1: export at batch 2
-    file_example = next((x for x in real_inputs or [] if x), None)  # an inputs file: its rows are benchmarked
+    file_example = next((x for x in real_inputs or [] if x), None) if bench_example is _FIRST else bench_example
 
     def feeds(folder):
         return bench_feeds(specs, net, file_example, folder)

@@ -182,6 +182,16 @@ def train_plain(model: nn.Module, train, *, epochs: int, batch_size: int, lr: fl
     return model
 
 
+def scores(model: nn.Module, x) -> torch.Tensor:
+    """The model's class scores on a batch: one tensor as the argument, or named inputs (a dict of
+    tensors, token data) as keyword arguments, whose output's ``logits`` are taken."""
+    if isinstance(x, dict):
+        from .tokens import logits
+
+        return logits(model(**x))
+    return model(x)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset, device: str = "cpu", batch_size: int = 1000) -> float:
     """Top-1 accuracy in eval mode (gates at E[theta] * mask); restores the training flag."""
@@ -192,7 +202,7 @@ def accuracy(model: nn.Module, dataset, device: str = "cpu", batch_size: int = 1
     model.eval()
     correct = 0
     for x, y in split_batches(dataset, batches(n, eval_batch_size(dataset, batch_size), None), device):
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((scores(model, x).argmax(1) == y).sum())
     model.train(was)
     return correct / n
 
@@ -355,7 +365,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             if world > 1:  # this rank's share of the global batch, and its rows of the gate noise
                 gate_bank(gated).rows = (rank, world, total)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                out = net(x)
+                out = scores(net, x)
             # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world
             if cfg.lr_schedule == "cosine":
                 f = cosine_factor(epoch, step, steps, 0 if phase == "fit" else fit_end,

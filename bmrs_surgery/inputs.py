@@ -237,9 +237,10 @@ def outputs(model: nn.Module, examples: list) -> list[list[torch.Tensor]]:
 
 def validate_job(job) -> None:
     """Named inputs in a compression job (``--input`` / ``--inputs-file``): the specs parse, and the
-    job is one they can serve. Fitting reads one tensor per example from ``--data``, so named inputs
-    go with a model that already carries fitted gates, no data, no sweep, no distillation and no
-    budget or ``--round-to auto`` (both measure the network on one float tensor)."""
+    job is one they can serve. With ``--data`` it must be a token ``.npz`` (see :mod:`tokens`);
+    without it, the model must already carry fitted gates and nothing is fitted. Distillation, a
+    sweep, a budget and ``--round-to auto`` are refused (the last two time the network on one float
+    tensor; the first two feed one tensor per example)."""
     inputs, inputs_file = tuple(getattr(job, "inputs", ()) or ()), getattr(job, "inputs_file", None)
     if not inputs and not inputs_file:
         return
@@ -250,17 +251,26 @@ def validate_job(job) -> None:
     if inputs:
         parse_inputs(inputs)
     option = "input" if inputs else "inputs_file"
-    if job.data is not None:
-        raise JobError("named inputs serve a model that already carries fitted gates (from the Python API), "
-                       "without --data: fitting on --data feeds one tensor per example", param=option)
-    if job.epochs:
-        raise JobError(f"named inputs serve a model that already carries fitted gates: nothing is fitted, so "
-                       f"--epochs {job.epochs} cannot apply (leave it out)", param=option)
+    from .tokens import is_token_file
+
+    if job.data is not None and not is_token_file(job.data):
+        raise JobError(f"named inputs fit on token data, an .npz file with one array per input and 'labels', "
+                       f"not {job.data!r} (without --data: a model that already carries fitted gates)", param=option)
+    if job.data is None and job.epochs:
+        raise JobError(f"without --data, named inputs serve a model that already carries fitted gates: nothing is "
+                       f"fitted, so --epochs {job.epochs} cannot apply (leave it out, or give --data tokens.npz)",
+                       param=option)
     from .budget import budget_of
 
     if budget_of(job) is not None or job.round_to == "auto":
         raise JobError("named inputs do not go with a budget or --round-to auto (both time the network on one "
                        "float tensor); prune at BMRS's own stop, --round-to N allowed", param=option)
+    if getattr(job, "distill", False):
+        raise JobError("named inputs do not go with --distill yet (the teacher is fed one tensor); distil with "
+                       "the Python API (see benchmarks/minilm.py)", param=option)
+    if job.data is not None and getattr(job, "sweep_levels", 0):
+        raise JobError("named inputs do not go with --sweep yet (the sweep feeds one tensor per example)",
+                       param=option)
 
 
 def job_inputs(job) -> tuple[list[InputSpec] | None, dict[str, torch.Tensor] | None]:

@@ -21,7 +21,8 @@ class Job:
     """What to compress, on what data, how, and where the outputs go.
 
     ``model``: a bundled name (``lenet5``), ``torchvision:NAME`` or a model file; ``data``:
-    ``fashion-mnist``, ``fashion-mnist-sample``, ``digits`` or an ``.npz`` file (None for a model
+    ``fashion-mnist``, ``fashion-mnist-sample``, ``digits`` or an ``.npz`` file (with named ``inputs``:
+    token arrays and ``labels``, see :mod:`tokens`; None for a model
     that already carries fitted gates); ``out``: the output folder (None: nothing written, the
     outputs are in the result; a folder holding an earlier run's outputs needs ``overwrite=True``).
     ``epochs=None`` means ``"auto"`` (fit until the gates settle, at most ``max_steps`` steps) for a
@@ -62,7 +63,7 @@ class Job:
     target_batch: int = defaults.LATENCY_TARGET_BATCH
     distill: bool = False  # fit and fine-tune against the original network's logits too
     lr_schedule: str = defaults.LR_SCHEDULE  # "constant" or "cosine" within each phase
-    inputs: tuple[str, ...] = ()  # named inputs NAME:DTYPE:SHAPE (a gated model, no data): see inputs.validate_job
+    inputs: tuple[str, ...] = ()  # named inputs NAME:DTYPE:SHAPE (token .npz data, or a gated model): inputs.validate_job
     inputs_file: str | None = None  # or a safetensors file of named example inputs
     bench_batch_sizes: tuple[int, ...] = defaults.BENCH_BATCH_SIZES
     threads: int = defaults.THREADS

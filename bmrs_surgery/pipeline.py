@@ -30,12 +30,12 @@ from . import defaults, loading, report, report_html, weights
 from .budget import Planner
 from .criteria import Decision, apply_decision, criterion_for, decision
 from .data import check_fits, head, load_data
-from .deploy import Deployment, deploy
+from .deploy import Deployment, deploy, plain_network
 from .errors import BmrsError, DataError, FitError, JobError
 from .fit import FitResult, accuracy, distributed_rank, fit
 from .gated import attach_gates, gate_bank, unmask
 from .imagefolder import options_for
-from .inputs import job_inputs
+from .inputs import job_inputs, make_inputs
 from .job import Job
 from .latency_table import TABLE_NAME
 from .limits import check_input_bytes
@@ -165,12 +165,17 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
     specs, named = job_inputs(job)  # named inputs (--input/--inputs-file): a gated model, no data
     loaded, weights_info = weights.load_for_job(job)  # the file or architecture, with --weights/--pretrained
     check_weights(loaded.model, job.model)
-    if specs and not loaded.gated:
-        raise JobError(f"{job.model} carries no fitted gates: named inputs need a model gated and fitted with the "
-                       "Python API (fitting on --data feeds one tensor per example)",
-                       param="input" if job.inputs else "inputs_file")
-    data = load_data(job.data, seed=job.seed, target=job.target,
-                     image=image_options_for(job, loaded, weights_info)) if job.data else None
+    if specs and not loaded.gated and not job.data:
+        raise JobError(f"{job.model} carries no fitted gates: with named inputs, give token data to fit them "
+                       "(--data tokens.npz with one array per input and 'labels'), or a model gated and fitted with "
+                       "the Python API", param="input" if job.inputs else "inputs_file")
+    if specs and job.data:
+        from .tokens import load_tokens
+
+        data = load_tokens(job.data, specs, seed=job.seed)  # named inputs: batches are dicts of tensors
+    else:
+        data = load_data(job.data, seed=job.seed, target=job.target,
+                         image=image_options_for(job, loaded, weights_info)) if job.data else None
     if not loaded.gated and data is None:
         raise DataError(f"{job.model} carries no fitted gates: give data to fit them", param="data")
     epochs = job.epochs if job.epochs is not None else (0 if loaded.gated else defaults.EPOCHS)
@@ -180,12 +185,23 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
     # trace, groups, gates
     teacher = None
     if data is not None:
-        check_fits(net, data)
+        if specs:
+            from .tokens import check_token_fits
+
+            check_token_fits(plain_network(net) if loaded.gated else net, data)
+        else:
+            check_fits(net, data)
         acc["split"] = "test"
         if not loaded.gated:
             acc["before"] = accuracy(net, data.test)
             teacher = copy.deepcopy(net).eval() if job.distill else None  # --distill: the original network
-            net = attach_gates(net, head(data.train, 2), noise=job.noise)
+            if specs:  # named inputs: captured with torch.export on random inputs of the specs' sizes
+                from .graph.export_trace import analyse_model
+
+                analysis = analyse_model(net, make_inputs(specs, net), tracer="export")
+                net = attach_gates(net, analysis=analysis, noise=job.noise)
+            else:
+                net = attach_gates(net, head(data.train, 2), noise=job.noise)
         else:
             unmask(net)
             acc["before"] = accuracy(net, data.test)
@@ -249,9 +265,10 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
             planner.info["budget"]["accuracy"] = acc["after"]
 
     # surgery -> proof -> ONNX -> ONNX Runtime
-    real = [head(data.test, 64)] if data is not None else [named] if named is not None else None
-    dep = deploy(gated, keep, (1,) + tuple(shape), real, tuple(job.bench_batch_sizes) or None, threads=job.threads,
-                 specs=specs)
+    real = [head(data.test, 64)] if data is not None else []
+    real += [named] if named is not None else []
+    dep = deploy(gated, keep, (1,) + tuple(shape), real or None, tuple(job.bench_batch_sizes) or None,
+                 threads=job.threads, specs=specs, bench_example=named)
     if data is not None:
         acc["pruned"] = accuracy(dep.pruned, data.test)
 

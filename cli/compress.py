@@ -63,7 +63,8 @@ def _terminate(signum, frame):
               help="BMRS_U: bits of precision below which a gate counts as zero.")
 @click.option("--data", "data_spec", metavar="SPEC",
               help="fashion-mnist, fashion-mnist-sample, digits, a path to an .npz file with arrays x and y, "
-                   "imagefolder:DIR (class folders, or train/ and val/) or csv:FILE (with --target COLUMN).")
+                   "imagefolder:DIR (class folders, or train/ and val/) or csv:FILE (with --target COLUMN); with --input, "
+                   "an .npz with one token array per input and labels.")
 @click.option("--mode", type=click.Choice(MODES), default=defaults.MODE,
               show_default=True, help="Prune while fitting, or once after fitting.")
 @click.option("--epochs", type=EPOCHS, default=None,
@@ -122,9 +123,9 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, max_steps, m
     MODEL is a bundled name (lenet5, mlp, ...), torchvision:NAME, or a saved model file. Writes
     into --out: pruned.pt, pruned.onnx, gated.pt, scores.csv, report.json and report.html.
 
-    A model that takes named inputs (token ids, an attention mask) and already carries fitted gates
-    is pruned, proved, exported and benchmarked with --input NAME:DTYPE:SHAPE (repeatable) or
-    --inputs-file, without --data.
+    A model that takes named inputs (token ids, an attention mask) is given them with --input
+    NAME:DTYPE:SHAPE (repeatable) or --inputs-file: fitted on --data tokens.npz (one array per
+    input and labels), or, already carrying fitted gates, pruned without --data.
     """
     from bmrs_surgery.outputs import epochs_saved
 

@@ -1,0 +1,181 @@
+"""Token data for ``--data FILE.npz`` with named inputs (``--input input_ids:int64:1x128 ...``).
+
+The file holds one array per model input, named as the ``--input`` specs name them (``input_ids``,
+``attention_mask``, ``token_type_ids``, ...; integer arrays of shape (N, seq) for integer inputs),
+and ``labels``, (N,) class ids 0..K-1 for a model with a classification head. As for ``x``/``y``
+files, a held-out test split may be given as ``NAME_test`` arrays and ``labels_test``; without them
+20% of the examples (seeded) are the test split, and ``val_fraction`` of the rest the validation
+split. Every split is a :class:`~.data.NamedDataset` (a batch is a dict of tensors).
+
+The loss is cross entropy on the model's logits (a tensor, or a transformers output's ``.logits``).
+Without labels there is no likelihood to fit: distilling a model to its own outputs is done with
+the Python API (``benchmarks/minilm.py``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import TEST_FRACTION, DataSplits, NamedDataset, _check_npz_kind, _check_y, _first_line, _generator
+from .errors import DataError, file_problem
+from .limits import check_npz
+
+LABELS = "labels"
+NO_LABELS = ("has no 'labels' array: the fit needs a likelihood (class labels 0..K-1, one per example, for a "
+             "model with a classification head); distilling a model to its own outputs is done with the Python "
+             "API (see benchmarks/minilm.py)")
+
+
+def is_token_file(spec) -> bool:
+    """``--data`` names an .npz file (with named inputs, read as token data)."""
+    return isinstance(spec, str) and spec.strip().lower().endswith(".npz")
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    problem = file_problem(path, missing="not found")
+    if problem:
+        raise DataError(f"data file {path} {problem}")
+    _check_npz_kind(path)
+    try:
+        check_npz(path, error=DataError)
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - np.load raises many types on bad input
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if "pickle" in reason:
+            reason = "it holds pickled Python objects, which are never loaded"
+        raise DataError(f"{path} is not a valid .npz file ({reason})") from None
+
+
+def _inputs(path: Path, arrays: dict, specs, suffix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    n = None
+    for s in specs:
+        key = s.name + suffix
+        a = arrays[key]
+        if s.dtype.is_floating_point:
+            if a.dtype.kind not in "biuf" or not np.isfinite(a.astype(np.float64, copy=False)).all():
+                raise DataError(f"{path}: '{key}' must hold finite numbers for input {s}")
+        elif a.dtype.kind not in "biu":
+            raise DataError(f"{path}: '{key}' must be an integer array (token ids or a mask) for input {s}, "
+                            f"got dtype {a.dtype}")
+        if a.ndim != len(s.shape) or tuple(a.shape[1:]) != tuple(s.shape[1:]):
+            raise DataError(f"{path}: '{key}' has shape {a.shape}, but --input {s} needs (N, "
+                            f"{', '.join(map(str, s.shape[1:]))})")
+        if n is not None and len(a) != n:
+            raise DataError(f"{path}: '{key}' has {len(a)} examples but '{specs[0].name + suffix}' has {n}")
+        n = len(a)
+        if a.dtype.kind in "iu" and a.size and (int(a.min()) < 0 and not s.dtype.is_floating_point):
+            raise DataError(f"{path}: '{key}' holds negative values (min {int(a.min())})")
+        out[s.name] = torch.from_numpy(np.ascontiguousarray(a)).to(s.dtype)
+    return out
+
+
+def load_tokens(path, specs, *, val_fraction: float = 0.2, seed: int = 0) -> DataSplits:
+    """Token data of ``path`` for the named inputs ``specs`` (see the module docstring); a
+    :class:`DataError` with one line on any problem."""
+    path = Path(str(path).strip()).expanduser()
+    arrays = _read(path)
+    names = [s.name for s in specs]
+    allowed = set(names) | {n + "_test" for n in names} | {LABELS, LABELS + "_test"}
+    extra = sorted(k for k in arrays if k not in allowed)
+    if extra:
+        raise DataError(f"{path}: array {extra[0]!r} is not an input of the model (inputs given with --input: "
+                        f"{', '.join(names)}; plus '{LABELS}')", param="data")
+    if LABELS not in arrays:
+        raise DataError(f"{path} {NO_LABELS}", param="data")
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise DataError(f"{path}: no array {missing[0]!r} for --input {missing[0]} (found: "
+                        f"{', '.join(sorted(arrays))})", param="data")
+    test_keys = [k for k in arrays if k.endswith("_test")]
+    if test_keys and sorted(test_keys) != sorted([n + "_test" for n in names] + [LABELS + "_test"]):
+        raise DataError(f"{path}: a test split needs '{LABELS}_test' and one NAME_test array for every input "
+                        f"({', '.join(n + '_test' for n in names)})", param="data")
+
+    def part(suffix: str) -> NamedDataset:
+        x = _inputs(path, arrays, specs, suffix)
+        y = _check_y(path, LABELS + suffix, arrays[LABELS + suffix])
+        n = len(next(iter(x.values())))
+        if len(y) != n:
+            raise DataError(f"{path}: '{LABELS + suffix}' has {len(y)} labels but '{names[0] + suffix}' has {n} "
+                            "examples", param="data")
+        if n == 0:
+            raise DataError(f"{path}: no examples in '{names[0] + suffix}'", param="data")
+        return NamedDataset(x, torch.from_numpy(y))
+
+    rest = part("")
+    if test_keys:
+        test = part("_test")
+    else:
+        n = len(rest)
+        n_test = min(int(math.floor(n * TEST_FRACTION)), n - 1)
+        perm = torch.randperm(n, generator=_generator(seed))
+        test, rest = rest.take(perm[:n_test]), rest.take(perm[n_test:])
+    n = len(rest)
+    n_val = min(int(round(n * val_fraction)), n - 1)
+    perm = torch.randperm(n, generator=_generator(seed + 1))  # another stream than the test hold-out
+    val, train = rest.take(perm[:n_val]), rest.take(perm[n_val:])
+    num_classes = int(torch.cat([rest.labels, test.labels]).max()) + 1
+    return DataSplits(name=path.stem, train=train, val=val, test=test, num_classes=num_classes,
+                      input_shape=tuple(specs[0].shape[1:]))
+
+
+def logits(out) -> torch.Tensor:
+    """The class scores of a model's output: a tensor, or a transformers output's ``logits``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    got = getattr(out, "logits", None)
+    if got is None and isinstance(out, dict):
+        got = out.get("logits")
+    if not isinstance(got, torch.Tensor):
+        raise DataError(f"the model's output ({type(out).__name__}) has no logits: named-input data fits a model "
+                        "with a classification head (e.g. ...ForSequenceClassification)", param="data")
+    return got
+
+
+def check_token_fits(model: nn.Module, splits: DataSplits) -> None:
+    """The named inputs are the model's keyword arguments, token ids stay below its vocabulary, and
+    its logits on 2 training examples have one column per class (a DataError otherwise)."""
+    from .inputs import fill_for, vocab_size
+
+    train: NamedDataset = splits.train
+    params = inspect.signature(model.forward).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        bad = next((n for n in train.inputs if n not in params), None)
+        if bad is not None:
+            raise DataError(f"input {bad!r} is not an argument of {type(model).__name__}.forward", param="data")
+    high = vocab_size(model)
+    for split in (splits.train, splits.val, splits.test):
+        for name, t in split.inputs.items():
+            if high and fill_for(name, str(t.dtype).removeprefix("torch.")) == "ids" and t.numel() \
+                    and int(t.max()) >= high:
+                raise DataError(f"'{name}' holds token id {int(t.max())}, but the model's vocabulary has {high} "
+                                "entries", param="data")
+    x = train.head(2)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = logits(model(**x))
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means the data does not fit
+        raise DataError(f"the named inputs do not fit the model: {_first_line(exc)}", param="data") from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if out.dim() != 2 or out.shape[0] != len(train.head(2)[next(iter(x))]):
+        raise DataError(f"the model's logits have shape {tuple(out.shape)}, expected (batch, classes): named-input "
+                        "data fits a model with a classification head", param="data")
+    if out.shape[1] < splits.num_classes:
+        raise DataError(f"the labels go up to {splits.num_classes - 1} but the model's head has {out.shape[1]} "
+                        f"classes: labels must be 0..{out.shape[1] - 1}", param="data")
