@@ -447,7 +447,8 @@ def _check_npz_kind(path: Path) -> None:
         raise DataError(f"{path} is not an .npz archive (not a zip file): {_NPZ_HINT}")
 
 
-def _load_npz(path: Path, val_fraction: float, seed: int) -> DataSplits:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz file ``path`` (never unpickling), or one DataError line."""
     problem = file_problem(path, missing="not found")  # a FIFO, a loop or an unreadable file is not "missing"
     if problem:
         raise DataError(f"data file {path} {problem}")
@@ -467,7 +468,11 @@ def _load_npz(path: Path, val_fraction: float, seed: int) -> DataSplits:
         if "pickle" in reason:  # never suggest numpy's unsafe loading
             reason = "it holds pickled Python objects, which are never loaded"
         raise DataError(f"{path} is not a valid .npz file ({reason})") from None
+    return arrays
 
+
+def _load_npz(path: Path, val_fraction: float, seed: int) -> DataSplits:
+    arrays = read_npz(path)
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         found = ", ".join(sorted(arrays)) or "none"

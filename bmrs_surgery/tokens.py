@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TEST_FRACTION, DataSplits, NamedDataset, _check_npz_kind, _check_y, _first_line, _generator
-from .errors import DataError, file_problem
-from .limits import check_npz
+from .data import TEST_FRACTION, DataSplits, NamedDataset, _check_y, _first_line, _generator, read_npz
+from .errors import DataError
 
 LABELS = "labels"
 NO_LABELS = ("has no 'labels' array: the fit needs a likelihood (class labels 0..K-1, one per example, for a "
@@ -35,24 +34,6 @@ NO_LABELS = ("has no 'labels' array: the fit needs a likelihood (class labels 0.
 def is_token_file(spec) -> bool:
     """``--data`` names an .npz file (with named inputs, read as token data)."""
     return isinstance(spec, str) and spec.strip().lower().endswith(".npz")
-
-
-def _read(path: Path) -> dict[str, np.ndarray]:
-    problem = file_problem(path, missing="not found")
-    if problem:
-        raise DataError(f"data file {path} {problem}")
-    _check_npz_kind(path)
-    try:
-        check_npz(path, error=DataError)
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - np.load raises many types on bad input
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        if "pickle" in reason:
-            reason = "it holds pickled Python objects, which are never loaded"
-        raise DataError(f"{path} is not a valid .npz file ({reason})") from None
 
 
 def _inputs(path: Path, arrays: dict, specs, suffix: str) -> dict[str, torch.Tensor]:
@@ -83,7 +64,7 @@ def load_tokens(path, specs, *, val_fraction: float = 0.2, seed: int = 0) -> Dat
     """Token data of ``path`` for the named inputs ``specs`` (see the module docstring); a
     :class:`DataError` with one line on any problem."""
     path = Path(str(path).strip()).expanduser()
-    arrays = _read(path)
+    arrays = read_npz(path)
     names = [s.name for s in specs]
     allowed = set(names) | {n + "_test" for n in names} | {LABELS, LABELS + "_test"}
     extra = sorted(k for k in arrays if k not in allowed)
@@ -173,7 +154,7 @@ def check_token_fits(model: nn.Module, splits: DataSplits) -> None:
     finally:
         for m, mode in modes:
             m.training = mode
-    if out.dim() != 2 or out.shape[0] != len(train.head(2)[next(iter(x))]):
+    if out.dim() != 2 or out.shape[0] != len(next(iter(x.values()))):
         raise DataError(f"the model's logits have shape {tuple(out.shape)}, expected (batch, classes): named-input "
                         "data fits a model with a classification head", param="data")
     if out.shape[1] < splits.num_classes:
