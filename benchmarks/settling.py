@@ -19,6 +19,15 @@ changes one of them), recording the optimiser steps until the gates settled (or 
     python benchmarks/settling.py --settings default,gate_lr_5e-2,init_sigma_-2 --long default \\
         --out benchmarks/results/settling/cpu
 
+``--steps N`` fits each setting for N steps instead (a reference for what a much longer fit
+removes); ``--trace N`` fits N steps and records, at every settling check, what candidate settling
+tests would have seen (projections over several horizons from two kinds of slope, the objective,
+the KL), which is how the test in ``bmrs_surgery/settling.py`` was chosen (docs/settling.md):
+
+    python benchmarks/settling.py --trace 4000 --out benchmarks/results/settling/trace
+    python benchmarks/settling.py --nets residual-cnn,concat-cnn,lenet5-fmnist --steps 20000 \
+        --out benchmarks/results/settling/reference-20k
+
 Results: ``OUT.json`` (every run) and ``OUT.md`` (tables, with the command).
 """
 
@@ -183,14 +192,116 @@ def run_one(net, data, setting: dict, epochs) -> dict:
     }
 
 
+HORIZONS = (1.0, 2.0, 4.0, 9.0)  # --trace: projections over these multiples of the steps done
+
+
+def trace(net, data, setting: dict, steps: int) -> dict:
+    """A fixed-length fit recording, at every settling check, what candidate settling tests would
+    have seen: the projected change in compression for slopes over the last 3 checks ("fixed") or
+    over the second half of the fit so far ("half", least squares), at every horizon of HORIZONS, plus
+    the objective, the KL and the KL of the kept structures. The fit itself is the default one."""
+    import bmrs_surgery.fit as fit_module
+    from bmrs_surgery.gated import gate_bank
+    from bmrs_surgery.settling import projected_keep, score_slope
+
+    history, rows = [], []
+    real = fit_module.observe
+    state = {}
+
+    def observe(settle, **kw):
+        found = real(settle, **kw)
+        score, keep, measure = kw["score"].detach().double().cpu(), kw["keep"].bool().cpu(), kw["measure"]
+        now = measure(keep)
+        history.append((kw["step"], score))
+        bank = state["bank"]
+        with torch.no_grad():
+            per = bank._kl_fn(bank.posterior).double().cpu()
+        row = {"step": kw["step"], "compression": now, "objective": kw["objective"], "kl": kw["kl"],
+               "kl_kept": float(per[keep].mean()) if keep.any() else 0.0, "kept": int(keep.sum()),
+               "flipped": found.flipped, "projected": {}}
+        for name, since in (("fixed", history[max(0, len(history) - 4)][0]), ("half", kw["step"] // 2)):
+            slope = score_slope([(s, h) for s, h in history if s >= since])
+            for h in HORIZONS:
+                if slope is None:
+                    row["projected"][f"{name}/{h:g}"] = 1.0
+                    continue
+                ahead = projected_keep(score, slope, keep, h * kw["step"])
+                row["projected"][f"{name}/{h:g}"] = abs(measure(ahead) - now)
+        rows.append(row)
+        return found
+
+    net = copy.deepcopy(net)
+    opts = dict(setting)
+    init = opts.pop("init_log_sigma", defaults.INIT_LOG_SIGMA)
+    gated = attach_gates(net, data.train.tensors[0][:2], init_log_sigma=init)
+    state["bank"] = gate_bank(gated)
+    spe = math.ceil(len(data.train) / defaults.BATCH_SIZE)
+    fit_module.observe = observe
+    try:
+        res = fit(gated, data, FitConfig(epochs=math.ceil(steps / spe), **opts))
+    finally:
+        fit_module.observe = real
+    return {"steps_per_epoch": spe, "checks": rows, "compression": res.prune.compression}
+
+
+# --replay: candidate settling tests (slope window/horizon, projected tolerance, objective rule); the
+# first is the test before the trace study, the third the one chosen
+CANDIDATES = [("fixed/2", 0.02, "own size"), ("half/2", 0.02, "fall"), ("half/9", 0.04, "fall"),
+              ("half/9", 0.03, "fall"), ("half/9", 0.05, "fall"), ("half/4", 0.03, "fall"), ("fixed/9", 0.04, "fall")]
+
+
+def replay(doc: dict) -> str:
+    """Where each candidate test would have stopped the traced fits (flip tolerance 2 points,
+    objective tolerance 5%, three stable checks in a row, at least 500 steps, as the defaults), and
+    the compression there: a table."""
+    lines = ["| network | " + " | ".join(f"{k} slope/horizon, {t:.0%}, objective vs {o}" for k, t, o in CANDIDATES)
+             + " | at 4,000 steps |", "|---" * (len(CANDIDATES) + 2) + "|"]
+    for key, r in doc["runs"].items():
+        if "/trace" not in key:
+            continue
+        checks, cells = r["checks"], []
+        for proj, tol, rule in CANDIDATES:
+            streak, found = 0, None
+            for i, c in enumerate(checks):
+                window = checks[max(0, i - defaults.SETTLE_PATIENCE):i]
+                before = sum(w["objective"] for w in window) / len(window) if window else None
+                fallen = checks[0]["objective"] - c["objective"] if rule == "fall" else 0.0
+                change = abs(c["objective"] - before) / max(abs(before), fallen, 1e-12) if window else math.inf
+                stable = (c["flipped"] <= defaults.SETTLE_FLIP_TOLERANCE and c["projected"][proj] <= tol
+                          and change <= defaults.SETTLE_OBJECTIVE_TOLERANCE)
+                streak = streak + 1 if stable else 0
+                if streak >= defaults.SETTLE_PATIENCE and c["step"] >= defaults.SETTLE_MIN_STEPS:
+                    found = c
+                    break
+            cells.append(f"{found['step']}: {100 * found['compression']:.1f}%" if found else "not settled")
+        lines.append(f"| {key.split('/')[0]} | " + " | ".join(cells) + f" | {100 * checks[-1]['compression']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", default="default")
     ap.add_argument("--nets", default=",".join(["mlp-tabular", "mlp-digits", "chain-cnn", "residual-cnn",
                                                 "concat-cnn", "lenet5-fmnist"]))
     ap.add_argument("--long", default="", help="settings also fitted for 10x the steps the auto fit took")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="instead of --epochs auto, fit every setting for this many steps (rounded up to whole "
+                         "epochs; a reference fit, stored as NETWORK/SETTING/STEPSsteps)")
+    ap.add_argument("--trace", type=int, default=None, metavar="STEPS",
+                    help="record what candidate settling tests see over a fit of STEPS steps (OUT.json only)")
+    ap.add_argument("--replay", default=None, metavar="TRACE_JSON",
+                    help="print where candidate settling tests stop the fits of a --trace file (and write OUT.md)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.replay:
+        text = replay(json.loads(Path(args.replay).read_text()))
+        print(text)
+        Path(args.out).with_suffix(".md").write_text(
+            "# Candidate settling tests replayed on traced fits\n\nCommand:\n\n    python benchmarks/settling.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]) + "\n\nStep where each test would have called the "
+            "fit settled, and the compression there (slope: over the last 3 checks, fixed, or the fit's second "
+            "half, half; horizon: times the steps done).\n\n" + text)
+        return 0
     torch.set_num_threads(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +316,20 @@ def main(argv=None) -> int:
             base = accuracy(net, data.test)
             for setting in args.settings.split(","):
                 key = f"{name}/{setting}"
+                if args.trace:
+                    doc["runs"][f"{key}/trace{args.trace}"] = trace(net, data, SETTINGS[setting], args.trace)
+                    print(f"{key}/trace{args.trace} done", flush=True)
+                    path.write_text(json.dumps(doc, indent=1) + "\n")
+                    continue
+                if args.steps:  # a fixed-length reference fit
+                    spe = math.ceil(len(data.train) / defaults.BATCH_SIZE)
+                    run = run_one(net, data, SETTINGS[setting], math.ceil(args.steps / spe))
+                    run["trained_accuracy"] = base
+                    doc["runs"][f"{key}/{args.steps}steps"] = run
+                    print(f"{key}/{args.steps}steps", {k: run[k] for k in ("steps", "compression", "accuracy",
+                                                                          "seconds")}, flush=True)
+                    path.write_text(json.dumps(doc, indent=1) + "\n")
+                    continue
                 run = run_one(net, data, SETTINGS[setting], "auto")
                 run["trained_accuracy"] = base
                 doc["runs"][key] = run
@@ -229,7 +354,7 @@ def table(doc: dict) -> str:
         "(difference) | accuracy (vs trained) | 10x fit accuracy | trained accuracy |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in doc["runs"].items():
-        if key.endswith("/10x"):
+        if key.count("/") != 1:  # 10x fits (shown with their auto fit), reference fits and traces
             continue
         name, setting = key.split("/")
         long = doc["runs"].get(key + "/10x")
@@ -240,6 +365,14 @@ def table(doc: dict) -> str:
                      f"{r['steps']} | {100 * r['compression']:.1f}% | {long_text} | {100 * r['accuracy']:.2f}% "
                      f"({100 * (r['accuracy'] - r['trained_accuracy']):+.2f}) | {long_acc} | "
                      f"{100 * r['trained_accuracy']:.2f}% |")
+    refs = [(k, r) for k, r in doc["runs"].items() if k.endswith("steps") and k.count("/") == 2]
+    if refs:
+        lines += ["", "Reference fits (--steps: a fixed number of steps, the setting's schedule spanning them):", "",
+                  "| network | setting | steps | compression | accuracy (vs trained) |", "|---|---|---|---|---|"]
+        for key, r in refs:
+            name, setting, _ = key.split("/")
+            lines.append(f"| {name} | {setting} | {r['steps']} | {100 * r['compression']:.1f}% | "
+                         f"{100 * r['accuracy']:.2f}% ({100 * (r['accuracy'] - r['trained_accuracy']):+.2f}) |")
     notes = doc.get("notes")
     return "\n".join(lines + (["", notes] if notes else [])) + "\n"
 
