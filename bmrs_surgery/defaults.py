@@ -19,9 +19,10 @@ FINETUNE_EPOCHS = 2
 # --epochs auto: fit until the gates settle (bmrs_surgery/settling.py), at most MAX_STEPS steps
 SETTLE_CHECK_STEPS = 100  # optimiser steps between two checks of the settling signal
 SETTLE_PATIENCE = 3  # stable checks in a row that make a settled fit
-SETTLE_FLIP_TOLERANCE = 0.02  # compression (fraction of parameters) that flips, or is projected to, in a stable check
-SETTLE_OBJECTIVE_TOLERANCE = 0.05  # relative change of the objective against the window's mean
-SETTLE_HORIZON = 2.0  # projection: times the steps done so far (a fit three times as long)
+SETTLE_FLIP_TOLERANCE = 0.02  # compression (fraction of parameters) that flips in a stable check
+SETTLE_PROJECTED_TOLERANCE = 0.04  # compression projected to flip by the horizon, in a stable check
+SETTLE_OBJECTIVE_TOLERANCE = 0.05  # change of the objective against the window's mean (settling.relative_change)
+SETTLE_HORIZON = 9.0  # projection: times the steps done so far (by the end of a fit ten times as long)
 SETTLE_MIN_STEPS = 500  # no fit is called settled before this many steps
 MAX_STEPS = 4000  # the most optimiser steps --epochs auto fits for
 AUTO_FINETUNE_STEPS = 300  # --epochs auto: fine-tuning lasts FINETUNE_EPOCHS epochs, or this many steps if more

@@ -117,9 +117,12 @@ def _settling_paragraph(doc: dict) -> str:
         return ""
     last = info.get("last_check") or {}
     if doc["settled"]:
+        projected = (info.get("tolerances") or {}).get("projected")
+        ahead = (f", a fit {info['horizon'] + 1:g} times as long projected to change the compression by at most "
+                 f"{_share(projected)}" if projected is not None and info.get("horizon") is not None else "")
         return (f"<p>The gates <b>settled</b> after {info['settled_at_step']} optimiser steps "
-                f"(no decision changed or was about to in {info['patience']} checks in a row); the fit stopped "
-                f"after {info['steps']} steps ({html.escape(str(info.get('stopped')))}).</p>")
+                f"(decisions stable{ahead} and the objective flat, in {info['patience']} checks in a row); the fit "
+                f"stopped after {info['steps']} steps ({html.escape(str(info.get('stopped')))}).</p>")
     from .settling import unsettled_message
 
     return (f"<p style='color:#a00'><b>The gates had not settled.</b> {html.escape(unsettled_message(info))}. "

@@ -6,20 +6,27 @@ the KL term and the mean objective since the previous check, and computes:
 
 * ``flipped``: the share of structures whose decision changed since the previous check;
 * ``projected``: the share of kept structures whose decision would change within a horizon of
-  :data:`~.defaults.SETTLE_HORIZON` times the steps done so far, if their score kept moving as it did
-  over the last :data:`~.defaults.SETTLE_PATIENCE` intervals (a linear extrapolation: a structure
-  whose dF climbs towards 0 is about to be pruned even though no decision flipped yet, which is
-  exactly the state of a fit whose gates have not moved yet; the slope over several intervals
-  averages out the step-to-step noise of the posteriors);
-* ``objective_change``: the relative change of the mean objective over the same window.
+  :data:`~.defaults.SETTLE_HORIZON` times the steps done so far (9: by the end of a fit ten times as
+  long), if each score kept the trend it had over the second half of the fit so far (a least-squares
+  slope over the checks since half the steps done). A structure whose dF climbs towards 0 is about to
+  be pruned even though no decision flipped yet, which is exactly the state of a fit whose gates have
+  not moved yet. The slope's window grows with the fit, in proportion to the horizon, so the noise
+  of the extrapolation does not grow with the number of steps (a fixed window would extrapolate
+  step-to-step noise ever further);
+* ``objective_change``: the change of the mean objective against the last
+  :data:`~.defaults.SETTLE_PATIENCE` checks, as a share of the larger of how far the objective has
+  fallen since the first check and its size now (a nearly converged objective close to 0, where a
+  relative change is all noise, is judged against how far it came).
 
 Both decision measures count in points of parameter compression when the fit gives ``measure`` (it
 does: what moves matters by the parameters it holds, not by the number of structures). A check is
-*stable* when no more than :data:`~.defaults.SETTLE_FLIP_TOLERANCE` flipped or is projected to flip, and the objective changed by less than
+*stable* when no more than :data:`~.defaults.SETTLE_FLIP_TOLERANCE` flipped, no more than
+:data:`~.defaults.SETTLE_PROJECTED_TOLERANCE` is projected to, and the objective changed by less than
 :data:`~.defaults.SETTLE_OBJECTIVE_TOLERANCE`. The fit has *settled* after
 :data:`~.defaults.SETTLE_PATIENCE` stable checks in a row, and not before
 :data:`~.defaults.SETTLE_MIN_STEPS` steps. The functions here are pure: tensors
-and numbers in, records out; the fitting loop owns the schedule.
+and numbers in, records out; the fitting loop owns the schedule. Why these choices:
+``docs/settling.md``.
 """
 
 from __future__ import annotations
@@ -57,9 +64,11 @@ class SettleState:
     checks: list[SettleCheck] = field(default_factory=list)
     last_keep: torch.Tensor | None = None
     last_score: torch.Tensor | None = None
-    scores: list[torch.Tensor] = field(default_factory=list)  # the window's earlier scores, oldest first
+    # (step, scores) of the checks the slope may still need (those at or after half the steps), oldest first
+    history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     streak: int = 0  # stable checks in a row
     settled_at: int | None = None  # the step of the check that completed the streak
+    first_objective: float | None = None  # the mean objective at the first check
 
     @property
     def settled(self) -> bool:
@@ -67,15 +76,20 @@ class SettleState:
 
     def to_state(self) -> dict:
         return {"checks": [asdict(c) for c in self.checks], "last_keep": self.last_keep,
-                "last_score": self.last_score, "scores": list(self.scores), "streak": self.streak,
-                "settled_at": self.settled_at}
+                "last_score": self.last_score, "history_steps": [s for s, _ in self.history],
+                "history": [h for _, h in self.history], "streak": self.streak, "settled_at": self.settled_at,
+                "first_objective": self.first_objective}
 
     @classmethod
     def from_state(cls, state: dict | None) -> SettleState:
         if not state:
             return cls()
-        return cls([SettleCheck(**c) for c in state["checks"]], state["last_keep"], state["last_score"],
-                   list(state.get("scores", [])), int(state["streak"]), state["settled_at"])
+        # a state saved before the history was kept resumes without it (the slope starts afresh)
+        history = list(zip(state.get("history_steps", []), state.get("history", [])))
+        checks = [SettleCheck(**c) for c in state["checks"]]
+        first = state.get("first_objective", checks[0].objective if checks else None)
+        return cls(checks, state["last_keep"], state["last_score"], history, int(state["streak"]),
+                   state["settled_at"], first)
 
 
 def flipped_share(keep: torch.Tensor, last_keep: torch.Tensor | None) -> float:
@@ -86,78 +100,91 @@ def flipped_share(keep: torch.Tensor, last_keep: torch.Tensor | None) -> float:
     return float((keep.bool() != last_keep.bool()).double().mean()) if keep.numel() else 0.0
 
 
-def projected_keep(score: torch.Tensor, last_score: torch.Tensor | None, keep: torch.Tensor,
-                   interval: int, horizon: int, boundary: float | None = 0.0, lower_is_better: bool = True) -> torch.Tensor:
-    """The keep decisions ``horizon`` steps ahead if every kept structure's score kept its slope over
-    the last ``interval`` steps (see :func:`projected_share`); pruned structures stay pruned."""
+def score_slope(history: list[tuple[int, torch.Tensor]]) -> torch.Tensor | None:
+    """Least-squares slope per step of each structure's score over the checks in ``history`` ((step,
+    scores) pairs), in float64; None with fewer than two distinct steps."""
+    if len({s for s, _ in history}) < 2:
+        return None
+    t = torch.tensor([s for s, _ in history], dtype=torch.float64)
+    y = torch.stack([h.double() for _, h in history])
+    tc = t - t.mean()
+    return (tc[:, None] * (y - y.mean(0))).sum(0) / (tc * tc).sum()
+
+
+def projected_keep(score: torch.Tensor, slope: torch.Tensor | None, keep: torch.Tensor, horizon: float,
+                   boundary: float | None = 0.0, lower_is_better: bool = True) -> torch.Tensor:
+    """The keep decisions ``horizon`` steps ahead if every kept structure's score kept its ``slope``
+    (per step); pruned structures stay pruned: a pruned gate's posterior drifts towards the prior with
+    a slope that flattens (a linear extrapolation overshoots it), and a real return is seen as a flip.
+    A non-finite score or slope counts as staying (the criteria refuse non-finite posteriors before
+    this)."""
     keep = keep.bool()
-    if boundary is None or last_score is None or interval <= 0 or score.numel() == 0:
+    if boundary is None or slope is None or score.numel() == 0:
         return keep.clone()
-    now = score.double()
-    ahead = now + (now - last_score.double()) / interval * max(horizon, 0)
+    ahead = score.double() + slope.double() * max(horizon, 0.0)
+    # the decision keeps a structure when its score is below 0 (dF < 0), or above for scores where
+    # higher is better; a flip is the extrapolated score crossing to the other side
     stays = (ahead < boundary) if lower_is_better else (ahead > boundary)
     return keep & (stays | ~torch.isfinite(ahead))
 
 
-def projected_share(score: torch.Tensor, last_score: torch.Tensor | None, keep: torch.Tensor,
-                    interval: int, horizon: int, boundary: float | None = 0.0, lower_is_better: bool = True) -> float:
-    """Share of structures whose decision would flip within ``horizon`` steps if each score kept
-    its slope over the last ``interval`` steps: the score crossing ``boundary`` (0 for dF; None for a
-    criterion whose cut is not a fixed score, which projects nothing). Scores are compared in
-    float64; a non-finite score or slope counts as not projected (the criteria refuse non-finite
-    posteriors before this)."""
-    if boundary is None:
+def projected_share(score: torch.Tensor, slope: torch.Tensor | None, keep: torch.Tensor, horizon: float,
+                    boundary: float | None = 0.0, lower_is_better: bool = True) -> float:
+    """Share of structures whose decision would flip within ``horizon`` steps if each score kept its
+    ``slope``: the score crossing ``boundary`` (0 for dF; None for a criterion whose cut is not a
+    fixed score, which projects nothing). 1.0 when no slope is known yet (nothing has been seen to
+    move or stay)."""
+    if boundary is None or score.numel() == 0:
         return 0.0
-    if last_score is None or interval <= 0 or score.numel() == 0:
-        return 1.0 if last_score is None else 0.0
-    now = score.double()
-    slope = (now - last_score.double()) / interval
-    ahead = now + slope * max(horizon, 0)
-    finite = torch.isfinite(now) & torch.isfinite(ahead)
-    # the decision keeps a structure when its score is below 0 (dF < 0), or above for scores where
-    # higher is better; a flip is the extrapolated score crossing to the other side
-    keep_ahead = (ahead < boundary) if lower_is_better else (ahead > boundary)
-    # only kept structures are projected: a pruned gate's posterior drifts towards the prior with a
-    # slope that flattens (linear extrapolation overshoots it), and a real return is seen as a flip
-    return float((keep.bool() & ~keep_ahead & finite).double().mean())
+    if slope is None:
+        return 1.0
+    ahead = projected_keep(score, slope, keep, horizon, boundary, lower_is_better)
+    return float((keep.bool() & ~ahead).double().mean())
 
 
-def relative_change(now: float, before: float | None) -> float:
-    """|now - before| / max(|before|, tiny); inf when there is nothing to compare with."""
+def relative_change(now: float, before: float | None, fallen: float = 0.0) -> float:
+    """|now - before| / max(|before|, ``fallen``, tiny): the change as a share of the larger of the
+    value's size and how far it has fallen so far; inf when there is nothing to compare with."""
     if before is None or not (math.isfinite(now) and math.isfinite(before)):
         return math.inf
-    return abs(now - before) / max(abs(before), 1e-12)
+    return abs(now - before) / max(abs(before), fallen if math.isfinite(fallen) else 0.0, 1e-12)
 
 
 def observe(state: SettleState, *, step: int, epoch: float, score: torch.Tensor, keep: torch.Tensor,
             objective: float, kl: float, boundary: float | None = 0.0, lower_is_better: bool = True,
             patience: int = defaults.SETTLE_PATIENCE, flip_tolerance: float = defaults.SETTLE_FLIP_TOLERANCE,
+            projected_tolerance: float = defaults.SETTLE_PROJECTED_TOLERANCE,
             objective_tolerance: float = defaults.SETTLE_OBJECTIVE_TOLERANCE,
             horizon: float = defaults.SETTLE_HORIZON, min_steps: int = defaults.SETTLE_MIN_STEPS,
             measure=None) -> SettleCheck:
     """Record one check in ``state`` (updated in place) and return it.
 
-    The decision side of the test is "the decisions did not change, and are not about to"; the
-    objective side is "the loss has flattened". Keeping the first check unstable means a fit is never
-    called settled before its scores have been seen to move (or not) over one interval.
+    The decision side of the test is "the decisions did not change, and a fit ``horizon + 1`` times as
+    long is not projected to change them by more than the tolerance"; the objective side is "the
+    objective has flattened". Keeping the first check unstable means a fit is never called settled
+    before its scores have been seen to move (or not) over one interval.
     """
-    window = state.checks[-patience:]  # the checks the slope and the objective are compared over
-    oldest = window[0] if window else None
-    interval = step - oldest.step if oldest else step
+    window = state.checks[-patience:]  # the checks the objective is compared over
+    score = score.detach().double().cpu()
+    keep = keep.detach().bool().cpu()
+    # the slope over the second half of the fit so far (and at least the previous check)
+    since = min(step // 2, state.history[-1][0]) if state.history else step
+    history = [(s, h) for s, h in state.history if s >= since] + [(step, score)]
+    slope = score_slope(history)
     flipped = flipped_share(keep, state.last_keep)
-    projected = projected_share(score, state.scores[0] if state.scores else None, keep, interval,
-                                horizon=int(horizon * step), boundary=boundary, lower_is_better=lower_is_better)
+    projected = projected_share(score, slope, keep, horizon * step, boundary, lower_is_better)
     now = None
     if measure is not None:  # in what the user asked for: points of parameter compression, not structures
         now = measure(keep)
         if state.last_keep is not None:
             flipped = abs(now - measure(state.last_keep))
-        if state.scores and projected > 0:
-            ahead = projected_keep(score, state.scores[0], keep, interval, int(horizon * step), boundary, lower_is_better)
-            projected = abs(measure(ahead) - now)
+        if slope is not None and projected > 0:
+            projected = abs(measure(projected_keep(score, slope, keep, horizon * step, boundary,
+                                                   lower_is_better)) - now)
     before = sum(c.objective for c in window) / len(window) if window else None
-    change = relative_change(objective, before)
-    stable = flipped <= flip_tolerance and projected <= flip_tolerance and change <= objective_tolerance
+    first = state.first_objective if state.first_objective is not None else objective
+    change = relative_change(objective, before, fallen=first - objective)
+    stable = flipped <= flip_tolerance and projected <= projected_tolerance and change <= objective_tolerance
     state.streak = state.streak + 1 if stable else 0
     if state.settled_at is None and state.streak >= patience and step >= min_steps:
         state.settled_at = step
@@ -165,9 +192,10 @@ def observe(state: SettleState, *, step: int, epoch: float, score: torch.Tensor,
                         flipped=flipped, projected=projected, objective=objective, objective_change=change,
                         kl=kl, stable=stable, compression=now)
     state.checks.append(check)
-    state.last_keep = keep.detach().bool().cpu().clone()
-    state.last_score = score.detach().double().cpu().clone()
-    state.scores = (state.scores + [state.last_score])[-patience:]
+    state.first_objective = first
+    state.last_keep = keep.clone()
+    state.last_score = score.clone()
+    state.history = history  # older checks are never needed again: the window's start only moves on
     return check
 
 
@@ -182,6 +210,9 @@ def summary(state: SettleState, max_steps: int | None = None) -> dict:
         "checks": len(state.checks),
         "last_check": asdict(last) if last else None,
         "patience": defaults.SETTLE_PATIENCE,
+        "horizon": defaults.SETTLE_HORIZON,
+        "tolerances": {"flipped": defaults.SETTLE_FLIP_TOLERANCE, "projected": defaults.SETTLE_PROJECTED_TOLERANCE,
+                       "objective_change": defaults.SETTLE_OBJECTIVE_TOLERANCE},
     }
 
 

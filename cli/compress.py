@@ -68,8 +68,9 @@ def _terminate(signum, frame):
 @click.option("--mode", type=click.Choice(MODES), default=defaults.MODE,
               show_default=True, help="Prune while fitting, or once after fitting.")
 @click.option("--epochs", type=EPOCHS, default=None,
-              help=f"Fitting epochs, or auto: fit until the gates settle (no decision changes or is about to, "
-                   f"the objective flat), at most --max-steps steps [default: {defaults.EPOCHS}, or 0 for a model "
+              help=f"Fitting epochs, or auto: fit until the gates settle (the decisions stable, a fit ten times as "
+                   f"long projected to change them by at most {defaults.SETTLE_PROJECTED_TOLERANCE:.0%} of the "
+                   f"parameters, the objective flat), at most --max-steps steps [default: {defaults.EPOCHS}, or 0 for a model "
                    "that already carries fitted gates].")
 @click.option("--max-steps", type=click.IntRange(min=1), default=defaults.MAX_STEPS, show_default=True,
               help="--epochs auto: the most optimiser steps to fit for (a fit stopped here unsettled says so).")

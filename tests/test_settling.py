@@ -15,6 +15,7 @@ from bmrs_surgery.settling import (
     observe,
     projected_share,
     relative_change,
+    score_slope,
     summary,
     unsettled_message,
 )
@@ -36,11 +37,43 @@ def test_projection_sees_a_score_about_to_cross():
     last = torch.tensor([-100.0, -10.0, -50.0], dtype=torch.float64)
     now = torch.tensor([-100.0, -5.0, -49.0], dtype=torch.float64)
     keep = now < 0
+    slope = score_slope([(100, last), (200, now)])
+    assert torch.allclose(slope, torch.tensor([0.0, 0.05, 0.01], dtype=torch.float64))
     # structure 1 climbs 5 per 100 steps: crosses 0 within a horizon of 100 steps, not 50
-    assert projected_share(now, last, keep, interval=100, horizon=100) == pytest.approx(1 / 3)
-    assert projected_share(now, last, keep, interval=100, horizon=50) == 0.0
-    assert projected_share(now, None, keep, interval=100, horizon=100) == 1.0
-    assert projected_share(now, last, keep, interval=100, horizon=100, boundary=None) == 0.0
+    assert projected_share(now, slope, keep, horizon=100) == pytest.approx(1 / 3)
+    assert projected_share(now, slope, keep, horizon=50) == 0.0
+    assert projected_share(now, None, keep, horizon=100) == 1.0
+    assert projected_share(now, slope, keep, horizon=100, boundary=None) == 0.0
+
+
+def test_the_slope_is_a_least_squares_fit_that_averages_out_noise():
+    steps = [100, 200, 300, 400, 500]
+    noise = [3.0, -3.0, 3.0, -3.0, 3.0]  # alternating noise around a line climbing 1 per 100 steps
+    history = [(s, torch.tensor([-10.0 + s / 100 + e], dtype=torch.float64)) for s, e in zip(steps, noise)]
+    slope = score_slope(history)
+    assert slope.item() == pytest.approx(0.01, abs=2e-3)  # the last two checks alone say -0.06
+    assert score_slope(history[:1]) is None
+
+
+def test_the_slope_window_grows_with_the_fit_so_that_old_noise_is_not_extrapolated_ever_further():
+    """Scores that wobble but do not trend: a two-check slope extrapolated over a horizon that grows
+    with the steps would project flips sooner or later; the slope over the fit's second half does
+    not."""
+    state = SettleState()
+    scores = {}
+    for i, step in enumerate(range(100, 4100, 100)):
+        wobble = 4.0 if i % 2 else -4.0
+        scores[step] = torch.tensor([-60.0 + wobble, -80.0 - wobble, 5.0], dtype=torch.float64)
+        _check(state, step, scores[step])
+    late = [c for c in state.checks if c.step >= 2000]
+    assert all(c.projected == 0.0 for c in late)
+    assert state.settled
+    # a slope over the last two checks alone, extrapolated as far, would see the first score cross
+    keep = scores[4000] < 0
+    two_checks = score_slope([(3900, scores[3900]), (4000, scores[4000])])
+    assert projected_share(scores[4000], two_checks, keep, horizon=defaults.SETTLE_HORIZON * 4000) > 0
+    # the history keeps only what a later slope can use: checks since half the steps
+    assert min(s for s, _ in state.history) >= 2000
 
 
 def test_gates_that_have_not_moved_are_not_settled_while_their_scores_climb():
@@ -78,6 +111,9 @@ def test_state_round_trips_for_resume():
     again = SettleState.from_state(state.to_state())
     assert again.checks == state.checks and again.streak == state.streak
     assert torch.equal(again.last_keep, state.last_keep)
+    assert [s for s, _ in again.history] == [100, 200] and again.first_objective == state.first_objective
+    # the next check sees the same slope whether the fit was resumed or not
+    assert _check(again, 300, [-0.5, 2.0]) == _check(state, 300, [-0.5, 2.0])
 
 
 def test_relative_change_is_finite_or_inf_never_nan():
@@ -85,6 +121,20 @@ def test_relative_change_is_finite_or_inf_never_nan():
     assert relative_change(float("nan"), 1.0) == math.inf
     assert relative_change(1.02, 1.0) == pytest.approx(0.02)
     assert relative_change(0.0, 0.0) == 0.0
+    # judged against how far the objective has fallen when that is larger than its size now
+    assert relative_change(0.0412, 0.04, fallen=4.0) == pytest.approx(0.0003)
+    assert relative_change(1.02, 1.0, fallen=math.inf) == pytest.approx(0.02)
+
+
+def test_a_small_objective_that_has_fallen_far_counts_as_flat_despite_its_relative_noise():
+    """An objective that fell from 4 to about 0.04 and wobbles by 10% there (batch noise on a nearly
+    fitted training set) has flattened; one that is still falling by 10% a check has not."""
+    flat, falling = SettleState(), SettleState()
+    for i, step in enumerate(range(100, 1100, 100)):
+        _check(flat, step, [-50.0, 5.0], objective=4.0 if i == 0 else 0.04 * (1.1 if i % 2 else 0.9))
+        _check(falling, step, [-50.0, 5.0], objective=4.0 * 0.9 ** i)
+    assert flat.settled and not falling.settled
+    assert max(c.objective_change for c in flat.checks[4:]) < defaults.SETTLE_OBJECTIVE_TOLERANCE  # past the 4.0
 
 
 def test_unsettled_message_says_what_to_run():
