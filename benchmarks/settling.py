@@ -63,6 +63,7 @@ SETTINGS = {  # one change each against the defaults (gate_lr_5e-2 is the defaul
     "gate_lr_1e-1": {"gate_lr": 1e-1},
     "init_sigma_-2": {"init_log_sigma": -2.0},
     "kl_elbo": {"kl_weighting": "elbo"},
+    "finetune_epochs_27": {"finetune_epochs": 27},  # about 1,000 fine-tuning steps on the LeNet5 sample (38 a epoch)
 }
 
 
