@@ -273,6 +273,8 @@ def replay(doc: dict) -> str:
     """Where each candidate test would have stopped the traced fits (flip tolerance 2 points,
     objective tolerance 5%, three stable checks in a row, at least 500 steps, as the defaults), and
     the compression there: a table."""
+    from bmrs_surgery.settling import relative_change
+
     lines = ["| network | " + " | ".join(f"{k} slope/horizon, {t:.0%}, objective vs {o}" for k, t, o in CANDIDATES)
              + " | at 4,000 steps |", "|---" * (len(CANDIDATES) + 2) + "|"]
     for key, r in doc["runs"].items():
@@ -285,7 +287,7 @@ def replay(doc: dict) -> str:
                 window = checks[max(0, i - defaults.SETTLE_PATIENCE):i]
                 before = sum(w["objective"] for w in window) / len(window) if window else None
                 fallen = checks[0]["objective"] - c["objective"] if rule == "fall" else 0.0
-                change = abs(c["objective"] - before) / max(abs(before), fallen, 1e-12) if window else math.inf
+                change = relative_change(c["objective"], before, fallen)
                 stable = (c["flipped"] <= defaults.SETTLE_FLIP_TOLERANCE and c["projected"][proj] <= tol
                           and change <= defaults.SETTLE_OBJECTIVE_TOLERANCE)
                 streak = streak + 1 if stable else 0

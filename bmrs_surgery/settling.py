@@ -63,7 +63,6 @@ class SettleState:
 
     checks: list[SettleCheck] = field(default_factory=list)
     last_keep: torch.Tensor | None = None
-    last_score: torch.Tensor | None = None
     # (step, scores) of the checks the slope may still need (those at or after half the steps), oldest first
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     streak: int = 0  # stable checks in a row
@@ -76,7 +75,7 @@ class SettleState:
 
     def to_state(self) -> dict:
         return {"checks": [asdict(c) for c in self.checks], "last_keep": self.last_keep,
-                "last_score": self.last_score, "history_steps": [s for s, _ in self.history],
+                "history_steps": [s for s, _ in self.history],
                 "history": [h for _, h in self.history], "streak": self.streak, "settled_at": self.settled_at,
                 "first_objective": self.first_objective}
 
@@ -88,8 +87,7 @@ class SettleState:
         history = list(zip(state.get("history_steps", []), state.get("history", [])))
         checks = [SettleCheck(**c) for c in state["checks"]]
         first = state.get("first_objective", checks[0].objective if checks else None)
-        return cls(checks, state["last_keep"], state["last_score"], history, int(state["streak"]),
-                   state["settled_at"], first)
+        return cls(checks, state["last_keep"], history, int(state["streak"]), state["settled_at"], first)
 
 
 def flipped_share(keep: torch.Tensor, last_keep: torch.Tensor | None) -> float:
@@ -129,16 +127,18 @@ def projected_keep(score: torch.Tensor, slope: torch.Tensor | None, keep: torch.
 
 
 def projected_share(score: torch.Tensor, slope: torch.Tensor | None, keep: torch.Tensor, horizon: float,
-                    boundary: float | None = 0.0, lower_is_better: bool = True) -> float:
+                    boundary: float | None = 0.0, lower_is_better: bool = True,
+                    ahead: torch.Tensor | None = None) -> float:
     """Share of structures whose decision would flip within ``horizon`` steps if each score kept its
     ``slope``: the score crossing ``boundary`` (0 for dF; None for a criterion whose cut is not a
     fixed score, which projects nothing). 1.0 when no slope is known yet (nothing has been seen to
-    move or stay)."""
+    move or stay). ``ahead``: :func:`projected_keep` of the same arguments, when already computed."""
     if boundary is None or score.numel() == 0:
         return 0.0
     if slope is None:
         return 1.0
-    ahead = projected_keep(score, slope, keep, horizon, boundary, lower_is_better)
+    if ahead is None:
+        ahead = projected_keep(score, slope, keep, horizon, boundary, lower_is_better)
     return float((keep.bool() & ~ahead).double().mean())
 
 
@@ -172,15 +172,15 @@ def observe(state: SettleState, *, step: int, epoch: float, score: torch.Tensor,
     history = [(s, h) for s, h in state.history if s >= since] + [(step, score)]
     slope = score_slope(history)
     flipped = flipped_share(keep, state.last_keep)
-    projected = projected_share(score, slope, keep, horizon * step, boundary, lower_is_better)
+    ahead = projected_keep(score, slope, keep, horizon * step, boundary, lower_is_better)
+    projected = projected_share(score, slope, keep, horizon * step, boundary, lower_is_better, ahead=ahead)
     now = None
     if measure is not None:  # in what the user asked for: points of parameter compression, not structures
         now = measure(keep)
         if state.last_keep is not None:
             flipped = abs(now - measure(state.last_keep))
         if slope is not None and projected > 0:
-            projected = abs(measure(projected_keep(score, slope, keep, horizon * step, boundary,
-                                                   lower_is_better)) - now)
+            projected = abs(measure(ahead) - now)
     before = sum(c.objective for c in window) / len(window) if window else None
     first = state.first_objective if state.first_objective is not None else objective
     change = relative_change(objective, before, fallen=first - objective)
@@ -194,7 +194,6 @@ def observe(state: SettleState, *, step: int, epoch: float, score: torch.Tensor,
     state.checks.append(check)
     state.first_objective = first
     state.last_keep = keep.clone()
-    state.last_score = score.clone()
     state.history = history  # older checks are never needed again: the window's start only moves on
     return check
 
