@@ -66,6 +66,10 @@ SETTINGS = {  # one change each against the defaults (gate_lr_5e-2 is the defaul
     "finetune_epochs_27": {"finetune_epochs": 27},
     # the weights frozen while the gates are fitted, then fine-tuned as by default (benchmark-only)
     "frozen_weights": {"frozen_weights": True},  # about 1,000 fine-tuning steps on the LeNet5 sample (38 a epoch)
+    # another optimiser for the gate posteriors only (benchmark-only; the weights keep Adam's defaults):
+    # no momentum (RMSprop-like steps, each from its own batch), or a second moment that forgets 10x faster
+    "gate_adam_beta1_0": {"gate_betas": (0.0, 0.999)},
+    "gate_adam_beta2_0.99": {"gate_betas": (0.9, 0.99)},
 }
 
 
@@ -179,6 +183,9 @@ def run_one(net, data, setting: dict, epochs) -> dict:
     opts = dict(setting)
     init = opts.pop("init_log_sigma", defaults.INIT_LOG_SIGMA)
     frozen = opts.pop("frozen_weights", False)
+    gate_betas = opts.pop("gate_betas", None)
+    if gate_betas is not None:
+        return with_gate_betas(gate_betas, run_one, net, data, opts, epochs)
     gated = attach_gates(net, data.train.tensors[0][:2], init_log_sigma=init)
     cfg = FitConfig(epochs=epochs, **opts)
     t0 = time.perf_counter()
@@ -209,6 +216,24 @@ def run_one(net, data, setting: dict, epochs) -> dict:
         "accuracy": accuracy(gated, data.test), "seconds": time.perf_counter() - t0,
         "checks": trajectory.checks,
     }
+
+
+def with_gate_betas(betas, run, *args):
+    """``run(*args)`` with the fit's Adam using ``betas`` on the gate posteriors' group only."""
+    import bmrs_surgery.fit as fit_module
+
+    real = fit_module.make_optimizer
+
+    def make_optimizer(gated, cfg):
+        opt = real(gated, cfg)
+        opt.param_groups[fit_module.GATE_GROUP]["betas"] = tuple(betas)
+        return opt
+
+    fit_module.make_optimizer = make_optimizer
+    try:
+        return run(*args)
+    finally:
+        fit_module.make_optimizer = real
 
 
 HORIZONS = (1.0, 2.0, 4.0, 9.0)  # --trace: projections over these multiples of the steps done

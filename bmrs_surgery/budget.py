@@ -83,7 +83,7 @@ class Meter:
     """The measured quantity of the pruned network for a keep-mask (MACs or parameter ratio,
     or milliseconds in ONNX Runtime)."""
 
-    def __init__(self, gated, example: torch.Tensor, budget: Budget, threads: int = 0):
+    def __init__(self, gated, example, budget: Budget, threads: int = 0):
         from .deploy import count, plain_network
         from .gated import analysis_of, gate_bank
 
@@ -117,20 +117,27 @@ class Meter:
         return p[{"macs": "macs_ratio", "params": "params_ratio", "latency": "latency_ms"}[self.budget.kind]]
 
 
-def latency_ms(net, example: torch.Tensor, batch: int, threads: int = 0, runs: int = 15) -> float:
-    """Median ONNX Runtime CPU latency of ``net`` at ``batch`` (one worker process, no torch there)."""
+def latency_ms(net, example, batch: int, threads: int = 0, runs: int = 15) -> float:
+    """Median ONNX Runtime CPU latency of ``net`` at ``batch`` (one worker process, no torch there).
+    ``example``: a tensor, or a dict of named inputs (token ids fed below the model's vocabulary)."""
     from .bench import benchmark
     from .export import onnx_bytes
+    from .inputs import InputSpec, bench_feeds
 
-    data, _ = onnx_bytes(net.eval(), torch.randn((2,) + tuple(example.shape[1:])))
+    if isinstance(example, dict):
+        data, _ = onnx_bytes(net.eval(), example)
+        feeds = bench_feeds([InputSpec(k, v.dtype, tuple(v.shape)) for k, v in example.items()], net)
+    else:
+        data, _ = onnx_bytes(net.eval(), torch.randn((2,) + tuple(example.shape[1:])))
+        feeds = None
     with tempfile.TemporaryDirectory(prefix="bmrs-budget-") as tmp:
         path = Path(tmp) / "candidate.onnx"
         path.write_bytes(data)
-        res = benchmark([path], (batch,), threads=threads, warmup=3, runs=runs, rounds=3)
+        res = benchmark([path], (batch,), threads=threads, warmup=3, runs=runs, rounds=3, feeds=feeds)
     return float(res["models"][0]["batches"][0]["median_ms"])
 
 
-def meet(gated, keep: torch.Tensor, score: torch.Tensor, budget: Budget, example: torch.Tensor,
+def meet(gated, keep: torch.Tensor, score: torch.Tensor, budget: Budget, example,
          finalise: Callable[[torch.Tensor], torch.Tensor], threads: int = 0,
          refine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """The keep-mask that meets ``budget`` (see the module doc) and what happened, for the report.
@@ -206,7 +213,9 @@ class Planner:
     the fit (before fine-tuning) and by the pipeline (the final decision); the same decision gives
     the same plan, computed once."""
 
-    def __init__(self, job, gated, input_shape, table_path=None):
+    def __init__(self, job, gated, example, table_path=None):
+        """``example``: one example the network is measured on (a tensor of batch 1, or a dict of
+        named inputs)."""
         from .gated import gate_bank
 
         self.gated = gated
@@ -214,7 +223,7 @@ class Planner:
         self.round_to = job.round_to
         self.budget = budget_of(job)
         self.threads = job.threads
-        self.example = torch.randn((1,) + tuple(input_shape))
+        self.example = example
         self.table = None
         if self.round_to == "auto":
             from .latency_table import LatencyTable

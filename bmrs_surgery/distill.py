@@ -36,11 +36,14 @@ class Distiller:
         self.temperature = float(temperature)
         self.weight = float(weight)
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Summed over the batch (the caller scales it, as it does the plain cross-entropy)."""
+    def loss(self, out: torch.Tensor, y: torch.Tensor, x) -> torch.Tensor:
+        """Summed over the batch (the caller scales it, as it does the plain cross-entropy); ``x`` is
+        the batch the student saw: a tensor, or a dict of named inputs (token data)."""
+        from .fit import scores
+
         student = out.float()
         with torch.no_grad():
-            target = self.teacher(x).float()
+            target = scores(self.teacher, x).float()
         t = self.temperature
         ce = F.cross_entropy(student, y, reduction="sum")
         kd = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(target / t, dim=1), reduction="sum",

@@ -239,8 +239,7 @@ def validate_job(job) -> None:
     """Named inputs in a compression job (``--input`` / ``--inputs-file``): the specs parse, and the
     job is one they can serve. With ``--data`` it must be a token ``.npz`` (see :mod:`tokens`);
     without it, the model must already carry fitted gates and nothing is fitted. Distillation, a
-    sweep, a budget and ``--round-to auto`` are refused (the last two time the network on one float
-    tensor; the first two feed one tensor per example)."""
+    sweep, budgets and ``--round-to auto`` work on named inputs as on one tensor."""
     inputs, inputs_file = tuple(getattr(job, "inputs", ()) or ()), getattr(job, "inputs_file", None)
     if not inputs and not inputs_file:
         return
@@ -259,17 +258,6 @@ def validate_job(job) -> None:
     if job.data is None and job.epochs:
         raise JobError(f"without --data, named inputs serve a model that already carries fitted gates: nothing is "
                        f"fitted, so --epochs {job.epochs} cannot apply (leave it out, or give --data tokens.npz)",
-                       param=option)
-    from .budget import budget_of
-
-    if budget_of(job) is not None or job.round_to == "auto":
-        raise JobError("named inputs do not go with a budget or --round-to auto (both time the network on one "
-                       "float tensor); prune at BMRS's own stop, --round-to N allowed", param=option)
-    if getattr(job, "distill", False):
-        raise JobError("named inputs do not go with --distill yet (the teacher is fed one tensor); distil with "
-                       "the Python API (see benchmarks/minilm.py)", param=option)
-    if job.data is not None and getattr(job, "sweep_levels", 0):
-        raise JobError("named inputs do not go with --sweep yet (the sweep feeds one tensor per example)",
                        param=option)
 
 

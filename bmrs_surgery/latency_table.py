@@ -164,8 +164,11 @@ def _time_layers(cfgs: list[dict], threads: int) -> list[float]:
 # ------------------------------------------------------------------------------------------------
 
 
-def input_shapes(net: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """The input shape of every convolution and linear layer on ``example``."""
+def input_shapes(net: nn.Module, example) -> dict[str, tuple[int, ...]]:
+    """The input shape of every convolution and linear layer on ``example`` (a tensor, or a dict of
+    named inputs)."""
+    from .inputs import call
+
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name):
@@ -177,7 +180,7 @@ def input_shapes(net: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, 
              for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         with torch.no_grad():
-            net.eval()(example)
+            call(net.eval(), example)
     finally:
         for h in hooks:
             h.remove()

@@ -217,7 +217,8 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
             raise JobError(exc.message, param="bench_batch_sizes") from None
 
     # keep-masks are planned (widths, budget) before fine-tuning and for the final decision
-    planner = Planner(job, gated, shape, out / TABLE_NAME if out is not None else None)
+    example = make_inputs(specs, plain_network(gated)) if specs else torch.randn((1,) + tuple(shape))
+    planner = Planner(job, gated, example, out / TABLE_NAME if out is not None else None)
 
     # fit
     fit_result = None

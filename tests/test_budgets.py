@@ -195,7 +195,7 @@ def test_planner_combines_auto_widths_and_a_budget():
     gated, bank = gated_lenet()
     dec = decision(gated, "bmrs_u")
     job = Job(model="lenet5", data="digits", round_to="auto", target_macs=0.3, threads=1)
-    planner = Planner(job, gated, SHAPE)
+    planner = Planner(job, gated, torch.randn((1,) + SHAPE))
     planner.latency_batches = (1,)
     planned = planner(dec)
     assert planner(dec).keep is planned.keep  # the same decision is planned once

@@ -138,14 +138,24 @@ def test_compress_token_labels_beyond_the_head_are_one_line(tokens, tmp_path):
     assert not out.exists() or list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("extra,fragments", [
-    (["--round-to", "auto"], ["--input", "--round-to auto"]),
-    (["--target-params", "0.5"], ["--input", "budget"]),
-    (["--distill"], ["--input", "--distill"]),
-    (["--sweep", "2"], ["--input", "--sweep"]),
-])
-def test_compress_token_data_refuses_what_named_inputs_cannot_do_yet(tokens, tmp_path, extra, fragments):
+def test_compress_token_data_with_distillation_a_sweep_a_budget_and_latency_widths(tokens, tmp_path):
+    """What one float tensor can do, named inputs do too: --distill (the teacher fed the token
+    batch), --sweep, --target-macs (MACs counted on named inputs) and --round-to auto (layers timed
+    at the widths of heads and FFN neurons)."""
     path, _, vocab = tokens
     out = tmp_path / "out"
-    assert_one_line_error(invoke(bert(vocab), *IDS, "--data", path, *extra, "--out", out), *fragments)
-    assert not out.exists() or list(out.iterdir()) == []
+    ok(invoke(bert(vocab), *IDS, "--data", path, "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "64",
+              "--distill", "--sweep", "2", "--target-macs", "0.5", "--round-to", "auto", "--bench-batch-sizes", "",
+              "--out", out, "--quiet"))
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["fit"]["config"]["distill"] is True
+    plan = doc["plan"]
+    assert plan["budget"]["met"] and plan["budget"]["budget"]["macs_ratio"] <= 0.5
+    assert plan["budget"]["removed_beyond_bmrs"] > 0
+    assert doc["surgery"]["counts"]["macs_after"] <= 0.5 * doc["surgery"]["counts"]["macs_before"]
+    widths = plan["widths"]
+    assert any(name.endswith("attention.self.query") for name in widths)  # head groups, timed by heads
+    assert any(name.endswith("intermediate.dense") for name in widths)
+    for curve in doc["sweep"]["curves"].values():
+        assert len(curve) == 3 and all(0.0 <= p["accuracy"] <= 1.0 for p in curve)
+    assert doc["surgery"]["proof"]["ok"]
