@@ -236,6 +236,11 @@ def with_gate_betas(betas, run, *args):
         fit_module.make_optimizer = real
 
 
+def suffixed(out: Path, suffix: str) -> Path:
+    """``--out`` with ``suffix`` added (a dot in the name, as in ``beta2_0.99``, is kept)."""
+    return out.with_name(out.name + suffix)
+
+
 HORIZONS = (1.0, 2.0, 4.0, 9.0)  # --trace: projections over these multiples of the steps done
 
 
@@ -342,7 +347,7 @@ def main(argv=None) -> int:
     if args.replay:
         text = replay(json.loads(Path(args.replay).read_text()))
         print(text)
-        Path(args.out).with_suffix(".md").write_text(
+        suffixed(Path(args.out), ".md").write_text(
             "# Candidate settling tests replayed on traced fits\n\nCommand:\n\n    python benchmarks/settling.py "
             + " ".join(argv if argv is not None else sys.argv[1:]) + "\n\nStep where each test would have called the "
             "fit settled, and the compression there (slope: over the last 3 checks, fixed, or the fit's second "
@@ -351,7 +356,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_suffix(".json")
+    path = suffixed(out, ".json")
     doc = json.loads(path.read_text()) if path.exists() else {"runs": {}, "commands": []}
     doc["commands"].append("python benchmarks/settling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -387,7 +392,7 @@ def main(argv=None) -> int:
                     doc["runs"][key + "/10x"] = long
                     print(key + "/10x", {k: long[k] for k in ("steps", "compression", "accuracy", "seconds")}, flush=True)
                 path.write_text(json.dumps(doc, indent=1) + "\n")
-    out.with_suffix(".md").write_text(table(doc))
+    suffixed(out, ".md").write_text(table(doc))
     return 0
 
 
