@@ -262,7 +262,8 @@ def table(results: list[dict]) -> str:
         ratio = r["params_after"] / r["params_before"] if r.get("params_after") and r.get("params_before") else None
         lines.append("| " + " | ".join([
             r["kind"], r["family"], r["spec"], "yes" if r.get("ok") else "no", _fmt(r.get("reach")), _fmt(ratio),
-            _fmt(r.get("max_abs_diff"), "{:.1e}"), _fmt(r.get("onnx_max_abs_diff"), "{:.1e}"),
+            _fmt(r.get("max_abs_diff"), "{:.1e}") + (" (float64)" if r.get("proof_dtype") == "float64" else ""),
+            _fmt(r.get("onnx_max_abs_diff"), "{:.1e}"),
             _fmt(r.get("seconds_total"), "{:.0f}"), "yes" if tp.get("ok") else "no", _fmt(tp.get("ratio")),
             _failure(r) or ("" if tp.get("ok") else "TP: " + str(tp.get("error", ""))[:80].replace("|", "/")),
         ]) + " |")

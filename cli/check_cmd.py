@@ -99,7 +99,9 @@ def _print(res, no_onnx: bool) -> None:
                       + (f"; channels kept at {markup_safe(res.opaque[0])}" + (" and more" if len(res.opaque) > 1 else "")
                          if res.opaque and not res.parts else ""), highlight=False)
     if res.max_abs_diff is not None:
-        console.print(f"max abs diff {res.max_abs_diff:.3g} (output scale {res.output_scale:.3g})"
+        wide = (f" in float64 (float32 rounding, amplified by the network, gave {res.float32_max_abs_diff:.3g})"
+                if res.proof_dtype == "float64" else "")
+        console.print(f"max abs diff {res.max_abs_diff:.3g}{wide} (output scale {res.output_scale:.3g})"
                       + (f"; ONNX Runtime {res.onnx_max_abs_diff:.3g}" if res.onnx_max_abs_diff is not None else ""),
                       highlight=False)
     console.print("PASS" if res.ok else "FAIL", style="bold green" if res.ok else "bold red")

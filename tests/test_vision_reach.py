@@ -451,19 +451,46 @@ def test_s3d_gets_an_input_it_accepts():
         net(torch.empty((1,) + zoo.TORCHVISION_SHAPES["video"], device="meta"))
 
 
-def test_a_network_that_amplifies_rounding_is_not_blamed_on_a_group():
+class Chaotic(nn.Module):
+    """sin(gain * fc2(relu(fc1(x)))): float rounding in front of the sine, times ``gain``."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 16)
+        self.fc2 = nn.Linear(16, 3)
+        self.gain = gain
+
+    def forward(self, x):
+        return torch.sin(self.gain * self.fc2(self.fc1(x).relu()))
+
+
+def test_a_network_that_amplifies_float32_rounding_is_proved_in_float64():
     """timm:efficientvit_m0 with random weights: activations reach 1e3 in front of its softmaxes, and
-    folding the gates into the weights without removing anything already moves the output by 15%
-    of its scale. check says so instead of naming a group that broke equivalence."""
-    class Chaotic(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(4, 16)
-            self.fc2 = nn.Linear(16, 3)
+    the float32 proof misses the tolerance from rounding alone. check proves it again in float64
+    (the surgery redone on a float64 copy): a gain of 1e6 on float32 rounding breaks the float32
+    proof, but not the float64 one."""
+    res = check_model(Chaotic(1e6).eval(), (2, 4), ratio=0.5, onnx=False)
+    assert res.ok and res.proof_dtype == "float64"
+    assert res.float32_max_abs_diff > 1e-4 * res.output_scale  # float32 alone fails
+    assert res.max_abs_diff <= 1e-4 * res.output_scale
+    plain = check_model(Chaotic(1.0).eval(), (2, 4), ratio=0.5, onnx=False)
+    assert plain.ok and plain.proof_dtype == "float32" and plain.float32_max_abs_diff is None
 
-        def forward(self, x):
-            return torch.sin(1e6 * self.fc2(self.fc1(x).relu()))
 
-    res = check_model(Chaotic().eval(), (2, 4), ratio=0.5, onnx=False)
-    assert not res.ok
+class Float32Chaotic(Chaotic):
+    """Chaotic, with a float32 tensor attribute (not a buffer) that a float64 copy cannot multiply."""
+
+    def __init__(self, gain: float):
+        super().__init__(gain)
+        self.mix = torch.eye(3)
+
+    def forward(self, x):
+        return super().forward(x) @ self.mix
+
+
+def test_a_network_that_amplifies_rounding_is_not_blamed_on_a_group():
+    """A network that amplifies float32 rounding and cannot run in float64 keeps the float32
+    verdict: check says rounding is to blame instead of naming a group that broke equivalence."""
+    res = check_model(Float32Chaotic(1e6).eval(), (2, 4), ratio=0.5, onnx=False)
+    assert not res.ok and res.proof_dtype == "float32"
     assert "amplifies rounding" in res.stages["verify"] and "group" not in res.stages["verify"].split(";")[0]
