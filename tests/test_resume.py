@@ -62,13 +62,13 @@ def _start(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def _kill_after_first_epoch(proc: subprocess.Popen, out: Path) -> tuple[int, str]:
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # generous: a loaded 2-core machine (a liveness bound, not a speed check)
     while not _resume_states(out):
         assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no epoch finished in 120 s"
+        assert time.time() < deadline, "no epoch finished in 300 s"
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)
     return proc.returncode, err
 
 
