@@ -129,8 +129,13 @@ def detach_gates(gated: GatedModel) -> nn.Module:
     return gated.model
 
 
-def analysis_of(gated: nn.Module, example_input: torch.Tensor | None = None):
-    """The dependency analysis behind a gated model's sites (re-run after loading, then checked)."""
+def analysis_of(gated: nn.Module, example_input=None):
+    """The dependency analysis behind a gated model's sites (re-run after loading, then checked);
+    ``example_input``: a tensor, or a dict of named inputs (re-captured with torch.export)."""
+    if isinstance(example_input, dict):
+        from .deploy import named_analysis
+
+        return named_analysis(gated, example_input)
     inner = getattr(gated, "module", gated)
     bank = gate_bank(inner)
     if inner.analysis is None:

@@ -343,10 +343,21 @@ def test_compress_gated_token_model_with_named_inputs(gated_bert, tmp_path):
         "attention_mask:int64:Bx12 (rows of --inputs-file)", "input_ids:int64:Bx12 (rows of --inputs-file)"]
 
 
+def test_compress_gated_token_model_meets_a_latency_budget_with_latency_widths(gated_bert, tmp_path):
+    """A budget and --round-to auto measure the network on the named inputs: the latency is timed
+    in ONNX Runtime fed token ids and a mask, and the run removes structures beyond BMRS's stop."""
+    out = tmp_path / "out"
+    ok(invoke(gated_bert, "--trust-model", *IDS, "--target-macs", "0.4", "--round-to", "auto",
+              "--bench-batch-sizes", "", "--out", out, "--quiet"))
+    doc = json.loads((out / "report.json").read_text())
+    budget = doc["plan"]["budget"]
+    assert budget["met"] and budget["removed_beyond_bmrs"] > 0 and budget["budget"]["macs_ratio"] <= 0.4
+    assert budget["bmrs"]["macs_ratio"] > 0.4  # BMRS's own stop alone would not have met it
+    assert doc["plan"]["widths"] and doc["surgery"]["proof"]["ok"]
+
+
 @pytest.mark.parametrize("extra,fragments", [
     (["--data", "digits"], ["--input", "without --data"]),
-    (["--target-macs", "0.5"], ["--input", "budget"]),
-    (["--round-to", "auto"], ["--input", "--round-to auto"]),
     (["--inputs-file", "ex.safetensors"], ["exclude each other"]),
     (["--input", "token_type_ids:int64"], ["--input", "NAME:DTYPE:SHAPE"]),
     (["--input", "token_type_ids:int64:2x16"], ["--input", "batch"]),
