@@ -19,7 +19,7 @@ from torch import nn
 
 from . import defaults
 from .errors import GatePlacementError, JobError, NoGatesError
-from .gates import Gate, GateBank, OutputGate
+from .gates import Gate, GateBank, MaskGate, OutputGate
 from .graph.group import Group
 from .placement import analyse_model
 
@@ -92,6 +92,8 @@ def _hook(model: nn.Module, bank: GateBank) -> None:
         for t, tap in enumerate(group.taps):
             if getattr(tap, "side", "in") == "out":  # a writer of the residual stream: its output
                 modules[tap.module].register_forward_hook(OutputGate(bank, i, t))
+            elif getattr(tap, "side", "in") == "mask":  # a norm over the channels: the keep-mask alone
+                modules[tap.module].register_forward_pre_hook(MaskGate(bank, i, t))
             else:
                 modules[tap.module].register_forward_pre_hook(Gate(bank, i, t))
 

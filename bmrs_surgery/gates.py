@@ -200,6 +200,18 @@ class GateBank(nn.Module):
             theta = torch.where(valid, theta, torch.ones_like(theta))
         return theta.to(x.dtype)
 
+    def mask_for(self, index: int, x: torch.Tensor, tap: int = 0) -> torch.Tensor:
+        """The keep-mask of group ``index`` at its tap ``tap`` (1 where the tap's index is not the
+        group's), shaped to broadcast against ``x``."""
+        axis = self.groups[index].taps[tap].axis % x.ndim
+        idx = self._tap_index(index, tap, x.device)
+        m = self.mask[self.slice_of(index)]
+        if idx is not None:
+            m = torch.cat([m, m.new_ones(1)]).index_select(0, idx)
+        shape = [1] * x.ndim
+        shape[axis] = x.shape[axis]
+        return m.reshape(shape).to(x.dtype)
+
     def kl(self, reduction: str = "mean") -> torch.Tensor:
         """KL(q || p) of all gates: ``"mean"`` over structures, or ``"sum"``."""
         kl, self._pending_kl = self._pending_kl, None  # drawn with this step's sample (CUDA graphs)
@@ -242,3 +254,15 @@ class OutputGate(Gate):
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"gate {self.bank.groups[self.index].name}: module output is not a tensor")
         return output * self.bank.theta_for(self.index, output, self.tap)
+
+
+class MaskGate(Gate):
+    """A forward pre-hook that multiplies a module's input by one group's keep-mask alone (a tap
+    with ``side="mask"``: the input of a norm over the group's channels, where a removed channel must
+    be zero; the group's E[theta] sits at its other taps)."""
+
+    def __call__(self, module, args):  # forward-pre-hook signature
+        x = args[0]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"gate {self.bank.groups[self.index].name}: module input is not a tensor")
+        return (x * self.bank.mask_for(self.index, x, self.tap),) + tuple(args[1:])

@@ -70,6 +70,8 @@ def fold_expected(gm: fx.GraphModule, analysis: Analysis, expected: dict[int, np
                 if getattr(tap, "side", "in") == "out":
                     _fold_output(gm, g, tap, e)
                     continue
+                if getattr(tap, "side", "in") == "mask":  # the keep-mask alone: nothing to fold
+                    continue
                 mod = gm.get_submodule(tap.module)
                 f = torch.as_tensor(e[np.where(tap.index >= 0, tap.index, len(e) - 1)])
                 _rule(mod, tap.module).fold(mod, f)
@@ -105,6 +107,25 @@ def slice_parameters(gm: fx.GraphModule, analysis: Analysis, keep: dict[int, np.
             _replace_tensor(owner, name, t.detach().index_select(slot.dim, idx).clone())
             touched.add(slot.target.rpartition(".")[0])
     return touched
+
+
+def widths_before(gm: nn.Module) -> dict[str, int]:
+    """The channel count of every layer whose rule rescales it after slicing (see ``ModuleRule.width``)."""
+    out = {}
+    for name, mod in gm.named_modules():
+        rule = registry.module_rule(mod)
+        width = rule.width(mod) if rule is not None else None
+        if width is not None:
+            out[name] = width
+    return out
+
+
+def rescale_after_slicing(gm: nn.Module, widths: dict[str, int]) -> None:
+    """Each layer of ``widths`` rescaled by its rule for the channels it lost (``ModuleRule.rescale``)."""
+    with torch.no_grad():
+        for name, width in widths.items():
+            mod = gm.get_submodule(name)
+            registry.module_rule(mod).rescale(mod, width)
 
 
 def update_sizes(gm: fx.GraphModule, touched: set[str]) -> None:
@@ -168,8 +189,10 @@ def shrink(analysis: Analysis, bank: GateBank, keep: torch.Tensor | None = None)
     gm = _copy_without_gates(analysis.gm)
     gm.eval()
     fold_expected(gm, analysis, expected)
+    widths = widths_before(gm)
     touched = slice_parameters(gm, analysis, keep_by)
     update_sizes(gm, touched)
+    rescale_after_slicing(gm, widths)
     rewrite_literals(gm, analysis, keep_by)
     return gm
 

@@ -71,6 +71,7 @@ EXAMPLES[nn.PixelUnshuffle] = (lambda: nn.Sequential(_between(nn.ReLU(), c=8), n
 try:  # timm's copies of torch layers are registered once timm is imported (rules/timm_layers.py)
     import timm.layers as timm_layers
     from timm.layers.conv2d_same import Conv2dSameExport
+    from timm.layers.grn import GlobalResponseNorm
 
     from bmrs_surgery.graph.rules.timm_layers import register_loaded
 
@@ -80,6 +81,9 @@ try:  # timm's copies of torch layers are registered once timm is imported (rule
         (2, 6))
     EXAMPLES[timm_layers.Conv2dSame] = (lambda: _between(timm_layers.Conv2dSame(8, 8, 3, stride=2)), (2, 2, 7, 7))
     EXAMPLES[Conv2dSameExport] = (lambda: _between(Conv2dSameExport(8, 8, 3, stride=2)), (2, 2, 7, 7))
+    EXAMPLES[GlobalResponseNorm] = (  # ConvNeXt-V2's norm: a mean over the channels
+        lambda: _between(nn.Sequential(nn.GELU(), GlobalResponseNorm(8, channels_last=False))),
+        (2, 2, 6, 6))
 except ImportError:
     pass
 

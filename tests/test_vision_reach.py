@@ -494,3 +494,48 @@ def test_a_network_that_amplifies_rounding_is_not_blamed_on_a_group():
     res = check_model(Float32Chaotic(1e6).eval(), (2, 4), ratio=0.5, onnx=False)
     assert not res.ok and res.proof_dtype == "float32"
     assert "amplifies rounding" in res.stages["verify"] and "group" not in res.stages["verify"].split(";")[0]
+
+
+class GRNMlp(nn.Module):
+    """ConvNeXt-V2's MLP: fc1, GELU, timm's GlobalResponseNorm, fc2 (1x1 convolutions on NCHW, or
+    linear layers on NHWC with ``channels_last``)."""
+
+    def __init__(self, channels_last: bool):
+        super().__init__()
+        from timm.layers.grn import GlobalResponseNorm
+
+        layer = nn.Linear if channels_last else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.channels_last = channels_last
+        self.fc1, self.act, self.fc2 = layer(8, 24), nn.GELU(), layer(24, 8)
+        self.grn = GlobalResponseNorm(24, channels_last=channels_last)
+
+    def forward(self, x):
+        if self.channels_last:
+            x = x.permute(0, 2, 3, 1)
+        x = self.fc2(self.grn(self.act(self.fc1(x))))
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_global_response_norm_channels_are_pruned_exactly(channels_last, monkeypatch):
+    """GRN's statistic is a mean over channels: a mask tap zeroes a removed channel at its input and
+    the narrower norm's weight and eps are multiplied by C/C'. Without that rescale the proof fails."""
+    from bmrs_surgery.graph.rules.timm_layers import GlobalResponseNormRule
+
+    net = GRNMlp(channels_last).eval()
+    groups = analyse(net, torch.randn(1, 8, 6, 6)).groups
+    hidden = next(g for g in groups if "grn" in g.norms)
+    assert hidden.size == 24 and hidden.consumers == ["fc2"]
+    assert [t.side for t in hidden.taps if t.module == "grn"] == ["mask"]
+    res = check_model(net, (2, 8, 6, 6), ratio=0.5, onnx=True)
+    assert res.ok, res.stages
+    assert res.params_after < res.params_before and res.max_abs_diff <= 1e-4 * res.output_scale
+    monkeypatch.setattr(GlobalResponseNormRule, "rescale", lambda self, module, width: None)
+    broken = check_model(GRNMlp(channels_last).eval(), (2, 8, 6, 6), ratio=0.5, onnx=False)
+    assert not broken.ok and "max abs diff" in broken.stages["verify"]
+
+
+def test_convnext_v2_prunes_its_mlp_through_global_response_norm():
+    res = check_model(timm.create_model("convnextv2_atto").eval(), (2, 3, 224, 224), ratio=0.3, onnx=False)
+    assert res.ok, res.stages
+    assert res.params_after / res.params_before < 0.8  # the MLPs (GRN) pruned; the LayerNorm stream kept

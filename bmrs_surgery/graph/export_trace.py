@@ -448,7 +448,7 @@ def shrink_module(analysis: ExportAnalysis, expected: dict[int, np.ndarray], kee
     qualified name, size attributes updated. Its class and forward are the model's own."""
     from ..gated import gates_removed
     from ..hf import update_hidden_size, update_size_attributes
-    from ..surgery import fold_expected, slice_parameters, update_sizes
+    from ..surgery import fold_expected, rescale_after_slicing, slice_parameters, update_sizes, widths_before
     from .rules.transformers_layers import rescale_stream_norms, stream_norm_widths
 
     widths = stream_norm_widths(analysis.model)
@@ -456,8 +456,10 @@ def shrink_module(analysis: ExportAnalysis, expected: dict[int, np.ndarray], kee
         model = copy.deepcopy(analysis.model)
     model.eval()
     fold_expected(model, analysis, expected)
+    rule_widths = widths_before(model)
     touched = slice_parameters(model, analysis, keep)
     update_sizes(model, touched)
+    rescale_after_slicing(model, rule_widths)
     hidden = rescale_stream_norms(model, widths)  # RMSNorm: weight * sqrt(C/C'), eps * C/C'
     if hidden is not None:
         update_hidden_size(model, *hidden)

@@ -11,7 +11,10 @@ dimensions: removing structure ``i`` of a group removes index ``i`` wherever the
   that input along ``axis`` (``index`` as for slots), and a kept gate's E[theta] folds into the
   layer's input columns. A tap with ``side="out"`` sits on the *output* of a layer that writes the
   channels instead (the residual stream of an RMSNorm model, where a pruned channel must be zero
-  in the stream itself); its E[theta] folds into that layer's output rows.
+  in the stream itself); its E[theta] folds into that layer's output rows. A tap with
+  ``side="mask"`` sits on the input of a norm over the group's channels (timm's
+  GlobalResponseNorm) and multiplies it by the keep-mask alone (0 or 1, nothing to fold): a
+  removed channel is zero there, so the narrower norm can be made exact.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class Tap:
     axis: int
     index: np.ndarray  # structure per input index along ``axis``, -1 where not in this group
     node: str = ""  # the graph node of the call (empty for a group loaded from a file)
-    side: str = "in"  # "in": the gate scales the layer's input; "out": its output (a writer of the stream)
+    side: str = "in"  # "in": the gate scales the layer's input; "out": its output (a writer of the stream);
+    # "mask": the keep-mask alone multiplies the input of a norm over the channels
 
     def state(self) -> dict:
         state = {"module": self.module, "axis": self.axis, "index": self.index.tolist()}
@@ -76,7 +80,7 @@ class Group:
     @property
     def consumers(self) -> list[str]:
         """Layers that read the group's channels through their weights (where its gates sit)."""
-        return _unique(t.module for t in self.taps)
+        return _unique(t.module for t in self.taps if t.side != "mask")
 
     @property
     def channels(self) -> int:

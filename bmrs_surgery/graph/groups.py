@@ -135,14 +135,14 @@ def build_groups(prop: Propagation, sol: Solution) -> list[Group]:
     for s, c in zip(prop.sinks, sink_cls):
         g, idx = per_group(c)
         for gi in _unique_small(g[g >= 0]):
-            groups[gi].taps.append(Tap(s.module, s.axis, np.where(g == gi, idx, -1), s.node))
+            groups[gi].taps.append(Tap(s.module, s.axis, np.where(g == gi, idx, -1), s.node, side=s.side))
     group_tags: list[set[str]] = [set() for _ in groups]
     for root, t in sol.tags.items():
         if gid_of[root] >= 0:
             group_tags[gid_of[root]] |= t
     for grp, tags in zip(groups, group_tags):
         if not tags & {"heads", "interleave", "grouped"} and any(
-                (t.index >= 0).sum() > len(_unique_small(t.index[t.index >= 0])) for t in grp.taps):
+                (t.index >= 0).sum() > len(_unique_small(t.index[t.index >= 0])) for t in grp.taps if t.side == "in"):
             tags.add("flatten")
         grp.tags = sorted(KIND_NAMES.get(t, t) for t in tags)
         kind = next((k for k in KIND_ORDER if k in tags), "channels")

@@ -37,12 +37,14 @@ class ChannelSlot:
 
 @dataclass
 class ChannelSink:
-    """Module ``module`` reads channels ``ids`` on input axis ``axis`` through its weights."""
+    """Module ``module`` reads channels ``ids`` on input axis ``axis`` through its weights (or, with
+    ``side="mask"``, normalises over them: the group's keep-mask zeroes a removed channel there)."""
 
     module: str
     axis: int
     ids: np.ndarray
     node: str
+    side: str = "in"
 
 
 @dataclass

@@ -70,6 +70,14 @@ class ModuleRule:
     def fold(self, module: nn.Module, factor: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(module).__name__} reads channels but its rule has no fold")
 
+    def width(self, module: nn.Module) -> int | None:
+        """The channel count a rule's :meth:`rescale` needs from before slicing (None: no rescale)."""
+        return None
+
+    def rescale(self, module: nn.Module, width: int) -> None:
+        """After slicing: make the layer compute on its kept channels what it computed on ``width``
+        (a norm over channels whose removed channels were zero)."""
+
 
 _MODULE_RULES: dict[type, ModuleRule] = {}
 _FUNCTION_RULES: dict[str, Callable] = {}

@@ -1,6 +1,7 @@
 """timm's own versions of torch layers that compute what the torch layer computes: ``Linear`` (an
 ``nn.Linear`` whose forward calls ``F.linear`` with its own weight, for TorchScript) and
-``Conv2dSame``/``Conv2dSameExport`` (an ``nn.Conv2d`` that pads like TensorFlow's "SAME" first).
+``Conv2dSame``/``Conv2dSameExport`` (an ``nn.Conv2d`` that pads like TensorFlow's "SAME" first);
+and timm's ``GlobalResponseNorm`` (:class:`GlobalResponseNormRule`).
 With their own ``forward`` they would be traced through, and a functional call cannot hold a gate,
 so the channels they read (every timm classifier's input features) would be kept. Registered with
 the torch layer's rule, they are one call each, a gate sits at their input and ``fold``/``resize``
@@ -14,8 +15,37 @@ from __future__ import annotations
 
 import sys
 
-from ..registry import module_rules, register_module
+from ..propagate import ChannelSink
+from ..registry import ModuleRule, module_rules, register_module
 from .layers import ConvRule, LinearRule
+
+
+class GlobalResponseNormRule(ModuleRule):
+    """timm's GlobalResponseNorm (ConvNeXt-V2): ``x + b + w * x * g / (mean_C(g) + eps)``, with
+    ``g`` the spatial L2 norm of each channel. A statistic over the channels, yet exact to prune:
+    a mask tap on its input (see ``graph.group.Tap``) makes a removed channel zero there, so it adds
+    nothing to ``mean_C(g)``; with ``C'`` of ``C`` channels left, ``mean_C = (C'/C) mean_C'``, and
+    multiplying ``w`` and ``eps`` by ``C/C'`` (:meth:`rescale`) gives the same outputs. The
+    channels' E[theta] sits on the next layer's input, as for any layer between two others."""
+
+    def propagate(self, ctx, node, module, x):
+        axis = module.channel_dim % x.ndim
+        if not (x.labelled and x.axis == axis):
+            spatial = [d % x.ndim for d in module.spatial_dim]
+            return ctx.normalize(node, x, spatial + [axis], "GlobalResponseNorm normalises over space and channels")
+        out = ctx.channelwise(node, x, ("weight", "bias"), axis)
+        if out is x:  # the channels pass: the keep-mask zeroes a removed one at the input
+            ctx.out.sinks.append(ChannelSink(node.target, axis, x.ids, node.name, side="mask"))
+        return out
+
+    def width(self, module):
+        return int(module.weight.shape[0])
+
+    def rescale(self, module, width):
+        kept = int(module.weight.shape[0])
+        if kept != width:
+            module.weight.mul_(width / kept)
+            module.eps = module.eps * width / kept
 
 _DONE = False
 
@@ -24,6 +54,7 @@ LAYERS = (
     ("timm.layers.linear", "Linear", LinearRule),
     ("timm.layers.conv2d_same", "Conv2dSame", ConvRule),
     ("timm.layers.conv2d_same", "Conv2dSameExport", ConvRule),
+    ("timm.layers.grn", "GlobalResponseNorm", GlobalResponseNormRule),
 )
 
 
