@@ -1,10 +1,10 @@
-"""Coverage in vision: every timm family, torchvision classification/segmentation/video/detection and
-YOLO, through ``check`` (random weights, ``--ratio 0.3``) and through Torch-Pruning, side by side.
+"""Coverage in vision: every timm family, torchvision classification/segmentation/video/detection/
+optical flow (RAFT) and YOLO, through ``check`` (random weights, ``--ratio 0.3``) and through Torch-Pruning, side by side.
 
 The model list is made at run time: for timm, the smallest variant (by parameter count, counted on
 the meta device, ``test_*`` debug configs left out) of every family timm lists (``timm.list_modules()``);
-for torchvision, the smallest builder of every classification family and every segmentation, video
-and detection builder (``weights=None, weights_backbone=None``: nothing downloads); YOLOv8n and
+for torchvision, the smallest builder of every classification family and every segmentation, video,
+detection and optical-flow builder (``weights=None, weights_backbone=None``: nothing downloads); YOLOv8n and
 YOLO11n from ultralytics' model YAMLs when ultralytics is installed. Each model runs in its own
 subprocess under a time limit. Per model: the stages, the reach (share of parameters in prunable
 groups), the parameter ratio after pruning 30% of every group's structures at random, the proof's
@@ -86,7 +86,7 @@ def torchvision_list() -> dict[str, str]:
             smallest[family] = (name, n)
     for family, (name, _) in sorted(smallest.items()):
         out[f"classification/{family}"] = name
-    for kind in ("segmentation", "video", "detection"):
+    for kind in ("segmentation", "video", "detection", "optical_flow"):
         for name in models.list_models(module=getattr(models, kind)):
             assert torchvision_kind(name) == kind
             out[f"{kind}/{name}"] = name
@@ -128,7 +128,7 @@ def model_list(refresh: bool = False) -> list[tuple[str, str, str]]:
         tv.append((f"torchvision {kind}", fam, f"torchvision:{name}"))
     # the slowest kinds last (a run stopped at its time limit has the most models): detectors, then
     # the torchvision classifiers (every one of them is in benchmarks/torchvision_check.py)
-    rows += [r for r in tv if r[0] in ("torchvision segmentation", "torchvision video")]
+    rows += [r for r in tv if r[0] in ("torchvision segmentation", "torchvision video", "torchvision optical_flow")]
     rows += [("timm", fam, f"timm:{name}") for fam, name in sorted(timm_list(refresh).items())]
     rows += [r for r in tv if r[0] == "torchvision detection"]
     rows += [r for r in tv if r[0] == "torchvision classification"]

@@ -321,14 +321,19 @@ def check_parts(model: nn.Module, res: CheckResult, *, ratio: float, seed: int, 
     its own control flow around the pruned parts, is run on two random images and its outputs
     (boxes, scores, labels) compared with the gated model's. ``res`` holds the top level's trace
     error; without a traceable part it is returned as it is."""
-    from .graph.partial import confident_detector, detection_outputs, prune_parts
+    from .graph.partial import confident_detector, detection_outputs, positional_inputs, prune_parts
 
     top_error = res.stages["trace"]
     t = time.perf_counter()
     if not keep_weights:
         model = confident_detector(model)
     gen = torch.Generator().manual_seed(check_seed(seed) + 1)
-    images = [torch.rand((1,) + tuple(res.input_shape[1:]), generator=gen) for _ in range(2)]
+    frames = positional_inputs(model)  # RAFT takes two frames
+
+    def image():
+        return torch.rand((1,) + tuple(res.input_shape[1:]), generator=gen)
+
+    images = [image() if frames == 1 else tuple(image() for _ in range(frames)) for _ in range(2)]
     try:
         pruned, reference, parts = prune_parts(model, images[0], ratio=ratio, seed=check_seed(seed),
                                                tolerance=tolerance, onnx=onnx)

@@ -539,3 +539,29 @@ def test_convnext_v2_prunes_its_mlp_through_global_response_norm():
     res = check_model(timm.create_model("convnextv2_atto").eval(), (2, 3, 224, 224), ratio=0.3, onnx=False)
     assert res.ok, res.stages
     assert res.params_after / res.params_before < 0.8  # the MLPs (GRN) pruned; the LayerNorm stream kept
+
+
+def test_instance_norm_without_affine_passes_its_channels():
+    """Statistics per channel over space only (RAFT's encoders): a removed channel changes nothing
+    else, so the channels on either side stay one prunable group."""
+    net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    groups = analyse(net, torch.randn(1, 2, 6, 6)).groups
+    assert [g.size for g in groups] == [8]
+    res = check_model(net.eval(), (2, 2, 6, 6), ratio=0.5, onnx=False)
+    assert res.ok and res.params_after < res.params_before
+
+
+@pytest.mark.slow
+def test_raft_prunes_its_encoders_and_flow_head_inside_its_own_loop():
+    """RAFT's top level takes two frames and iterates its update block in Python: check feeds it two
+    random frames, prunes the feature and context encoders and the flow head as parts, and compares
+    the flows of the whole model (its loop around the pruned parts) with the gated model's."""
+    from bmrs_surgery import zoo
+
+    net, shape = zoo.torchvision_model("raft_small")
+    res = check_model(net.eval(), (2,) + tuple(shape), ratio=0.3, onnx=False)
+    assert res.ok, res.stages
+    assert res.tracer == "partial"
+    names = {p["name"] for p in res.parts}
+    assert {"feature_encoder", "context_encoder", "update_block.flow_head"} <= names
+    assert res.params_after < res.params_before and res.stages["whole"] == "ok"

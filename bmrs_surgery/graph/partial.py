@@ -55,6 +55,25 @@ class PartResult:
     onnx_max_abs_diff: float | None = None  # the pruned part in ONNX Runtime against torch (with onnx=True)
 
 
+def call_with(model: nn.Module, inputs):
+    """``model`` run on ``inputs``: one image batch, or a tuple of them given as positional
+    arguments (RAFT's two frames)."""
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def positional_inputs(model: nn.Module) -> int:
+    """How many positional arguments ``model``'s forward requires (RAFT: two frames; 1 at least)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    required = [p for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return max(1, len(required))
+
+
 def _record_inputs(model: nn.Module, inputs) -> dict[str, tuple]:
     seen: dict[str, tuple] = {}
     hooks = []
@@ -67,7 +86,7 @@ def _record_inputs(model: nn.Module, inputs) -> dict[str, tuple]:
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            model(inputs)
+            call_with(model, inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -206,9 +225,10 @@ def _canonical_order(item: dict) -> dict:
 
 
 def detection_outputs(model: nn.Module, images) -> list[torch.Tensor]:
-    """Boxes, scores and labels (every tensor of a detector's output list), in a canonical order."""
+    """Boxes, scores and labels (every tensor of a detector's output list), in a canonical order;
+    for another model, every tensor of its output (RAFT's flow after each update)."""
     with torch.no_grad():
-        out = model(images)
+        out = call_with(model, images)
     flat = []
     for item in out if isinstance(out, (list, tuple)) else [out]:
         if isinstance(item, dict):

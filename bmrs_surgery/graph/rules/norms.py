@@ -15,7 +15,7 @@ class BatchNormRule(ModuleRule):
     def propagate(self, ctx, node, module, x):
         if getattr(module, "affine", False) or getattr(module, "track_running_stats", False):
             return ctx.channelwise(node, x, ("weight", "bias", "running_mean", "running_var"), 1)
-        return ctx.passthrough_spatial(x, node, x.ndim - 1)
+        return ctx.passthrough_spatial(x, node, x.ndim - 2)  # statistics per channel, over space only
 
     def resize(self, module):
         t = module.weight if module.weight is not None else module.running_mean
