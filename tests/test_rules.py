@@ -81,6 +81,14 @@ try:  # timm's copies of torch layers are registered once timm is imported (rule
         (2, 6))
     EXAMPLES[timm_layers.Conv2dSame] = (lambda: _between(timm_layers.Conv2dSame(8, 8, 3, stride=2)), (2, 2, 7, 7))
     EXAMPLES[Conv2dSameExport] = (lambda: _between(Conv2dSameExport(8, 8, 3, stride=2)), (2, 2, 7, 7))
+    from timm.layers import norm as timm_norm
+    from timm.layers import norm_act as timm_norm_act
+
+    for cls in (timm_norm.RmsNorm2d, timm_norm.RmsNorm2dFp32, timm_norm_act.RmsNormAct2d,
+                timm_norm_act.RmsNormAct2dFp32):  # RMSNorm over NCHW channels, rescaled after surgery
+        EXAMPLES[cls] = (lambda cls=cls: _between(cls(8)), (2, 2, 6, 6))
+    for cls in (timm_norm.RmsNorm, timm_norm.RmsNormFp32, timm_norm_act.RmsNormAct, timm_norm_act.RmsNormActFp32):
+        EXAMPLES[cls] = (lambda cls=cls: nn.Sequential(nn.Linear(6, 8), cls(8), nn.Linear(8, 3)), (2, 6))
     EXAMPLES[GlobalResponseNorm] = (  # ConvNeXt-V2's norm: a mean over the channels
         lambda: _between(nn.Sequential(nn.GELU(), GlobalResponseNorm(8, channels_last=False))),
         (2, 2, 6, 6))

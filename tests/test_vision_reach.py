@@ -496,42 +496,56 @@ def test_a_network_that_amplifies_rounding_is_not_blamed_on_a_group():
     assert "amplifies rounding" in res.stages["verify"] and "group" not in res.stages["verify"].split(";")[0]
 
 
-class GRNMlp(nn.Module):
-    """ConvNeXt-V2's MLP: fc1, GELU, timm's GlobalResponseNorm, fc2 (1x1 convolutions on NCHW, or
-    linear layers on NHWC with ``channels_last``)."""
+def _timm_norm(name: str, channels_last: bool):
+    from timm.layers.grn import GlobalResponseNorm
+    from timm.layers.norm import RmsNorm, RmsNorm2d
+    from timm.layers.norm_act import RmsNormAct2d
 
-    def __init__(self, channels_last: bool):
+    if name == "grn":
+        return GlobalResponseNorm(24, channels_last=channels_last)
+    if name == "rms":
+        return RmsNorm(24) if channels_last else RmsNorm2d(24)
+    return RmsNormAct2d(24, act_layer=nn.GELU)
+
+
+class NormMlp(nn.Module):
+    """ConvNeXt-V2's MLP: fc1, GELU, a timm norm over the channels (GlobalResponseNorm, RmsNorm2d,
+    RmsNormAct2d; RmsNorm on NHWC), fc2: 1x1 convolutions on NCHW, or linear layers on NHWC with
+    ``channels_last``."""
+
+    def __init__(self, norm: str, channels_last: bool):
         super().__init__()
-        from timm.layers.grn import GlobalResponseNorm
-
         layer = nn.Linear if channels_last else (lambda i, o: nn.Conv2d(i, o, 1))
         self.channels_last = channels_last
         self.fc1, self.act, self.fc2 = layer(8, 24), nn.GELU(), layer(24, 8)
-        self.grn = GlobalResponseNorm(24, channels_last=channels_last)
+        self.norm = _timm_norm(norm, channels_last)
 
     def forward(self, x):
         if self.channels_last:
             x = x.permute(0, 2, 3, 1)
-        x = self.fc2(self.grn(self.act(self.fc1(x))))
+        x = self.fc2(self.norm(self.act(self.fc1(x))))
         return x.permute(0, 3, 1, 2) if self.channels_last else x
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_global_response_norm_channels_are_pruned_exactly(channels_last, monkeypatch):
-    """GRN's statistic is a mean over channels: a mask tap zeroes a removed channel at its input and
-    the narrower norm's weight and eps are multiplied by C/C'. Without that rescale the proof fails."""
-    from bmrs_surgery.graph.rules.timm_layers import GlobalResponseNormRule
+@pytest.mark.parametrize("norm,channels_last", [("grn", False), ("grn", True), ("rms", False), ("rms", True),
+                                                ("rms_act", False)])
+def test_norms_over_channels_are_pruned_exactly(norm, channels_last, monkeypatch):
+    """GRN's statistic is a mean over channels, RMSNorm's too: a mask tap zeroes a removed channel at
+    the norm's input and the narrower norm is rescaled (GRN: weight and eps by C/C'; RMSNorm: weight
+    by sqrt(C/C'), eps by C/C'). Without that rescale the proof fails."""
+    from bmrs_surgery.graph import registry
 
-    net = GRNMlp(channels_last).eval()
+    net = NormMlp(norm, channels_last).eval()
     groups = analyse(net, torch.randn(1, 8, 6, 6)).groups
-    hidden = next(g for g in groups if "grn" in g.norms)
+    hidden = next(g for g in groups if "norm" in g.norms)
     assert hidden.size == 24 and hidden.consumers == ["fc2"]
-    assert [t.side for t in hidden.taps if t.module == "grn"] == ["mask"]
+    assert [t.side for t in hidden.taps if t.module == "norm"] == ["mask"]
     res = check_model(net, (2, 8, 6, 6), ratio=0.5, onnx=True)
     assert res.ok, res.stages
     assert res.params_after < res.params_before and res.max_abs_diff <= 1e-4 * res.output_scale
-    monkeypatch.setattr(GlobalResponseNormRule, "rescale", lambda self, module, width: None)
-    broken = check_model(GRNMlp(channels_last).eval(), (2, 8, 6, 6), ratio=0.5, onnx=False)
+    rule = type(registry.module_rule(net.norm))
+    monkeypatch.setattr(rule, "rescale", lambda self, module, width: None)
+    broken = check_model(NormMlp(norm, channels_last).eval(), (2, 8, 6, 6), ratio=0.5, onnx=False)
     assert not broken.ok and "max abs diff" in broken.stages["verify"]
 
 

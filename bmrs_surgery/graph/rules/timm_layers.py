@@ -1,7 +1,8 @@
 """timm's own versions of torch layers that compute what the torch layer computes: ``Linear`` (an
 ``nn.Linear`` whose forward calls ``F.linear`` with its own weight, for TorchScript) and
 ``Conv2dSame``/``Conv2dSameExport`` (an ``nn.Conv2d`` that pads like TensorFlow's "SAME" first);
-and timm's ``GlobalResponseNorm`` (:class:`GlobalResponseNormRule`).
+and timm's norms over channels that a rescale keeps exact: ``GlobalResponseNorm``
+(:class:`GlobalResponseNormRule`) and its RMSNorms (:class:`ChannelRmsNormRule`).
 With their own ``forward`` they would be traced through, and a functional call cannot hold a gate,
 so the channels they read (every timm classifier's input features) would be kept. Registered with
 the torch layer's rule, they are one call each, a gate sits at their input and ``fold``/``resize``
@@ -20,6 +21,44 @@ from ..registry import ModuleRule, module_rules, register_module
 from .layers import ConvRule, LinearRule
 
 
+def masked_channels(ctx, node, x, params, axis: int):
+    """A norm over the channels on ``axis`` that a rescale keeps exact: its ``params`` follow the
+    channels, and a mask tap on its input (``side="mask"``) zeroes a removed channel there."""
+    out = ctx.channelwise(node, x, params, axis)
+    if out is x:  # the channels pass
+        ctx.out.sinks.append(ChannelSink(node.target, axis, x.ids, node.name, side="mask"))
+    return out
+
+
+class ChannelRmsNormRule(ModuleRule):
+    """timm's RMSNorm over channels (``RmsNorm2d`` on NCHW, ``RmsNorm`` on the last axis, their
+    ``Act`` and ``Fp32`` variants): ``y = w * x / sqrt(mean_C(x^2) + eps)``, then an elementwise
+    activation. With a removed channel zero at its input (a mask tap), ``mean_C = (C'/C) mean_C'``,
+    so the narrower norm is exact with ``w`` times ``sqrt(C/C')`` and ``eps`` times ``C/C'``, as for
+    a transformers RMSNorm stream. Without a weight to rescale the channels are kept."""
+
+    def __init__(self, axis: int):
+        self.axis = axis
+
+    def propagate(self, ctx, node, module, x):
+        axis = self.axis % x.ndim
+        if getattr(module, "weight", None) is None or not (x.labelled and x.axis == axis):
+            return ctx.normalize(node, x, [axis], f"{type(module).__name__} normalises over channels")
+        return masked_channels(ctx, node, x, ("weight",), axis)
+
+    def resize(self, module):
+        module.normalized_shape = (int(module.weight.shape[0]),)
+
+    def width(self, module):
+        return int(module.weight.shape[0]) if getattr(module, "weight", None) is not None else None
+
+    def rescale(self, module, width):
+        kept = int(module.weight.shape[0])
+        if kept != width:
+            module.weight.mul_((width / kept) ** 0.5)
+            module.eps = module.eps * width / kept
+
+
 class GlobalResponseNormRule(ModuleRule):
     """timm's GlobalResponseNorm (ConvNeXt-V2): ``x + b + w * x * g / (mean_C(g) + eps)``, with
     ``g`` the spatial L2 norm of each channel. A statistic over the channels, yet exact to prune:
@@ -33,10 +72,7 @@ class GlobalResponseNormRule(ModuleRule):
         if not (x.labelled and x.axis == axis):
             spatial = [d % x.ndim for d in module.spatial_dim]
             return ctx.normalize(node, x, spatial + [axis], "GlobalResponseNorm normalises over space and channels")
-        out = ctx.channelwise(node, x, ("weight", "bias"), axis)
-        if out is x:  # the channels pass: the keep-mask zeroes a removed one at the input
-            ctx.out.sinks.append(ChannelSink(node.target, axis, x.ids, node.name, side="mask"))
-        return out
+        return masked_channels(ctx, node, x, ("weight", "bias"), axis)
 
     def width(self, module):
         return int(module.weight.shape[0])
@@ -55,6 +91,10 @@ LAYERS = (
     ("timm.layers.conv2d_same", "Conv2dSame", ConvRule),
     ("timm.layers.conv2d_same", "Conv2dSameExport", ConvRule),
     ("timm.layers.grn", "GlobalResponseNorm", GlobalResponseNormRule),
+    *(("timm.layers.norm", name, ChannelRmsNormRule(1)) for name in ("RmsNorm2d", "RmsNorm2dFp32")),
+    *(("timm.layers.norm_act", name, ChannelRmsNormRule(1)) for name in ("RmsNormAct2d", "RmsNormAct2dFp32")),
+    *(("timm.layers.norm", name, ChannelRmsNormRule(-1)) for name in ("RmsNorm", "RmsNormFp32")),
+    *(("timm.layers.norm_act", name, ChannelRmsNormRule(-1)) for name in ("RmsNormAct", "RmsNormActFp32")),
 )
 
 
