@@ -347,8 +347,12 @@ def main() -> None:
                     help="keep the finished rows of <out>.json and run only the models it lacks")
     ap.add_argument("--retry-limits", action="store_true",
                     help="with --resume, run again the models stopped at the time or memory limit")
+    ap.add_argument("--rerun", help="comma-separated specs run again (after a code change) and their rows replaced "
+                                    "in <out>.json, the other rows kept; the run is listed under the table")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rerun:
+        return rerun(args)
     if args.one:
         warnings.simplefilter("ignore")
         print(MARK + json.dumps(run_one(args.one, not args.no_onnx, args.threads, not args.no_tp), default=str))
@@ -395,6 +399,29 @@ def main() -> None:
     _write(args, results, started, planned)
 
 
+def rerun(args) -> None:
+    """``--rerun``: the given models run again, their rows of ``<out>.json`` replaced in place (the
+    table keeps its order), the command recorded under ``reruns`` of the file's meta."""
+    with open(args.out + ".json") as f:
+        doc = json.load(f)
+    specs = [s for s in args.rerun.split(",") if s]
+    known = {r[2]: r for r in model_list(args.refresh_list)}
+    rows = [known.get(s, ("given", s.split(":", 1)[-1], s)) for s in specs]
+    fresh = {}
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for r in pool.map(lambda row: _run_child(row, args), rows):
+            fresh[r["spec"]] = r
+    results = [fresh.pop(r["spec"], r) for r in doc["results"]] + list(fresh.values())
+    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta = dict(doc["meta"])
+    meta["reruns"] = list(meta.get("reruns", [])) + [f"{', '.join(specs)}: `{command}` ({date})"]
+    meta["models_done"] = len(results)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
+    _write_md(args.out, meta, results)
+
+
 def _resumed(meta: dict) -> str:
     """The earlier runs whose rows a --resume run kept, newest first."""
     lines, m = [], meta.get("resumed")
@@ -415,9 +442,15 @@ def _write(args, results: list[dict], started: float, planned: int) -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
-    with open(args.out + ".md", "w") as f:
+    _write_md(args.out, meta, results)
+
+
+def _write_md(out: str, meta: dict, results: list[dict]) -> None:
+    reruns = "".join(f"Rows re-run since: {x}\n\n" for x in meta.get("reruns", []))
+    with open(out + ".md", "w") as f:
         f.write(f"# Coverage at --ratio {RATIO}\n\nCommand: `{meta['command']}` ({meta['date']}, {meta['machine']}, "
-                f"{meta['cpus']} CPUs, {meta['seconds']:.0f} s; {len(results)} of {planned} models done)\n\n" + _resumed(meta) + summary(results) + "\n\n" + table(results) + "\n")
+                f"{meta['cpus']} CPUs, {meta['seconds']:.0f} s; {len(results)} of {meta['models_planned']} models done)"
+                "\n\n" + _resumed(meta) + reruns + summary(results) + "\n\n" + table(results) + "\n")
 
 
 if __name__ == "__main__":
