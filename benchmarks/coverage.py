@@ -33,7 +33,8 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-MARK = "@@RESULT@@ "
+MARK = "@@RESULT@@ "  # the child's whole result (the check, then Torch-Pruning)
+CHECKED = "@@CHECKED@@ "  # the check's result alone, printed before Torch-Pruning starts
 RATIO = 0.3
 
 
@@ -230,6 +231,7 @@ def run_one(spec: str, onnx: bool, threads: int, tp_too: bool) -> dict:
     else:
         res = check_model(copy.deepcopy(model), full, name=spec, ratio=RATIO, seed=0, onnx=onnx).to_dict()
     res["seconds_total"] = time.perf_counter() - t
+    print(CHECKED + json.dumps(res, default=str), flush=True)  # kept if Torch-Pruning runs past the limit
     if tp_too:
         from bmrs_surgery.check import randomized_copy
 
@@ -313,9 +315,13 @@ def _run_child(row, args) -> dict:
                 stopped = f"over the {args.max_gb:g} GB memory limit"
             if stopped:
                 p.kill()
-                p.communicate()
+                stdout, _ = p.communicate()  # what the child printed before it was stopped
                 break
-    if stopped:
+    checked = [ln for ln in (stdout or "").splitlines() if ln.startswith(CHECKED)]
+    if stopped and checked:  # the check finished; Torch-Pruning ran past the limit
+        r = json.loads(checked[-1][len(CHECKED):])
+        r["torch_pruning"] = {"ok": False, "error": stopped}
+    elif stopped:
         r = {"ok": False, "stages": {"run": stopped}}
     else:
         line = [ln for ln in stdout.splitlines() if ln.startswith(MARK)]
