@@ -29,14 +29,14 @@ SIZES = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_h
              intermediate_size=48, max_position_embeddings=32, pad_token_id=0, bos_token_id=0, eos_token_id=0,
              tie_word_embeddings=False)
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM"}
 HIDDEN = 32
 
 
 def tiny(cls="LlamaForCausalLM", **over):
     sizes = dict(SIZES, **over)
-    if cls.startswith("Qwen3"):
-        sizes["head_dim"] = 8  # Qwen3's config would otherwise keep head_dim 128
+    if cls.startswith(("Qwen3", "Gemma")):
+        sizes["head_dim"] = 8  # Qwen3's and Gemma's configs would otherwise keep head_dim 128 / 256
     return from_config(cls, **sizes)
 
 
@@ -246,10 +246,20 @@ def test_stream_kept_with_a_reason_when_it_is_the_output_or_tied():
     a = analyse_model(tied, make_inputs(TOKENS, tied))
     assert stream_of(a) is None
     assert any("tied embeddings" in why for _, why in a.propagation.opaque)
-    gemma = tiny("GemmaForCausalLM")  # untied, but its scaled embedding is not a layer a gate can follow
+    gemma = tiny("GemmaForCausalLM", tie_word_embeddings=True)  # Gemma as published: tied
     a = analyse_model(gemma, make_inputs(TOKENS, gemma))
     assert stream_of(a) is None
-    assert any("model.embed_tokens.weight" in why for _, why in a.propagation.opaque)
+    assert any("tied embeddings" in why for _, why in a.propagation.opaque)
+
+
+def test_gemma_scaled_embedding_is_the_streams_first_writer():
+    """Gemma's embedding multiplies the rows it looks up by sqrt(hidden size) in a forward of its
+    own; its output is still linear in each column, so it is one call and a gate on its output
+    folds into its columns (the stream is pruned in test_check_prunes_the_stream_and_proves_it)."""
+    gemma = tiny("GemmaForCausalLM")
+    stream = stream_of(analyse_model(gemma, make_inputs(TOKENS, gemma)))
+    assert stream is not None and stream.size == HIDDEN
+    assert "model.embed_tokens" in [t.module for t in stream.taps if t.side == "out"]
 
 
 @pytest.mark.parametrize("noise", ["sample", "element"])

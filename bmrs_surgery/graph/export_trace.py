@@ -186,6 +186,14 @@ def _module_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str] 
     return None
 
 
+def _own_attribute(node: fx.Node, own: str) -> bool:
+    """A read of the module's own parameter or buffer (directly, or marked by :func:`buffer_value`:
+    Gemma's embedding scale), which the module's call reads by itself."""
+    if node.op == "call_function" and node.target is buffer_value and node.args:
+        node = node.args[0]
+    return node.op == "get_attr" and str(node.target).startswith(own)
+
+
 def outline(gm: fx.GraphModule, model: nn.Module) -> list[str]:
     """Replace each call of a module with a rule by one ``call_module`` node (see the module doc);
     returns the outlined module paths."""
@@ -219,7 +227,7 @@ def outline(gm: fx.GraphModule, model: nn.Module) -> list[str]:
         ext: list[fx.Node] = []
         for n in nodes:
             for a in n.all_input_nodes:
-                if a in inside or a in ext or (a.op == "get_attr" and str(a.target).startswith(own)):
+                if a in inside or a in ext or _own_attribute(a, own):
                     continue
                 ext.append(a)
         outs = [n for n in nodes if any(u not in inside for u in n.users)]

@@ -161,13 +161,30 @@ def _last_axis_norm(mod: nn.Module) -> bool:
             and getattr(mod, "data_format", "channels_last") == "channels_last" and not list(mod.children()))
 
 
+def _scaled_embedding(mod: nn.Module) -> bool:
+    """Gemma's ``...ScaledWordEmbedding``: an ``nn.Embedding`` whose forward multiplies the rows it
+    looks up by a constant ``embed_scale``. Its output is still linear in each embedding column, so
+    the embedding rule (a gate on its output folds into its columns) holds for it."""
+    scale = getattr(mod, "embed_scale", None)
+    return (isinstance(mod, nn.Embedding) and type(mod).__name__.endswith("ScaledWordEmbedding")
+            and (isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)))
+
+
 def register_norms(model: nn.Module) -> None:
-    """Give the model's own transformers norm classes (see :class:`LastAxisNormRule`) a rule."""
+    """Give the model's own transformers classes a rule: its norms (see :class:`LastAxisNormRule`)
+    and Gemma's scaled word embedding (the embedding rule, see :func:`_scaled_embedding`)."""
     if "transformers" not in sys.modules:
         return
+    from .layers import EmbeddingRule
+
+    registered = module_rules()
     for mod in model.modules():
-        if type(mod).__module__.startswith("transformers.") and module_rule(mod) is None and _last_axis_norm(mod):
+        if not type(mod).__module__.startswith("transformers.") or type(mod) in registered:
+            continue
+        if module_rule(mod) is None and _last_axis_norm(mod):
             register_module(type(mod))(LastAxisNormRule)
+        elif _scaled_embedding(mod):  # an nn.Embedding with a forward of its own: registered by its own type
+            register_module(type(mod))(EmbeddingRule)
 
 
 def register() -> None:
