@@ -94,6 +94,8 @@ def _hook(model: nn.Module, bank: GateBank) -> None:
                 modules[tap.module].register_forward_hook(OutputGate(bank, i, t))
             elif getattr(tap, "side", "in") == "mask":  # a norm over the channels: the keep-mask alone
                 modules[tap.module].register_forward_pre_hook(MaskGate(bank, i, t))
+            elif getattr(tap, "side", "in") == "divide":  # tied embeddings: surgery's, no gate runs here
+                continue
             else:
                 modules[tap.module].register_forward_pre_hook(Gate(bank, i, t))
 

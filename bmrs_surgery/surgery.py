@@ -72,6 +72,11 @@ def fold_expected(gm: fx.GraphModule, analysis: Analysis, expected: dict[int, np
                     continue
                 if getattr(tap, "side", "in") == "mask":  # the keep-mask alone: nothing to fold
                     continue
+                if getattr(tap, "side", "in") == "divide":  # tied embeddings: the norm the output layer reads
+                    from .graph.rules.transformers_layers import divide
+
+                    divide(gm.get_submodule(tap.module), e[np.where(tap.index >= 0, tap.index, len(e) - 1)])
+                    continue
                 mod = gm.get_submodule(tap.module)
                 f = torch.as_tensor(e[np.where(tap.index >= 0, tap.index, len(e) - 1)])
                 _rule(mod, tap.module).fold(mod, f)

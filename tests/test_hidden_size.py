@@ -57,10 +57,10 @@ def max_diff(a, b):
     return max(float((x - y).abs().max()) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
 
 
-def pruned_in_float64(cls="LlamaForCausalLM", ratio=0.3, seed=0, only_stream=False):
+def pruned_in_float64(cls="LlamaForCausalLM", ratio=0.3, seed=0, only_stream=False, **over):
     """(gated, pruned, analysis, keep by group) of a float64 model with random gates, ``ratio`` of
     every group (or of the stream only) pruned."""
-    model = tiny(cls).double()
+    model = tiny(cls, **over).double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # weights far from their initialisation, so that every channel matters
         for p in model.parameters():
@@ -242,14 +242,41 @@ def test_stream_kept_with_a_reason_when_it_is_the_output_or_tied():
     a = analyse_model(base, make_inputs(TOKENS, base))
     assert stream_of(a) is None
     assert any("reaches the model's output" in why for _, why in a.propagation.opaque)
-    tied = tiny("LlamaForCausalLM", tie_word_embeddings=True)
+    tied = tiny("LlamaConfig", tie_word_embeddings=True)  # tied, but no output layer reads a norm here
     a = analyse_model(tied, make_inputs(TOKENS, tied))
     assert stream_of(a) is None
-    assert any("tied embeddings" in why for _, why in a.propagation.opaque)
-    gemma = tiny("GemmaForCausalLM", tie_word_embeddings=True)  # Gemma as published: tied
-    a = analyse_model(gemma, make_inputs(TOKENS, gemma))
-    assert stream_of(a) is None
-    assert any("tied embeddings" in why for _, why in a.propagation.opaque)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_tied_embeddings_prune_the_stream_and_the_last_norm_divides_out_the_gates(family, monkeypatch, tmp_path):
+    """The embedding's E[theta], folded into its columns, also scales the tied output layer's input
+    columns; dividing the last norm (which only the output layer reads) by it undoes that exactly.
+    The pruned model keeps the tie, and from_pretrained gives it back (Gemma: its embedding scale
+    follows the new hidden size). Without the division the proof fails."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny(FAMILIES[family], tie_word_embeddings=True)
+    stream = stream_of(analyse_model(model, make_inputs(TOKENS, model)))
+    assert stream is not None and ("model.norm", "divide") in [(t.module, t.side) for t in stream.taps]
+    assert "model.norm" not in stream.consumers
+    res = check_model(model, (1, 12), name=family, specs=TOKENS, ratio=0.3)
+    assert res.ok, res.stages
+    gated, pruned, analysis, keep = pruned_in_float64(FAMILIES[family], ratio=0.25, seed=4, only_stream=True,
+                                                      tie_word_embeddings=True)
+    assert pruned.config.hidden_size == 24 and pruned.lm_head.weight is pruned.model.embed_tokens.weight
+    xs = examples(pruned)
+    ref = run(gated, xs)
+    scale = max(float(t.abs().max()) for ts in ref for t in ts)
+    assert max_diff(ref, run(pruned, xs)) <= 1e-5 * scale
+    assert save_pretrained(pruned, tmp_path / "p") is None
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p"), dtype=torch.float64).eval()
+    assert max_diff(run(pruned, xs), run(loaded, xs)) <= 1e-12 * scale
+    detach_gates(gated)
+    from bmrs_surgery.graph.rules import transformers_layers
+
+    monkeypatch.setattr(transformers_layers, "divide", lambda mod, expected: None)
+    broken = check_model(tiny(FAMILIES[family], tie_word_embeddings=True), (1, 12), specs=TOKENS, ratio=0.3)
+    assert not broken.ok
 
 
 def test_gemma_scaled_embedding_is_the_streams_first_writer():
@@ -260,6 +287,8 @@ def test_gemma_scaled_embedding_is_the_streams_first_writer():
     stream = stream_of(analyse_model(gemma, make_inputs(TOKENS, gemma)))
     assert stream is not None and stream.size == HIDDEN
     assert "model.embed_tokens" in [t.module for t in stream.taps if t.side == "out"]
+    # the analysis leaves the model as it was: the scale stays a buffer that is not saved
+    assert gemma.model.embed_tokens._non_persistent_buffers_set == {"embed_scale"}
 
 
 @pytest.mark.parametrize("noise", ["sample", "element"])

@@ -186,12 +186,19 @@ def _module_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str] 
     return None
 
 
-def _own_attribute(node: fx.Node, own: str) -> bool:
+def _own_attribute(node: fx.Node, own: str, aliases: set[str]) -> bool:
     """A read of the module's own parameter or buffer (directly, or marked by :func:`buffer_value`:
-    Gemma's embedding scale), which the module's call reads by itself."""
+    Gemma's embedding scale), which the module's call reads by itself. ``aliases``: other names of
+    the module's own tensors (a tied ``lm_head.weight`` is read as ``model.embed_tokens.weight``)."""
     if node.op == "call_function" and node.target is buffer_value and node.args:
         node = node.args[0]
-    return node.op == "get_attr" and str(node.target).startswith(own)
+    return node.op == "get_attr" and (str(node.target).startswith(own) or str(node.target) in aliases)
+
+
+def _aliases(model: nn.Module, path: str) -> set[str]:
+    """Every name, anywhere in ``model``, of a parameter that module ``path`` owns."""
+    mine = {id(p) for p in model.get_submodule(path).parameters()}
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mine}
 
 
 def outline(gm: fx.GraphModule, model: nn.Module) -> list[str]:
@@ -212,6 +219,7 @@ def outline(gm: fx.GraphModule, model: nn.Module) -> list[str]:
         path = paths[key]
         inside = set(nodes)
         own = path + "."
+        aliases = _aliases(model, path)
         for n in nodes:  # a same-dtype cast of the input that export also hands out as the input
             # itself (an RMSNorm's ``x.to(float32)`` doubling as the decoder's residual): its outside
             # users read the input, so the call still has one input and one output
@@ -227,7 +235,7 @@ def outline(gm: fx.GraphModule, model: nn.Module) -> list[str]:
         ext: list[fx.Node] = []
         for n in nodes:
             for a in n.all_input_nodes:
-                if a in inside or a in ext or _own_attribute(a, own):
+                if a in inside or a in ext or _own_attribute(a, own, aliases):
                     continue
                 ext.append(a)
         outs = [n for n in nodes if any(u not in inside for u in n.users)]
@@ -265,7 +273,15 @@ def _rebuild(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
                 root[node.target] = _fetch(model, node.target)
             except AttributeError:
                 root[node.target] = _fetch(gm, node.target)
-    return fx.GraphModule(root, gm.graph, type(model).__name__)
+    # GraphModule registers a buffer it is handed as a persistent one, also on the model's own module
+    # that holds it (Gemma's non-persistent embedding scale would then be saved): restore them
+    non_persistent = {id(m): set(m._non_persistent_buffers_set) for m in model.modules()}
+    try:
+        return fx.GraphModule(root, gm.graph, type(model).__name__)
+    finally:
+        for m in model.modules():
+            m._non_persistent_buffers_set.clear()
+            m._non_persistent_buffers_set.update(non_persistent.get(id(m), ()))
 
 
 def _shape_meta(gm: fx.GraphModule) -> None:
@@ -320,9 +336,9 @@ def _stream_problem(model: nn.Module, gm: fx.GraphModule, group) -> str | None:
     writers = [s for s in group.slots if s.role in ("out", "param")]
     for s in writers:
         shared = [n for n in names.get(id(params.get(s.target)), []) if n != s.target]
-        if shared:
+        if shared and tied_reader_norm(model, gm, group, s, shared) is None:
             return (f"{s.target} and {shared[0]} are one tensor (tied embeddings): a gate folded into the writer "
-                    "would scale the reader too")
+                    "would scale the reader too, and the reader's input is not an RMSNorm that could divide it out")
     for s in writers:
         if s.role == "param":
             return f"parameter {s.target} is added to the residual stream with no layer whose output a gate could scale"
@@ -332,19 +348,56 @@ def _stream_problem(model: nn.Module, gm: fx.GraphModule, group) -> str | None:
     return None
 
 
-def _writer_taps(gm: fx.GraphModule, group) -> None:
+_PASS_THROUGH = ("alias", "slice", "select", "clone", "contiguous", "detach")  # the same entries on the last axis
+
+
+def tied_reader_norm(model: nn.Module, gm: fx.GraphModule, group, writer, shared: list[str]) -> str | None:
+    """Tied embeddings: the writer's weight is also the weight of the output layer (``lm_head``),
+    so E[theta] folded into the embedding's columns also scales the output layer's input columns.
+    That is undone exactly when the output layer reads the stream's last RMSNorm (through slices
+    only) and nothing else reads that norm: its weight divided by E[theta] (see
+    ``transformers_layers.divide``). Returns that norm's path, or None."""
+    from .rules.transformers_layers import stream_form
+
+    if len(shared) != 1 or writer.role != "out":
+        return None
+    reader = shared[0].rpartition(".")[0]
+    modules = dict(model.named_modules())
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == reader]
+    if len(calls) != 1 or not isinstance(modules.get(reader), nn.Linear):
+        return None
+    x = calls[0].args[0]
+    while isinstance(x, fx.Node) and x.op == "call_function" and _op_name(x.target) in _PASS_THROUGH \
+            and len(x.users) == 1:
+        x = x.args[0]
+    if not (isinstance(x, fx.Node) and x.op == "call_module" and len(x.users) == 1 and x.target in group.norms):
+        return None
+    return x.target if stream_form(modules[x.target]) is not None else None
+
+
+def _writer_taps(model: nn.Module, gm: fx.GraphModule, group) -> None:
     """The stream's gates: one on the output of each writer (``side="out"``), replacing the
-    readers' input gates, so that a pruned channel is zero everywhere in the stream."""
+    readers' input gates, so that a pruned channel is zero everywhere in the stream. A writer whose
+    weight an output layer shares (tied embeddings) also gets a ``side="divide"`` tap on the norm
+    that output layer reads (:func:`tied_reader_norm`): no gate runs there, surgery divides it."""
     from .group import Tap
 
     calls: dict[str, str] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls.setdefault(n.target, n.name)
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    params = dict(model.named_parameters(remove_duplicate=False))
     taps = []
     for module in dict.fromkeys(s.module for s in group.slots if s.role == "out"):
         out = next(s for s in group.slots if s.module == module and s.role == "out" and s.target.endswith(".weight"))
         taps.append(Tap(module, -1, out.index.copy(), calls[module], side="out"))
+        shared = [n for n in names.get(id(params.get(out.target)), []) if n != out.target]
+        norm = tied_reader_norm(model, gm, group, out, shared) if shared else None
+        if norm is not None:
+            taps.append(Tap(norm, -1, out.index.copy(), calls[norm], side="divide"))
     group.taps = taps
     group.kind = "stream"
 
@@ -369,7 +422,7 @@ def stream_groups(model: nn.Module, gm: fx.GraphModule, prop, ignore: tuple[str,
         sol, groups = solve_groups(model, prop, ignore)
     for g in groups:
         if "stream" in g.tags:
-            _writer_taps(gm, g)
+            _writer_taps(model, gm, g)
     if not said and not any(g.kind == "stream" for g in groups):
         tagged = [r for r, t in sol.tags.items() if "stream" in t and sol.blocked[r]]
         if tagged:
@@ -457,7 +510,7 @@ def shrink_module(analysis: ExportAnalysis, expected: dict[int, np.ndarray], kee
     from ..gated import gates_removed
     from ..hf import update_hidden_size, update_size_attributes
     from ..surgery import fold_expected, rescale_after_slicing, slice_parameters, update_sizes, widths_before
-    from .rules.transformers_layers import rescale_stream_norms, stream_norm_widths
+    from .rules.transformers_layers import retie_and_rescale_embeddings, rescale_stream_norms, stream_norm_widths
 
     widths = stream_norm_widths(analysis.model)
     with gates_removed(analysis.model):
@@ -471,5 +524,7 @@ def shrink_module(analysis: ExportAnalysis, expected: dict[int, np.ndarray], kee
     hidden = rescale_stream_norms(model, widths)  # RMSNorm: weight * sqrt(C/C'), eps * C/C'
     if hidden is not None:
         update_hidden_size(model, *hidden)
+        divided = [t.module for g in analysis.groups for t in g.taps if t.side == "divide"]
+        retie_and_rescale_embeddings(model, *hidden, divided)
     update_size_attributes(model)
     return model

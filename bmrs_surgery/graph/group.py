@@ -14,7 +14,9 @@ dimensions: removing structure ``i`` of a group removes index ``i`` wherever the
   in the stream itself); its E[theta] folds into that layer's output rows. A tap with
   ``side="mask"`` sits on the input of a norm over the group's channels (timm's
   GlobalResponseNorm) and multiplies it by the keep-mask alone (0 or 1, nothing to fold): a
-  removed channel is zero there, so the narrower norm can be made exact.
+  removed channel is zero there, so the narrower norm can be made exact. A tap with
+  ``side="divide"`` runs no gate: at surgery the RMSNorm it names has its weight divided by E[theta],
+  undoing the E[theta] that tied embeddings fold into the output layer it feeds.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Tap:
     index: np.ndarray  # structure per input index along ``axis``, -1 where not in this group
     node: str = ""  # the graph node of the call (empty for a group loaded from a file)
     side: str = "in"  # "in": the gate scales the layer's input; "out": its output (a writer of the stream);
-    # "mask": the keep-mask alone multiplies the input of a norm over the channels
+    # "mask": the keep-mask alone multiplies the input of a norm over the channels; "divide": no gate,
+    # surgery divides this RMSNorm's weight by E[theta] (tied embeddings: the output layer it feeds)
 
     def state(self) -> dict:
         state = {"module": self.module, "axis": self.axis, "index": self.index.tolist()}
@@ -80,7 +83,7 @@ class Group:
     @property
     def consumers(self) -> list[str]:
         """Layers that read the group's channels through their weights (where its gates sit)."""
-        return _unique(t.module for t in self.taps if t.side != "mask")
+        return _unique(t.module for t in self.taps if t.side in ("in", "out"))
 
     @property
     def channels(self) -> int:

@@ -68,6 +68,19 @@ def rescale(mod: nn.Module, width: int, kept: int, form: str) -> None:
     setattr(mod, name, getattr(mod, name) * width / kept)
 
 
+def divide(mod: nn.Module, expected) -> None:
+    """In place: an RMSNorm's output divided by ``expected`` per channel (E[theta] of a stream
+    whose gates the tied output layer it feeds has taken in); channels with 0 (removed) untouched.
+    ``w / e`` for the scale form, ``(1 + w) / e - 1`` for Gemma's offset form."""
+    e = torch.as_tensor(expected, dtype=mod.weight.dtype, device=mod.weight.device)
+    e = torch.where(e > 0, e, torch.ones_like(e))
+    with torch.no_grad():
+        if stream_form(mod) == "scale":
+            mod.weight.div_(e)
+        else:
+            mod.weight.add_(1.0).div_(e).sub_(1.0)
+
+
 def _probe(mod: nn.Module) -> str | None:
     w = getattr(mod, "weight", None)
     name = _eps_name(mod)
@@ -168,6 +181,40 @@ def _scaled_embedding(mod: nn.Module) -> bool:
     scale = getattr(mod, "embed_scale", None)
     return (isinstance(mod, nn.Embedding) and type(mod).__name__.endswith("ScaledWordEmbedding")
             and (isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)))
+
+
+def retie_and_rescale_embeddings(model: nn.Module, old: int, new: int, divided: list[str]) -> None:
+    """After the stream was cut from ``old`` to ``new`` channels: tied embeddings share one tensor
+    again (surgery slices the two names apart, with equal values), and Gemma's scaled embedding,
+    whose scale its config derives as ``sqrt(hidden_size)``, gets ``sqrt(new)`` with its weight times
+    ``sqrt(old/new)``, so that the model computes the same and a reload from its config does too;
+    when the output layer shares that weight, the norms in ``divided`` (the ``side="divide"`` taps)
+    are divided by the same factor."""
+    cfg = getattr(model, "config", None)
+    out, inp = getattr(model, "get_output_embeddings", lambda: None)(), getattr(model, "get_input_embeddings", lambda: None)()
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and out is not None and inp is not None
+    if tied and out.weight.shape == inp.weight.shape and torch.equal(out.weight, inp.weight):
+        out.weight = inp.weight
+    tied = tied and out.weight is inp.weight
+    for mod in model.modules():
+        if not _scaled_embedding(mod):
+            continue
+        scale = float(mod.embed_scale)
+        if not math.isclose(scale, math.sqrt(old), rel_tol=1e-6):
+            continue
+        f = math.sqrt(old / new)
+        with torch.no_grad():
+            mod.weight.mul_(f)
+            if isinstance(mod.embed_scale, torch.Tensor):
+                mod.embed_scale.fill_(math.sqrt(new))
+            else:
+                mod.embed_scale = math.sqrt(new)
+        if hasattr(mod, "scalar_embed_scale"):
+            mod.scalar_embed_scale = math.sqrt(new)
+        if tied and mod is inp:
+            for name in divided:
+                norm = model.get_submodule(name)
+                divide(norm, torch.full_like(norm.weight, f))
 
 
 def register_norms(model: nn.Module) -> None:
