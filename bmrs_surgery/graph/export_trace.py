@@ -510,7 +510,7 @@ def shrink_module(analysis: ExportAnalysis, expected: dict[int, np.ndarray], kee
     from ..gated import gates_removed
     from ..hf import update_hidden_size, update_size_attributes
     from ..surgery import fold_expected, rescale_after_slicing, slice_parameters, update_sizes, widths_before
-    from .rules.transformers_layers import retie_and_rescale_embeddings, rescale_stream_norms, stream_norm_widths
+    from .rules.transformers_layers import rescale_stream_norms, retie_and_rescale_embeddings, stream_norm_widths
 
     widths = stream_norm_widths(analysis.model)
     with gates_removed(analysis.model):
