@@ -141,23 +141,10 @@ def proof_in_float64(analysis, gated: nn.Module, keep: torch.Tensor, inputs: lis
         g64.double()
         p64 = shrink(a64, g64.bmrs_gates, keep)
         xs = [wide(first(inputs[0], 1))]  # one example: float64 convolutions are slow on CPU
-        with torch.no_grad():
-            reference, candidate = outputs64(g64, xs), outputs64(p64, xs)
+        reference, candidate = named_outputs(g64, xs, cast=False), named_outputs(p64, xs, cast=False)
         return compare(reference, candidate, tolerance)
     except Exception:  # noqa: BLE001 - a network that cannot run in float64 keeps its float32 verdict
         return None
-
-
-def outputs64(model: nn.Module, inputs: list) -> list[list[torch.Tensor]]:
-    """Every output tensor of a float64 ``model`` on each example, in eval mode, not cast."""
-    from .inputs import call, output_tensors
-
-    was = model.training
-    model.eval()
-    try:
-        return [[t.detach() for t in output_tensors(call(model, x))] for x in inputs]
-    finally:
-        model.train(was)
 
 
 def _fold_only_diff(analysis, bank, gated: nn.Module, inputs, run) -> float | None:

@@ -90,11 +90,12 @@ def _hook(model: nn.Module, bank: GateBank) -> None:
             if tap.module not in modules:
                 raise GatePlacementError(f"group {group.name}: model has no module {tap.module!r}")
         for t, tap in enumerate(group.taps):
-            if getattr(tap, "side", "in") == "out":  # a writer of the residual stream: its output
+            side = getattr(tap, "side", "in")
+            if side == "out":  # a writer of the residual stream: its output
                 modules[tap.module].register_forward_hook(OutputGate(bank, i, t))
-            elif getattr(tap, "side", "in") == "mask":  # a norm over the channels: the keep-mask alone
+            elif side == "mask":  # a norm over the channels: the keep-mask alone
                 modules[tap.module].register_forward_pre_hook(MaskGate(bank, i, t))
-            elif getattr(tap, "side", "in") == "divide":  # tied embeddings: surgery's, no gate runs here
+            elif side == "divide":  # tied embeddings: surgery's, no gate runs here
                 continue
             else:
                 modules[tap.module].register_forward_pre_hook(Gate(bank, i, t))

@@ -223,14 +223,16 @@ def output_tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def outputs(model: nn.Module, examples: list) -> list[list[torch.Tensor]]:
+def outputs(model: nn.Module, examples: list, cast: bool = True) -> list[list[torch.Tensor]]:
     """Every output tensor of ``model`` on each example (tensors or named inputs), in eval mode,
-    as float: what the equivalence proof compares (see :func:`bmrs_surgery.verify.compare`)."""
+    as float (``cast=False``: in the model's own dtype): what the equivalence proof compares (see
+    :func:`bmrs_surgery.verify.compare`)."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return [[t.detach().float() for t in output_tensors(call(model, x))] for x in examples]
+            return [[t.detach().float() if cast else t.detach() for t in output_tensors(call(model, x))]
+                    for x in examples]
     finally:
         model.train(was)
 

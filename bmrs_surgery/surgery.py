@@ -67,19 +67,20 @@ def fold_expected(gm: fx.GraphModule, analysis: Analysis, expected: dict[int, np
         for g in analysis.groups:
             e = np.append(np.asarray(expected[g.id], dtype=np.float64), 1.0)
             for tap in g.taps:
-                if getattr(tap, "side", "in") == "out":
+                side = getattr(tap, "side", "in")
+                if side == "out":
                     _fold_output(gm, g, tap, e)
                     continue
-                if getattr(tap, "side", "in") == "mask":  # the keep-mask alone: nothing to fold
-                    continue
-                if getattr(tap, "side", "in") == "divide":  # tied embeddings: the norm the output layer reads
-                    from .graph.rules.transformers_layers import divide
-
-                    divide(gm.get_submodule(tap.module), e[np.where(tap.index >= 0, tap.index, len(e) - 1)])
+                if side == "mask":  # the keep-mask alone: nothing to fold
                     continue
                 mod = gm.get_submodule(tap.module)
-                f = torch.as_tensor(e[np.where(tap.index >= 0, tap.index, len(e) - 1)])
-                _rule(mod, tap.module).fold(mod, f)
+                f = e[np.where(tap.index >= 0, tap.index, len(e) - 1)]
+                if side == "divide":  # tied embeddings: the norm the output layer reads
+                    from .graph.rules.transformers_layers import divide
+
+                    divide(mod, f)
+                else:
+                    _rule(mod, tap.module).fold(mod, torch.as_tensor(f))
 
 
 def _fold_output(gm: nn.Module, group, tap, e: np.ndarray) -> None:

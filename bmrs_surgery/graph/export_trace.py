@@ -195,16 +195,21 @@ def _own_attribute(node: fx.Node, own: str, aliases: set[str]) -> bool:
     return node.op == "get_attr" and (str(node.target).startswith(own) or str(node.target) in aliases)
 
 
-def _aliases(model: nn.Module, path: str) -> set[str]:
-    """Every name, anywhere in ``model``, of a parameter that module ``path`` owns."""
-    mine = {id(p) for p in model.get_submodule(path).parameters()}
-    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mine}
+def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every parameter name of ``model`` -> the other names of the same tensor (tied embeddings:
+    ``model.embed_tokens.weight`` <-> ``lm_head.weight``); empty lists for the rest."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {n: [m for m in same if m != n] for same in names.values() for n in same}
+
 
 
 def outline(gm: fx.GraphModule, model: nn.Module) -> list[str]:
     """Replace each call of a module with a rule by one ``call_module`` node (see the module doc);
     returns the outlined module paths."""
     modules = dict(model.named_modules())
+    tied = {n: others for n, others in tensor_aliases(model).items() if others}  # usually none, or one pair
     regions: dict[str, list[fx.Node]] = {}
     paths: dict[str, str] = {}
     for node in gm.graph.nodes:
@@ -219,7 +224,7 @@ def outline(gm: fx.GraphModule, model: nn.Module) -> list[str]:
         path = paths[key]
         inside = set(nodes)
         own = path + "."
-        aliases = _aliases(model, path)
+        aliases = {m for n, others in tied.items() if n.startswith(own) for m in others}
         for n in nodes:  # a same-dtype cast of the input that export also hands out as the input
             # itself (an RMSNorm's ``x.to(float32)`` doubling as the decoder's residual): its outside
             # users read the input, so the call still has one input and one output
@@ -329,13 +334,10 @@ def _stream_problem(model: nn.Module, gm: fx.GraphModule, group) -> str | None:
 
     modules = dict(model.named_modules())
     calls = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    names: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    aliases = tensor_aliases(model)
     writers = [s for s in group.slots if s.role in ("out", "param")]
     for s in writers:
-        shared = [n for n in names.get(id(params.get(s.target)), []) if n != s.target]
+        shared = aliases.get(s.target, [])
         if shared and tied_reader_norm(model, gm, group, s, shared) is None:
             return (f"{s.target} and {shared[0]} are one tensor (tied embeddings): a gate folded into the writer "
                     "would scale the reader too, and the reader's input is not an RMSNorm that could divide it out")
@@ -386,15 +388,12 @@ def _writer_taps(model: nn.Module, gm: fx.GraphModule, group) -> None:
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls.setdefault(n.target, n.name)
-    names: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    aliases = tensor_aliases(model)
     taps = []
     for module in dict.fromkeys(s.module for s in group.slots if s.role == "out"):
         out = next(s for s in group.slots if s.module == module and s.role == "out" and s.target.endswith(".weight"))
         taps.append(Tap(module, -1, out.index.copy(), calls[module], side="out"))
-        shared = [n for n in names.get(id(params.get(out.target)), []) if n != out.target]
+        shared = aliases.get(out.target, [])
         norm = tied_reader_norm(model, gm, group, out, shared) if shared else None
         if norm is not None:
             taps.append(Tap(norm, -1, out.index.copy(), calls[norm], side="divide"))

@@ -19,6 +19,7 @@ import sys
 from ..propagate import ChannelSink
 from ..registry import ModuleRule, module_rules, register_module
 from .layers import ConvRule, LinearRule
+from .transformers_layers import rescale as rescale_rms_norm
 
 
 def masked_channels(ctx, node, x, params, axis: int):
@@ -55,8 +56,7 @@ class ChannelRmsNormRule(ModuleRule):
     def rescale(self, module, width):
         kept = int(module.weight.shape[0])
         if kept != width:
-            module.weight.mul_((width / kept) ** 0.5)
-            module.eps = module.eps * width / kept
+            rescale_rms_norm(module, width, kept, "scale")
 
 
 class GlobalResponseNormRule(ModuleRule):
