@@ -9,16 +9,24 @@ Random examples follow the names: ``*mask*`` inputs are all ones (nothing masked
 ``token_type_ids`` zeros, ``position_ids`` ``0..L-1``, other integer inputs uniform token ids below
 the model's vocabulary size (``config.vocab_size``, or the smallest ``nn.Embedding``), float
 inputs standard normal.
+
+When nothing says what a model takes (no ``--input``, no ``--input-shape``, no input shape saved
+with the model), the named inputs are *inferred*: from a token ``.npz`` given as data (its arrays'
+names, dtypes and sizes; see :func:`token_file_specs`), else from ``forward``'s signature and the
+model's config (see :func:`inferred_specs`): ``input_ids`` (with ``attention_mask`` when forward takes
+one) of ``DEFAULT_SEQUENCE_LENGTH`` tokens, or ``pixel_values`` of the config's image size.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +36,11 @@ DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32, 
           "bfloat16": torch.bfloat16, "float64": torch.float64, "bool": torch.bool}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_INPUT_ELEMENTS = 2**28  # one named input; a float32 tensor of this size is 1 GiB
+DEFAULT_SEQUENCE_LENGTH = 128  # inferred token inputs: the length issue 16's benchmarks use, capped by the model's
+# position table
+# arrays that make an .npz token data (not x/y tabular data) when no --input names the inputs
+TOKEN_FILE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
+                     "input_values", "inputs_embeds")
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,98 @@ def make_inputs(specs: list[InputSpec], model: nn.Module | None = None, *, batch
             t = torch.randint(0, high, shape, generator=gen, dtype=s.dtype)
         out[s.name] = t
     return out
+
+
+def _forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # a builtin or C forward
+        return {}
+
+
+def _config_int(config, *names: str) -> int | None:
+    for name in names:
+        v = getattr(config, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def inferred_specs(model: nn.Module) -> list[InputSpec] | None:
+    """Named inputs read off ``model.forward``'s signature and ``model.config``, or None when its
+    arguments say nothing (one positional tensor ``x``: the caller asks for a shape).
+
+    - ``input_ids``: int64, ``1 x L`` with L = ``DEFAULT_SEQUENCE_LENGTH``, or fewer when the
+      config's position table (``max_position_embeddings``, ``n_positions``) is shorter; plus an
+      ``attention_mask`` of the same size when forward takes one;
+    - ``pixel_values``: float32, ``1 x C x H x W`` from the config's ``num_channels`` (3) and
+      ``image_size`` (an int, or (H, W)); none is inferred without an image size.
+    Other arguments keep forward's own defaults (``token_type_ids`` zeros, positions ``0..L-1``)."""
+    params = _forward_parameters(model)
+    config = getattr(model, "config", None)
+    specs: list[InputSpec] = []
+    if "input_ids" in params:
+        length = min(DEFAULT_SEQUENCE_LENGTH, _config_int(config, "max_position_embeddings", "n_positions",
+                                                          "max_sequence_length") or DEFAULT_SEQUENCE_LENGTH)
+        specs.append(InputSpec("input_ids", torch.int64, (1, length)))
+        if "attention_mask" in params:
+            specs.append(InputSpec("attention_mask", torch.int64, (1, length)))
+    if "pixel_values" in params:
+        size = getattr(config, "image_size", None)
+        if isinstance(size, int) and size > 0:
+            size = (size, size)
+        if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(d, int) and d > 0 for d in size):
+            channels = _config_int(config, "num_channels") or 3
+            specs.append(InputSpec("pixel_values", torch.float32, (1, channels) + tuple(size)))
+    return specs or None
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
+    """Each array's (shape, dtype) of the .npz ``path`` from its .npy headers (nothing decompressed
+    beyond them), or None when the file cannot be read that way (the data loader says why later)."""
+    import zipfile
+
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    return None
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in ((1, 0), (2, 0)):
+                        return None
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                out[info.filename[:-4]] = (tuple(shape), dtype)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+    return out
+
+
+def token_file_specs(data) -> list[InputSpec] | None:
+    """The named inputs of a token ``.npz`` given as data without ``--input``: every array but
+    ``labels`` and the ``*_test`` ones, one example's size, int64 for integers (float32 for floats,
+    bool for masks stored as bool). Only a file without ``x`` holding one of ``TOKEN_FILE_INPUTS``
+    is read so (an ``x``/``y`` file stays tabular data); None otherwise."""
+    if not isinstance(data, str) or not data.strip().lower().endswith(".npz"):
+        return None
+    path = Path(data.strip()).expanduser()
+    if not path.is_file():
+        return None
+    headers = _npz_headers(path)
+    if not headers or "x" in headers or not any(n in headers for n in TOKEN_FILE_INPUTS):
+        return None
+    specs = []
+    for name, (shape, dtype) in headers.items():
+        if name == "labels" or name.endswith("_test") or not _NAME.match(name) or len(shape) < 2:
+            continue
+        kind = "bool" if dtype.kind == "b" else "int64" if dtype.kind in "iu" else "float32"
+        specs.append(InputSpec(name, DTYPES[kind], (1,) + tuple(int(d) for d in shape[1:])))
+    order = {n: i for i, n in enumerate(TOKEN_FILE_INPUTS)}  # input_ids first: it names the batch's length
+    specs.sort(key=lambda s: order.get(s.name, len(order)))
+    return specs or None
 
 
 def fill_for(name: str, dtype: str) -> str:
@@ -267,10 +372,15 @@ def job_inputs(job) -> tuple[list[InputSpec] | None, dict[str, torch.Tensor] | N
     """(specs, the example-inputs file's tensors or None) of a job, or (None, None) without named
     inputs; every input's largest benchmark batch is checked against the input size limit."""
     inputs, inputs_file = tuple(getattr(job, "inputs", ()) or ()), getattr(job, "inputs_file", None)
-    if not inputs and not inputs_file:
-        return None, None
     example = load_example_file(inputs_file) if inputs_file else None
-    specs = specs_of(example) if example is not None else parse_inputs(inputs)
+    if example is not None:
+        specs = specs_of(example)
+    elif inputs:
+        specs = parse_inputs(inputs)
+    else:
+        specs = token_file_specs(getattr(job, "data", None))  # a token .npz names the inputs itself
+        if not specs:
+            return None, None
     if job.bench_batch_sizes:
         for s in specs:
             n = max(job.bench_batch_sizes) * math.prod(s.shape[1:])

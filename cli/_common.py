@@ -76,13 +76,13 @@ input_shape_option = click.option(
     "--input-shape", metavar="B,C,H,W", help="Shape of one input batch, e.g. 1,3,224,224 [default: the model's own, if known].")
 
 
-def load_network(spec: str, input_shape: str | None, arch: str | None, trust: bool):
+def load_network(spec: str, input_shape: str | None, arch: str | None, trust: bool, loaded=None):
     """(plain network, input shape with batch axis) for the graph commands; a gated file gives its
-    network without the gates."""
+    network without the gates. ``loaded``: the model already loaded from ``spec``."""
     from bmrs_surgery import loading
     from bmrs_surgery.deploy import plain_network
 
-    loaded = loading.load_model(spec, arch=arch, trust=trust)
+    loaded = loaded or loading.load_model(spec, arch=arch, trust=trust)
     net = plain_network(loaded.model) if loaded.gated else loaded.model
     shape = parse_shape(input_shape)
     if shape is None:
@@ -122,17 +122,37 @@ def named_inputs(inputs, inputs_file, input_shape):
 
 def load_network_inputs(spec: str, input_shape: str | None, inputs, inputs_file, arch: str | None, trust: bool):
     """(network, input shape, named input specs or None, example file tensors or None): named
-    inputs from ``--input``/``--inputs-file``, else one float tensor as :func:`load_network`."""
-    if not inputs and not inputs_file:
-        net, shape = load_network(spec, input_shape, arch, trust)
-        return net, shape, None, None
+    inputs from ``--input``/``--inputs-file``; without them and without ``--input-shape``, the
+    model's saved input shape, else named inputs inferred from its forward's signature (said on
+    stderr); else one float tensor as :func:`load_network`."""
     from bmrs_surgery import loading
     from bmrs_surgery.deploy import plain_network
 
+    if not inputs and not inputs_file:
+        loaded = loading.load_model(spec, arch=arch, trust=trust)
+        if input_shape is None and loaded.input_shape is None:
+            net = plain_network(loaded.model) if loaded.gated else loaded.model
+            specs = inferred_specs_said(net, spec)
+            if specs:
+                return net, specs[0].shape, specs, None
+        net, shape = load_network(spec, input_shape, arch, trust, loaded=loaded)
+        return net, shape, None, None
     specs, example = named_inputs(inputs, inputs_file, input_shape)
     loaded = loading.load_model(spec, arch=arch, trust=trust)
     net = plain_network(loaded.model) if loaded.gated else loaded.model
     return net, specs[0].shape, specs, example
+
+
+def inferred_specs_said(net, spec: str):
+    """Named inputs inferred from ``net.forward`` (see :func:`bmrs_surgery.inputs.inferred_specs`),
+    with one line on stderr naming them, or None."""
+    from bmrs_surgery.inputs import inferred_specs
+
+    specs = inferred_specs(net)
+    if specs:
+        click.echo(f"{spec}: inputs inferred from {type(net).__name__}.forward: "
+                   f"{' '.join('--input ' + str(s) for s in specs)} (give --input to change them)", err=True)
+    return specs
 
 
 class EpochsParam(click.ParamType):

@@ -15,6 +15,7 @@ from bmrs_surgery.limits import machine_cores
 
 from ._common import (
     fail,
+    inferred_specs_said,
     input_option,
     input_shape_option,
     inputs_file_option,
@@ -25,8 +26,9 @@ from ._common import (
 )
 
 
-def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str, specs=None):
-    """(an .onnx path for ``spec``: itself, or a model exported on the fly; the torch model or None).
+def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str, specs=None, loaded=None):
+    """(an .onnx path for ``spec``: itself, or a model exported on the fly; the torch model or None;
+    ``loaded``: the model already loaded from ``spec``).
     With named inputs (``specs``) the export has one ONNX input per name, with its dtype, and dynamic
     batch and sequence axes."""
     if spec.endswith(".onnx"):
@@ -44,11 +46,11 @@ def _as_onnx(spec: str, input_shape, arch, trust, tmp: Path, tag: str, specs=Non
         from bmrs_surgery.deploy import plain_network
         from bmrs_surgery.inputs import make_inputs
 
-        loaded = loading.load_model(spec, arch=arch, trust=trust)
+        loaded = loaded or loading.load_model(spec, arch=arch, trust=trust)
         net = plain_network(loaded.model) if loaded.gated else loaded.model
         example = make_inputs(specs, net, batch=2)  # torch.export fixes a size of 1: export at batch 2
     else:
-        net, shape = load_network(spec, input_shape, arch, trust)
+        net, shape = load_network(spec, input_shape, arch, trust, loaded=loaded)
         example = torch.randn((2,) + tuple(shape[1:]))
     if has_gates(net):
         net = network(net)
@@ -122,6 +124,14 @@ def _run(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch
     shape = parse_shape(input_shape)
     check_threads(threads)  # before any export: a mistake ends at once
     check_timeout(timeout)
+    first = None  # model A, when loaded here to infer its inputs
+    if not specs and shape is None and not model_a.endswith(".onnx"):
+        from bmrs_surgery import loading
+        from bmrs_surgery.deploy import plain_network
+
+        first = loading.load_model(model_a, arch=arch, trust=trust_model)
+        if first.input_shape is None:  # nothing says what it takes: its forward's arguments
+            specs = inferred_specs_said(plain_network(first.model) if first.gated else first.model, model_a)
     if specs:
         from bmrs_surgery.inputs import bench_feeds
         from bmrs_surgery.limits import check_input_bytes
@@ -129,7 +139,7 @@ def _run(model_a, model_b, batch_sizes, threads, warmup, runs, input_shape, arch
         for s in specs:  # the largest batch of every input, before anything is exported
             check_input_bytes((max(sizes),) + tuple(s.shape[1:]), what=f"input {s.name} of shape")
     with tempfile.TemporaryDirectory(prefix="bmrs-bench-") as tmp:
-        made = [_as_onnx(m, input_shape, arch, trust_model, Path(tmp), f"model{i}", specs)
+        made = [_as_onnx(m, input_shape, arch, trust_model, Path(tmp), f"model{i}", specs, loaded=first if i == 0 else None)
                 for i, m in enumerate([model_a] + ([model_b] if model_b else []))]
         paths = [p for p, _ in made]
         feeds = None
