@@ -50,4 +50,12 @@ DATA_WORKERS = 4  # DataLoader worker processes for imagefolder:DIR (at most the
 LATENCY_TARGET_BATCH = 1  # --target-latency: the batch size the latency is measured at
 DISTILL_TEMPERATURE = 4.0  # --distill: softmax temperature of the teacher's and student's logits
 DISTILL_WEIGHT = 0.5  # --distill: share of the loss that is the distillation term (the rest: labels)
+# token data without labels: an embedding output is fitted by kappa * (1 - cos(student, original)),
+# the negative log-likelihood of a von Mises-Fisher density exp(kappa cos) around the original
+# model's direction (distill.py). kappa is the likelihood's precision, which a cosine loss does not
+# fix by itself: 20 is the scale sentence-transformers' contrastive loss multiplies cosines by, so
+# the scale an embedding model such as all-MiniLM-L6-v2 was trained with. Measured on MiniLM
+# (benchmarks/minilm.py): kappa 1 lets the mean KL outweigh the data and the gates collapse; 384
+# keeps nearly every structure.
+DISTILL_KAPPA = 20.0
 LR_SCHEDULE = "cosine"  # learning rates within each phase fall to 0 along half a cosine (or "constant"): benchmarks/results/finetune_options
