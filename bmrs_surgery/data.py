@@ -52,18 +52,24 @@ _RESIZE_CHUNK = 5000
 
 @dataclass
 class DataSplits:
-    """Train/val/test splits of one dataset; each split is a TensorDataset of (x float32, y int64)."""
+    """Train/val/test splits of one dataset; each split is a TensorDataset of (x float32, y int64)
+    (or a :class:`NamedDataset` for token data)."""
 
     name: str
     train: TensorDataset
     val: TensorDataset
     test: TensorDataset
-    num_classes: int
+    num_classes: int | None  # None: token data without labels (fitted by distillation, see distill.py)
     input_shape: tuple[int, ...]  # one example, no batch axis
 
     def sizes(self) -> tuple[int, int, int]:
         """Number of examples in (train, val, test)."""
         return len(self.train), len(self.val), len(self.test)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the examples carry class labels (every split does, or none)."""
+        return self.num_classes is not None
 
 
 def _choices() -> str:
@@ -71,29 +77,31 @@ def _choices() -> str:
 
 
 class NamedDataset:
-    """Examples of named inputs (token ids, an attention mask, ...) with class labels: ``inputs``
-    maps each input's name to a tensor whose first axis is the example, ``labels`` is (N,) int64.
-    A batch is a dict of tensors, given to the model as keyword arguments (see :mod:`tokens`)."""
+    """Examples of named inputs (token ids, an attention mask, ...), with class labels or without:
+    ``inputs`` maps each input's name to a tensor whose first axis is the example, ``labels`` is
+    (N,) int64, or None for data without labels (then a batch's labels are None too). A batch is a
+    dict of tensors, given to the model as keyword arguments (see :mod:`tokens`)."""
 
-    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None):
         self.inputs = dict(inputs)
         self.labels = labels
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(next(iter(self.inputs.values()))) if self.labels is None else len(self.labels)
 
     def head(self, n: int) -> dict[str, torch.Tensor]:
         return {k: v[:n] for k, v in self.inputs.items()}
 
     def take(self, idx) -> NamedDataset:
-        return NamedDataset({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx])
+        return NamedDataset({k: v[idx] for k, v in self.inputs.items()},
+                            None if self.labels is None else self.labels[idx])
 
     def batches(self, index_batches, device):
         inputs = {k: v.to(device) for k, v in self.inputs.items()}
-        y = self.labels.to(device)
+        y = None if self.labels is None else self.labels.to(device)
         for idx in index_batches:
             idx = idx.to(device)
-            yield {k: v[idx] for k, v in inputs.items()}, y[idx]
+            yield {k: v[idx] for k, v in inputs.items()}, (None if y is None else y[idx])
 
 
 def head(split, n: int):

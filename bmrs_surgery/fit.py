@@ -6,7 +6,10 @@
   current posterior each time, not accumulated), then fine-tune with the masks frozen.
 
 Loss per step = mean cross-entropy + kl_scale * warm-up(epoch) * KL term, where the KL term is the
-mean KL over structures (``kl_weighting="mean"``) or summed KL / training-set size ("elbo").
+mean KL over structures (``kl_weighting="mean"``) or summed KL / training-set size ("elbo"). Token
+data without labels replaces the cross entropy by the mean distillation loss to the original
+network's outputs (distill.OutputDistiller, the teacher given to fit), on the same per-example
+scale, and measures the validation split by the mean cosine to those outputs instead of accuracy.
 The loop reports through an optional ``reporter`` (see :mod:`progress`); it never prints.
 """
 
@@ -24,8 +27,8 @@ from . import defaults
 from .accounting import compression
 from .criteria import CRITERIA, Decision, PruneResult, apply_decision, criterion_for, decision
 from .data import DataSplits, eval_batch_size, split_batches
-from .distill import SCHEDULES, Distiller, cosine_factor
-from .errors import FitError, JobError
+from .distill import SCHEDULES, Distiller, OutputDistiller, cosine_factor, forward, mean_cosine, outputs_on
+from .errors import DataError, FitError, JobError
 from .gated import KL_WEIGHTINGS, gate_bank, kl_term, network
 from .settling import SettleState, observe, summary
 
@@ -68,6 +71,7 @@ class FitConfig:
     # on: the paper)
     finetune_gates: str = defaults.FINETUNE_GATES
     distill: bool = False  # also match the original network's logits (distill.py; the teacher is given to fit)
+    # (data without labels is always fitted to the original network's outputs: distill.OutputDistiller)
     lr_schedule: str = defaults.LR_SCHEDULE  # "constant" or "cosine" within each phase (distill.py)
 
     def validate(self) -> None:
@@ -112,6 +116,8 @@ class EpochRecord:
     kept_fraction: float
     seconds: float
     steps: int = 0  # optimiser steps done in the fit phase by the end of this epoch
+    # data without labels (the accuracies NaN): mean cosine to the original outputs on the validation split
+    val_cosine: float | None = None
 
 
 @dataclass
@@ -185,11 +191,17 @@ def train_plain(model: nn.Module, train, *, epochs: int, batch_size: int, lr: fl
 def scores(model: nn.Module, x) -> torch.Tensor:
     """The model's class scores on a batch: one tensor as the argument, or named inputs (a dict of
     tensors, token data) as keyword arguments, whose output's ``logits`` are taken."""
+    return class_scores(forward(model, x), x)
+
+
+def class_scores(out, x) -> torch.Tensor:
+    """The class scores of a model's raw output on the batch ``x``: the output itself for one
+    tensor, its ``logits`` for named inputs."""
     if isinstance(x, dict):
         from .tokens import logits
 
-        return logits(model(**x))
-    return model(x)
+        return logits(out)
+    return out
 
 
 @torch.no_grad()
@@ -198,6 +210,9 @@ def accuracy(model: nn.Module, dataset, device: str = "cpu", batch_size: int = 1
     n = len(dataset)
     if n == 0:
         return float("nan")
+    if getattr(dataset, "labels", 0) is None:
+        raise DataError("the data has no labels, so there is no accuracy: measure the mean cosine to the original "
+                        "outputs (distill.mean_cosine)", param="data")
     was = model.training
     model.eval()
     correct = 0
@@ -311,8 +326,11 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
 
         net = DDP(gated, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(gated, cfg)
-    # --distill (the original network's logits) and the schedule; planner: the job's widths and budget
-    distiller = Distiller(teacher, device) if cfg.distill and teacher is not None else None
+    # --distill (the original network's logits), or without labels the original network's outputs as
+    # the likelihood, and the schedule; planner: the job's widths and budget
+    own = _output_distiller(data, teacher, device)
+    distiller = Distiller(teacher, device) if cfg.distill and teacher is not None and own is None else None
+    val_reference = outputs_on(own.teacher, data.val, cfg.device) if own is not None else None
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         if resume.get("prune_keep") is not None:
@@ -365,15 +383,19 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             if world > 1:  # this rank's share of the global batch, and its rows of the gate noise
                 gate_bank(gated).rows = (rank, world, total)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                out = scores(net, x)
+                raw = forward(net, x)
             # the global batch's mean loss: DDP averages the ranks' gradients, hence the factor world
             if cfg.lr_schedule == "cosine":
                 f = cosine_factor(epoch, step, steps, 0 if phase == "fit" else fit_end,
                                   (fit_end or fit_max) if phase == "fit" else finetune)
                 opt.param_groups[0]["lr"] = cfg.lr * f
                 opt.param_groups[GATE_GROUP]["lr"] = 0.0 if frozen else _gate_lr(cfg) * f
-            task = (distiller.loss(out, y, x) if distiller else F.cross_entropy(out.float(), y, reduction="sum")) \
-                * (world / total)
+            if own is not None:  # no labels: the original network's outputs are the likelihood
+                task = own.loss(raw, x) * (world / total)
+            else:
+                out = class_scores(raw, x)
+                task = (distiller.loss(out, y, x) if distiller else F.cross_entropy(out.float(), y, reduction="sum")) \
+                    * (world / total)
             # frozen posteriors: the KL is a constant, not computed
             loss = task if frozen else task + _kl_factor(cfg, epoch, step, steps) * kl_term(gated, n, cfg.kl_weighting)
             opt.zero_grad(set_to_none=True)
@@ -389,8 +411,9 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
                     check(epoch + (step + 1) / steps)
             # recorded on the device (no sync per step), checked at every progress update and epoch end
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += len(y)
+            if own is None:
+                correct += (out.detach().argmax(1) == y).sum()
+                seen += len(y)
             if step % REPORT_EVERY == REPORT_EVERY - 1 or step == steps - 1:
                 _stop_on_nonfinite(first_bad, epoch, phase)
                 if reporter:
@@ -403,11 +426,12 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
             phase=phase,
             loss=float(loss_sum) / steps,
             kl=float(kl_term(gated, n, cfg.kl_weighting).detach()),
-            train_accuracy=int(correct) / max(seen, 1),
-            val_accuracy=accuracy(gated, data.val, cfg.device),
+            train_accuracy=int(correct) / max(seen, 1) if own is None else float("nan"),
+            val_accuracy=accuracy(gated, data.val, cfg.device) if own is None else float("nan"),
             kept_fraction=float(bank.mask.mean()),
             seconds=time.perf_counter() - t0,
             steps=done_steps,
+            val_cosine=mean_cosine(gated, data.val, val_reference, cfg.device) if own is not None else None,
         )
         result.history.append(record)
         if reporter:
@@ -432,6 +456,17 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
                            "auto": auto, "fit_epochs": fit_end}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _output_distiller(data: DataSplits, teacher: nn.Module | None, device) -> OutputDistiller | None:
+    """The likelihood of data without labels (None for labelled data): distillation to ``teacher``."""
+    if data.labelled:
+        return None
+    if teacher is None:
+        from .tokens import NO_LABELS
+
+        raise FitError(NO_LABELS, param="data")
+    return OutputDistiller(teacher, device)
 
 
 def _out_of_time(cfg: FitConfig, start: float) -> bool:

@@ -31,6 +31,7 @@ from .budget import Planner
 from .criteria import Decision, apply_decision, criterion_for, decision
 from .data import check_fits, head, load_data
 from .deploy import Deployment, deploy, plain_network
+from .distill import attention_mask, forward, likelihood_text, mean_cosine, model_output, outputs_on
 from .errors import BmrsError, DataError, FitError, JobError
 from .fit import FitResult, accuracy, distributed_rank, fit
 from .gated import attach_gates, gate_bank, unmask
@@ -137,6 +138,28 @@ def image_options_for(job: Job, loaded, weights_info):
     return options_for(loaded.model, loaded.input_shape, job.image_size, weights_info.normalisation)
 
 
+FIDELITY_METRIC = "mean cosine to the original outputs"  # the test measure of data without labels
+
+
+def quality_measure(data, teacher: nn.Module | None):
+    """How the report measures a model on the test split: its accuracy with labels; without them,
+    the mean cosine of its outputs to ``teacher``'s (the original model's, computed once here)."""
+    if data.labelled:
+        return lambda model: accuracy(model, data.test)
+    reference = outputs_on(teacher, data.test)
+    return lambda model: mean_cosine(model, data.test, reference)
+
+
+def fidelity_section(teacher: nn.Module, data, measured: dict) -> dict:
+    """report.json's ``fidelity`` for data without labels: the metric, which outputs, the
+    likelihood fitted, and the test split's mean cosines (``measured``: before, gated, after, pruned)."""
+    x = head(data.test, 2)
+    with torch.no_grad():
+        out = model_output(forward(teacher.eval(), x), attention_mask(x))
+    return {"metric": FIDELITY_METRIC, "split": "test", "output": out.source,
+            "likelihood": likelihood_text(out.kind), **measured}
+
+
 def compress(job: Job, reporter=None) -> Result:
     """Run ``job`` (see the module docstring); ``reporter`` receives fitting progress
     (:class:`~.progress.RichReporter` or anything with its methods)."""
@@ -167,8 +190,8 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
     check_weights(loaded.model, job.model)
     if specs and not loaded.gated and not job.data:
         raise JobError(f"{job.model} carries no fitted gates: with named inputs, give token data to fit them "
-                       "(--data tokens.npz with one array per input and 'labels'), or a model gated and fitted with "
-                       "the Python API", param="input" if job.inputs else "inputs_file")
+                       "(--data tokens.npz with one array per input, 'labels' optional), or a model gated and fitted "
+                       "with the Python API", param="input" if job.inputs else "inputs_file")
     if specs and job.data:
         from .tokens import load_tokens
 
@@ -178,12 +201,17 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
                          image=image_options_for(job, loaded, weights_info)) if job.data else None
     if not loaded.gated and data is None:
         raise DataError(f"{job.model} carries no fitted gates: give data to fit them", param="data")
+    labelled = data is None or data.labelled
+    if not labelled and job.sweep_levels:
+        raise JobError("measures accuracy against compression, and token data without 'labels' has no accuracy",
+                       param="sweep_levels")
     epochs = job.epochs if job.epochs is not None else (0 if loaded.gated else defaults.EPOCHS)
-    acc: dict = {}
+    acc: dict = {}  # the test measure (accuracy, or without labels the mean cosine) at each stage
     net = loaded.model
 
     # trace, groups, gates
     teacher = None
+    measure = None
     if data is not None:
         if specs:
             from .tokens import check_token_fits
@@ -191,10 +219,16 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
             check_token_fits(plain_network(net) if loaded.gated else net, data)
         else:
             check_fits(net, data)
+        if loaded.gated:
+            unmask(net)
+        if not labelled:  # the likelihood and the test measure: the model as loaded (a gated one: all gates on)
+            teacher = copy.deepcopy(net).eval()
+        elif job.distill and not loaded.gated:  # --distill: the original network
+            teacher = copy.deepcopy(net).eval()
+        measure = quality_measure(data, teacher)
         acc["split"] = "test"
+        acc["before"] = measure(net)
         if not loaded.gated:
-            acc["before"] = accuracy(net, data.test)
-            teacher = copy.deepcopy(net).eval() if job.distill else None  # --distill: the original network
             if specs:  # named inputs: captured with torch.export on random inputs of the specs' sizes
                 from .graph.export_trace import analyse_model
 
@@ -202,9 +236,6 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
                 net = attach_gates(net, analysis=analysis, noise=job.noise)
             else:
                 net = attach_gates(net, head(data.train, 2), noise=job.noise)
-        else:
-            unmask(net)
-            acc["before"] = accuracy(net, data.test)
     gated = net
 
     # everything checkable is checked before the fit: the input shape (the data's own when data is
@@ -244,7 +275,7 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
     if data is not None:
         mask = gate_bank(gated).mask.clone()
         unmask(gated)
-        acc["gated"] = accuracy(gated, data.test)
+        acc["gated"] = measure(gated)
         gate_bank(gated).mask.copy_(mask)
     sweep_result = None
     if job.sweep_levels:
@@ -255,15 +286,16 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
     # dF -> keep-masks (no group emptied; rounded widths; the budget met)
     raw = decision(gated, criterion_for(job.prior), precision_bits=job.precision_bits)
     planned = planner(raw)
-    if data is not None and planner.info is not None:  # the accuracy at BMRS's own stop too
+    key = "accuracy" if labelled else "mean_cosine"  # the planner's points, as the report's measure
+    if data is not None and planner.info is not None:  # the measure at BMRS's own stop too
         apply_decision(gated, Decision(raw.criterion, raw.score, planner.bmrs_keep))
-        planner.info["bmrs"]["accuracy"] = accuracy(gated, data.test)
+        planner.info["bmrs"][key] = measure(gated)
     keep = apply_decision(gated, planned).keep
     dec = Decision(raw.criterion, raw.score, keep)
     if data is not None:
-        acc["after"] = accuracy(gated, data.test)
+        acc["after"] = measure(gated)
         if planner.info is not None:
-            planner.info["budget"]["accuracy"] = acc["after"]
+            planner.info["budget"][key] = acc["after"]
 
     # surgery -> proof -> ONNX -> ONNX Runtime
     real = [head(data.test, 64)] if data is not None else []
@@ -271,18 +303,20 @@ def _compress(job: Job, out: Path | None, reporter) -> Result:
     dep = deploy(gated, keep, (1,) + tuple(shape), real or None, tuple(job.bench_batch_sizes) or None,
                  threads=job.threads, specs=specs, bench_example=named)
     if data is not None:
-        acc["pruned"] = accuracy(dep.pruned, data.test)
+        acc["pruned"] = measure(dep.pruned)
 
     # report; everything is serialised in memory first: a failure up to here leaves ``out`` untouched
     rows = report.structure_table(gated, dec)
     buf = io.BytesIO()
     torch.save(dep.pruned, buf)
+    fidelity = None if labelled else fidelity_section(teacher, data, {k: v for k, v in acc.items() if k != "split"})
     doc = report.build_report(
         gated=gated, decision=dec, model_spec=job.model, data_spec=job.data, prior=job.prior,
-        precision_bits=job.precision_bits, fit_result=fit_result, accuracy=acc,
+        precision_bits=job.precision_bits, fit_result=fit_result, accuracy=acc if labelled else None,
         wall_time_s=time.perf_counter() - start, outputs=OUTPUTS, deployment=dep, sweep=sweep_result,
         extra={"weights": weights_info.to_dict(), "plan": planner.report(),
-               **({"inputs": [str(s) for s in specs]} if specs else {})},
+               **({"inputs": [str(s) for s in specs]} if specs else {}),
+               **({"fidelity": fidelity} if fidelity is not None else {})},
     )
     doc_bytes = report.report_json(doc)
     files = {

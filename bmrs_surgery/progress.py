@@ -42,16 +42,19 @@ class RichReporter:
         self.progress.update(self.task, completed=done, loss=mean_loss)
 
     def end_epoch(self, record) -> None:
-        info = (
-            f"train acc {record.train_accuracy:.3f}  val acc {record.val_accuracy:.3f}  "
-            f"kept {record.kept_fraction:.3f}"
-        )
-        self.progress.update(self.task, info=info)
+        self.progress.update(self.task, info=f"{quality_text(record, '  ')}  kept {record.kept_fraction:.3f}")
 
     def check(self, found) -> None:
         """A settling check (settling.SettleCheck): shown on the running epoch's bar."""
         if self.task is not None:
             self.progress.update(self.task, info=settle_text(found))
+
+
+def quality_text(record, sep: str) -> str:
+    """An epoch's accuracies, or without labels its mean cosine to the original outputs."""
+    if getattr(record, "val_cosine", None) is not None:
+        return f"val cos {record.val_cosine:.4f}"
+    return f"train acc {record.train_accuracy:.3f}{sep}val acc {record.val_accuracy:.3f}"
 
 
 def settle_text(found) -> str:
@@ -85,8 +88,8 @@ class LineReporter:
         return None
 
     def end_epoch(self, record) -> None:
-        self._say(f"{self.label}: loss {record.loss:.4f}, train acc {record.train_accuracy:.3f}, "
-                  f"val acc {record.val_accuracy:.3f}, kept {record.kept_fraction:.3f}, {record.seconds:.1f} s")
+        self._say(f"{self.label}: loss {record.loss:.4f}, {quality_text(record, ', ')}, "
+                  f"kept {record.kept_fraction:.3f}, {record.seconds:.1f} s")
 
     def check(self, found) -> None:
         self._say(f"{self.label} settling check, {settle_text(found)}")

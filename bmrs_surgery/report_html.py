@@ -134,8 +134,14 @@ def _share(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def _budget_figure(points: list[tuple[str, float, float]]) -> str:
-    """Accuracy against MACs ratio: BMRS's own stop and the budget's point."""
+def _measure(doc: dict) -> tuple[str, str]:
+    """(the key of the test measure in the budget's points, its name): accuracy, or without labels
+    the mean cosine to the original outputs (report.json's ``fidelity``)."""
+    return ("mean_cosine", "mean cosine") if doc.get("fidelity") else ("accuracy", "accuracy")
+
+
+def _budget_figure(points: list[tuple[str, float, float]], name: str = "accuracy") -> str:
+    """The test measure against MACs ratio: BMRS's own stop and the budget's point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,10 +153,10 @@ def _budget_figure(points: list[tuple[str, float, float]]) -> str:
             ax.scatter([x], [y], s=50, color=color, label=label, zorder=3)
         ax.plot([p[1] for p in points], [p[2] for p in points], color="#999999", linestyle=":")
         ax.set_xlabel("MACs pruned / original")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(f"test {name}")
         ax.set_xlim(0, 1.05)
         ax.legend()
-        ax.set_title("Accuracy against compression")
+        ax.set_title(f"{name.capitalize()} against compression")
         return _png(fig)
 
 
@@ -173,9 +179,10 @@ def _plan_section(doc: dict) -> list[str]:
     if not b:
         return parts
     rows, points = [], []
+    measure, name = _measure(doc)
     for label, key in (("BMRS's own stop (dF >= 0)", "bmrs"), (f"budget {b['option']} {b['target']:g}", "budget")):
         pt = b.get(key) or {}
-        acc = pt.get("accuracy")
+        acc = pt.get(measure)
         rows.append([label, pt.get("structures_kept"), _fmt(pt.get("macs_ratio"), ".3f"), _fmt(pt.get("params_ratio"), ".3f"),
                      _fmt(pt.get("latency_ms"), ".3f") if pt.get("latency_ms") is not None else "",
                      _fmt(acc, ".4f") if acc is not None else "n/a"])
@@ -183,10 +190,33 @@ def _plan_section(doc: dict) -> list[str]:
             points.append((label, pt["macs_ratio"], acc))
     parts += ["<h2>Budget</h2>",
               f"<p>{html.escape(b['note'])}; target {'met' if b['met'] else '<b>not met</b>'}.</p>",
-              _table(["point", "structures kept", "MACs ratio", "parameters ratio", "latency ms", "accuracy"], rows)]
+              _table(["point", "structures kept", "MACs ratio", "parameters ratio", "latency ms", name], rows)]
     if len(points) == 2:
-        parts.append(f"<img alt='accuracy against compression' src='{_budget_figure(points)}'>")
+        parts.append(f"<img alt='{name} against compression' src='{_budget_figure(points, name)}'>")
     return parts
+
+
+def _quality_row(doc: dict) -> list:
+    """The summary's test measure, before and after: accuracy, or without labels the mean cosine of
+    the outputs to the original's."""
+    fid = doc.get("fidelity")
+    if fid:
+        before, after, label = fid.get("before"), fid.get("pruned", fid.get("after")), f"{fid['metric']} (test)"
+    else:
+        t = doc["totals"]
+        before, after, label = t.get("accuracy_before"), t.get("accuracy_pruned", t.get("accuracy_after")), "accuracy"
+    return [label, _fmt(before, ".4f"), _fmt(after, ".4f"), ""]
+
+
+def _fidelity_paragraph(doc: dict) -> str:
+    """Without labels: what was fitted and measured (report.json's ``fidelity``)."""
+    fid = doc.get("fidelity")
+    if not fid:
+        return ""
+    return (f"<p class='small'>The data has no labels: the gates were fitted by distillation to the original model's "
+            f"outputs ({html.escape(str(fid.get('output')))}; {html.escape(str(fid.get('likelihood')))}), and the test "
+            f"measure is the {html.escape(str(fid.get('metric')))}: gated {_fmt(fid.get('gated'), '.4f')}, after the "
+            f"decision {_fmt(fid.get('after'), '.4f')}, pruned {_fmt(fid.get('pruned'), '.4f')}.</p>")
 
 
 def render(doc: dict, rows: list[dict]) -> bytes:
@@ -199,9 +229,7 @@ def render(doc: dict, rows: list[dict]) -> bytes:
          _fmt(counts.get("params_ratio"), ".3f") if counts else "n/a"],
         ["MACs", _fmt(counts.get("macs_before")), _fmt(counts.get("macs_after")),
          _fmt(counts.get("macs_ratio"), ".3f") if counts else "n/a"],
-        ["accuracy", _fmt(t.get("accuracy_before"), ".4f") if t.get("accuracy_before") is not None else "n/a",
-         _fmt(t.get("accuracy_pruned", t.get("accuracy_after")), ".4f")
-         if t.get("accuracy_pruned", t.get("accuracy_after")) is not None else "n/a", ""],
+        _quality_row(doc),
     ]
     bench = surgery.get("benchmark")
     if bench:
@@ -217,7 +245,7 @@ def render(doc: dict, rows: list[dict]) -> bytes:
         f"data {html.escape(str(doc['data']))}; parameter compression as the paper counts it: "
         f"<b>{t['parameter_compression'] * 100:.2f}%</b>; {t['structures_after']} of {t['structures_before']} structures kept.</p>",
         _settling_paragraph(doc),
-        "<h2>Summary</h2>", _table(["", "before", "after", "after / before"], summary),
+        "<h2>Summary</h2>", _table(["", "before", "after", "after / before"], summary), _fidelity_paragraph(doc),
     ]
     if surgery:
         p = surgery["proof"]

@@ -2,14 +2,17 @@
 
 The file holds one array per model input, named as the ``--input`` specs name them (``input_ids``,
 ``attention_mask``, ``token_type_ids``, ...; integer arrays of shape (N, seq) for integer inputs),
-and ``labels``, (N,) class ids 0..K-1 for a model with a classification head. As for ``x``/``y``
-files, a held-out test split may be given as ``NAME_test`` arrays and ``labels_test``; without them
-20% of the examples (seeded) are the test split, and ``val_fraction`` of the rest the validation
-split. Every split is a :class:`~.data.NamedDataset` (a batch is a dict of tensors).
+and optionally ``labels``, (N,) class ids 0..K-1 for a model with a classification head. As for
+``x``/``y`` files, a held-out test split may be given as ``NAME_test`` arrays (and ``labels_test``
+when there are ``labels``: both splits are labelled, or neither); without them 20% of the examples
+(seeded) are the test split, and ``val_fraction`` of the rest the validation split. Every split is a
+:class:`~.data.NamedDataset` (a batch is a dict of tensors).
 
-The loss is cross entropy on the model's logits (a tensor, or a transformers output's ``.logits``).
-Without labels there is no likelihood to fit: distilling a model to its own outputs is done with
-the Python API (``benchmarks/minilm.py``).
+With labels, the loss is cross entropy on the model's logits (a tensor, or a transformers output's
+``.logits``). Without them (``num_classes`` None, every split's ``labels`` None) the likelihood is
+the original model's own outputs: the gates are fitted by distillation to them (plain text and an
+encoder without a head, e.g. a sentence-embedding BERT; the rule for what the outputs are and the
+loss are in :mod:`distill`), and the report measures the mean cosine to them instead of accuracy.
 """
 
 from __future__ import annotations
@@ -26,9 +29,8 @@ from .data import TEST_FRACTION, DataSplits, NamedDataset, _check_y, _first_line
 from .errors import DataError
 
 LABELS = "labels"
-NO_LABELS = ("has no 'labels' array: the fit needs a likelihood (class labels 0..K-1, one per example, for a "
-             "model with a classification head); distilling a model to its own outputs is done with the Python "
-             "API (see benchmarks/minilm.py)")
+NO_LABELS = ("the data has no labels, so the likelihood is distillation to the original model's outputs: pass the "
+             "model as it was before the gates, fit(..., teacher=original) (bmrs-compress does this by itself)")
 
 
 def is_token_file(spec) -> bool:
@@ -70,28 +72,33 @@ def load_tokens(path, specs, *, val_fraction: float = 0.2, seed: int = 0) -> Dat
     extra = sorted(k for k in arrays if k not in allowed)
     if extra:
         raise DataError(f"{path}: array {extra[0]!r} is not an input of the model (inputs given with --input: "
-                        f"{', '.join(names)}; plus '{LABELS}')", param="data")
-    if LABELS not in arrays:
-        raise DataError(f"{path} {NO_LABELS}", param="data")
+                        f"{', '.join(names)}; plus an optional '{LABELS}')", param="data")
+    labelled = LABELS in arrays
+    if LABELS + "_test" in arrays and not labelled:
+        raise DataError(f"{path}: '{LABELS}_test' without '{LABELS}': label both splits or neither", param="data")
     missing = [n for n in names if n not in arrays]
     if missing:
         raise DataError(f"{path}: no array {missing[0]!r} for --input {missing[0]} (found: "
                         f"{', '.join(sorted(arrays))})", param="data")
     test_keys = [k for k in arrays if k.endswith("_test")]
-    if test_keys and sorted(test_keys) != sorted([n + "_test" for n in names] + [LABELS + "_test"]):
-        raise DataError(f"{path}: a test split needs '{LABELS}_test' and one NAME_test array for every input "
+    needed = [n + "_test" for n in names] + ([LABELS + "_test"] if labelled else [])
+    if test_keys and sorted(test_keys) != sorted(needed):
+        also = f"'{LABELS}_test' and " if labelled else ""
+        raise DataError(f"{path}: a test split needs {also}one NAME_test array for every input "
                         f"({', '.join(n + '_test' for n in names)})", param="data")
 
     def part(suffix: str) -> NamedDataset:
         x = _inputs(path, arrays, specs, suffix)
-        y = _check_y(path, LABELS + suffix, arrays[LABELS + suffix])
         n = len(next(iter(x.values())))
-        if len(y) != n:
-            raise DataError(f"{path}: '{LABELS + suffix}' has {len(y)} labels but '{names[0] + suffix}' has {n} "
-                            "examples", param="data")
+        y = None
+        if labelled:
+            y = _check_y(path, LABELS + suffix, arrays[LABELS + suffix])
+            if len(y) != n:
+                raise DataError(f"{path}: '{LABELS + suffix}' has {len(y)} labels but '{names[0] + suffix}' has {n} "
+                                "examples", param="data")
         if n == 0:
             raise DataError(f"{path}: no examples in '{names[0] + suffix}'", param="data")
-        return NamedDataset(x, torch.from_numpy(y))
+        return NamedDataset(x, None if y is None else torch.from_numpy(y))
 
     rest = part("")
     if test_keys:
@@ -105,7 +112,7 @@ def load_tokens(path, specs, *, val_fraction: float = 0.2, seed: int = 0) -> Dat
     n_val = min(int(round(n * val_fraction)), n - 1)
     perm = torch.randperm(n, generator=_generator(seed + 1))  # another stream than the test hold-out
     val, train = rest.take(perm[:n_val]), rest.take(perm[n_val:])
-    num_classes = int(torch.cat([rest.labels, test.labels]).max()) + 1
+    num_classes = int(torch.cat([rest.labels, test.labels]).max()) + 1 if labelled else None
     return DataSplits(name=path.stem, train=train, val=val, test=test, num_classes=num_classes,
                       input_shape=tuple(specs[0].shape[1:]))
 
@@ -118,14 +125,17 @@ def logits(out) -> torch.Tensor:
     if got is None and isinstance(out, dict):
         got = out.get("logits")
     if not isinstance(got, torch.Tensor):
-        raise DataError(f"the model's output ({type(out).__name__}) has no logits: named-input data fits a model "
-                        "with a classification head (e.g. ...ForSequenceClassification)", param="data")
+        raise DataError(f"the model's output ({type(out).__name__}) has no logits: token data with labels fits a "
+                        "model with a classification head (e.g. ...ForSequenceClassification); without 'labels' the "
+                        "model is fitted to its own outputs", param="data")
     return got
 
 
 def check_token_fits(model: nn.Module, splits: DataSplits) -> None:
     """The named inputs are the model's keyword arguments, token ids stay below its vocabulary, and
-    its logits on 2 training examples have one column per class (a DataError otherwise)."""
+    the model's output on 2 training examples is usable: with labels, logits with one column per
+    class; without, an output :func:`~.distill.model_output` can distil to (a DataError otherwise)."""
+    from .distill import attention_mask, model_output
     from .inputs import fill_for, vocab_size
 
     train: NamedDataset = splits.train
@@ -142,11 +152,13 @@ def check_token_fits(model: nn.Module, splits: DataSplits) -> None:
                 raise DataError(f"'{name}' holds token id {int(t.max())}, but the model's vocabulary has {high} "
                                 "entries", param="data")
     x = train.head(2)
+    batch = len(next(iter(x.values())))
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            out = logits(model(**x))
+            raw = model(**x)
+            out = logits(raw) if splits.labelled else model_output(raw, attention_mask(x)).value
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure means the data does not fit
@@ -154,9 +166,14 @@ def check_token_fits(model: nn.Module, splits: DataSplits) -> None:
     finally:
         for m, mode in modes:
             m.training = mode
-    if out.dim() != 2 or out.shape[0] != len(next(iter(x.values()))):
-        raise DataError(f"the model's logits have shape {tuple(out.shape)}, expected (batch, classes): named-input "
-                        "data fits a model with a classification head", param="data")
+    if not splits.labelled:
+        if out.shape[0] != batch:
+            raise DataError(f"the model's output has {out.shape[0]} rows for a batch of {batch} examples: without "
+                            "labels its output must have one row per example", param="data")
+        return
+    if out.dim() != 2 or out.shape[0] != batch:
+        raise DataError(f"the model's logits have shape {tuple(out.shape)}, expected (batch, classes): token data "
+                        "with labels fits a model with a classification head", param="data")
     if out.shape[1] < splits.num_classes:
         raise DataError(f"the labels go up to {splits.num_classes - 1} but the model's head has {out.shape[1]} "
                         f"classes: labels must be 0..{out.shape[1] - 1}", param="data")

@@ -64,7 +64,8 @@ def _terminate(signum, frame):
 @click.option("--data", "data_spec", metavar="SPEC",
               help="fashion-mnist, fashion-mnist-sample, digits, a path to an .npz file with arrays x and y, "
                    "imagefolder:DIR (class folders, or train/ and val/) or csv:FILE (with --target COLUMN); with --input, "
-                   "an .npz with one token array per input and labels.")
+                   "an .npz with one token array per input, and labels (without them the gates are fitted by "
+                   "distillation to the model's own outputs).")
 @click.option("--mode", type=click.Choice(MODES), default=defaults.MODE,
               show_default=True, help="Prune while fitting, or once after fitting.")
 @click.option("--epochs", type=EPOCHS, default=None,
@@ -126,7 +127,8 @@ def compress(model, prior, precision_bits, data_spec, mode, epochs, max_steps, m
 
     A model that takes named inputs (token ids, an attention mask) is given them with --input
     NAME:DTYPE:SHAPE (repeatable) or --inputs-file: fitted on --data tokens.npz (one array per
-    input and labels), or, already carrying fitted gates, pruned without --data.
+    input, and labels; without labels, by distillation to the model's own outputs), or, already
+    carrying fitted gates, pruned without --data.
     """
     from bmrs_surgery.outputs import epochs_saved
 
@@ -214,7 +216,11 @@ def _print_summary(doc: dict, out_path: Path) -> None:
     t = doc["totals"]
     console.print(f"parameter compression: {t['parameter_compression']:.2%} "
                   f"({t['parameters_removable']} of {t['parameters']} parameters removable)")
-    if doc["data"] is not None:
+    fid = doc.get("fidelity")
+    if fid:  # data without labels: the mean cosine to the original outputs, not an accuracy
+        console.print(f"test {fid['metric']}: before {_fmt(fid.get('before'), '.4f')}, gated "
+                      f"{_fmt(fid.get('gated'), '.4f')}, after pruning {_fmt(fid.get('after'), '.4f')}", highlight=False)
+    elif doc["data"] is not None:
         console.print(f"test accuracy: before {_fmt(t['accuracy_before'], '.4f')}, "
                       f"gated {_fmt(t['accuracy_gated'], '.4f')}, after pruning {_fmt(t['accuracy_after'], '.4f')}")
     sur = doc.get("surgery")
@@ -226,6 +232,8 @@ def _print_summary(doc: dict, out_path: Path) -> None:
                       f"ONNX Runtime {sur['onnx']['onnxruntime_max_abs_diff']:.2g}", highlight=False)
         if t.get("accuracy_pruned") is not None:
             console.print(f"pruned network test accuracy: {t['accuracy_pruned']:.4f}")
+        if fid and fid.get("pruned") is not None:
+            console.print(f"pruned network test {fid['metric']}: {fid['pruned']:.4f}", highlight=False)
         bench = sur.get("benchmark")
         if bench:
             a, b = bench["models"]

@@ -1,7 +1,8 @@
 """Token data for ``compress`` with named inputs (issue 16, item 2): ``--data tokens.npz`` holding
 ``input_ids``, ``attention_mask`` and ``labels``, fitted, decided, pruned, proved, exported to ONNX
-and reported. The text is real: sentences of README files under /usr/share/doc (label 0) and of
-installed packages' METADATA (label 1), tokenised by the offline MiniLM tokenizer (tests/token_data.py)."""
+and reported (without ``labels``: tests/test_token_distill.py). The text is real: sentences of
+README files under /usr/share/doc (label 0) and of installed packages' METADATA (label 1),
+tokenised by the offline MiniLM tokenizer (tests/token_data.py)."""
 
 from __future__ import annotations
 
@@ -107,16 +108,6 @@ def test_compress_fits_a_text_classifier_on_token_data(tokens, tmp_path):
     got = sess.run(None, {k: v[:8].numpy() for k, v in test.inputs.items()})[0]
     np.testing.assert_allclose(got, logits[:8].numpy(), atol=1e-4 * max(1.0, float(logits.abs().max())))
     assert (out / "gated.pt").is_file()
-
-
-def test_compress_token_data_without_labels_says_a_likelihood_is_needed(tokens, tmp_path):
-    path, arrays, vocab = tokens
-    bad = tmp_path / "nolabels.npz"
-    np.savez(bad, input_ids=arrays["input_ids"], attention_mask=arrays["attention_mask"])
-    out = tmp_path / "out"
-    assert_one_line_error(invoke(bert(vocab), *IDS, "--data", bad, "--out", out),
-                          "--data", "'labels'", "likelihood", "Python API")
-    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_compress_token_array_that_is_not_an_input_is_one_line(tokens, tmp_path):
