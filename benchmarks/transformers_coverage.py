@@ -188,8 +188,8 @@ def main():
     rows.sort(key=lambda r: order.index(r["family"]) if r["family"] in order else len(order))
     meta = {"command": "for f in bert distil roberta gpt llama mistral qwen2 qwen3 phi gemma vit swin t5; do "
                        "python benchmarks/transformers_coverage.py --only $f --tp-timeout 60; done; "
-                       "python benchmarks/transformers_coverage.py --no-tp --only llamafor mistralfor qwen2for qwen3for "
-                       "phi3for gemmafor", "torch": torch.__version__,
+                       "python benchmarks/transformers_coverage.py --tp-timeout 120 --only llamafor mistralfor qwen2for "
+                       "qwen3for phi3for gemmafor", "torch": torch.__version__,
             "transformers": transformers.__version__, "machine": platform.machine(), "rows": rows}
     (OUT / "cpu.json").write_text(json.dumps(meta, indent=1) + "\n")
     lines = ["| family | bmrs check | prunes | groups | params before -> after | proof max abs diff | ONNX/ORT diff "
