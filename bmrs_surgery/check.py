@@ -11,7 +11,6 @@ import copy
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +18,7 @@ from . import defaults
 from .errors import BmrsError, first_line
 from .gated import attach_gates, detach_gates
 from .graph.export_trace import analyse_model as analyse_traced
+from .graph.groups import prunable_share
 from .inputs import first
 from .inputs import outputs as named_outputs
 from .limits import check_seed
@@ -52,6 +52,8 @@ class CheckResult:
     parts: list = field(default_factory=list)  # partial tracing: one dict per pruned part (see check_parts)
     proof_dtype: str = "float32"  # float64 when float32 rounding alone broke the proof (see proof_in_float64)
     float32_max_abs_diff: float | None = None  # then: the float32 difference that did not pass
+    whole_proof_dtype: str | None = None  # partial tracing: float64 when the whole model was compared so
+    whole_float32_max_abs_diff: float | None = None  # (see graph.partial.compare_whole), with float32's
 
     @property
     def ok(self) -> bool:
@@ -62,27 +64,6 @@ class CheckResult:
         d["input_shape"] = list(self.input_shape)
         d["ok"] = self.ok
         return d
-
-
-def prunable_share(analysis) -> float:
-    """The *reach*: the share of the network's parameters that pruning can remove at all, i.e. the
-    elements lying on an index that some group owns (a row of a producer, a column of a consumer,
-    an entry of a norm). What an operation without a rule holds, or a group that touches the
-    inputs or outputs, stays out of it; 0.3 means at most 30% of the parameters could go."""
-    params = dict(analysis.network.named_parameters())
-    reached: dict[str, list] = {}
-    for g in analysis.groups:
-        for s in g.slots:
-            t = params.get(s.target)
-            if t is None or s.dim >= t.ndim or len(s.index) != t.shape[s.dim]:
-                continue
-            dims = reached.setdefault(s.target, [np.zeros(n, dtype=bool) for n in t.shape])
-            dims[s.dim] |= np.asarray(s.index) >= 0
-    total = sum(t.numel() for t in params.values())
-    # an element is out of reach only when each of its indices is out of reach on its dimension
-    inside = sum(params[n].numel() - int(np.prod([(~d).sum() for d in dims], dtype=np.float64))
-                 for n, dims in reached.items())
-    return inside / total if total else 0.0
 
 
 def _err(exc: BaseException) -> str:
@@ -308,7 +289,7 @@ def check_parts(model: nn.Module, res: CheckResult, *, ratio: float, seed: int, 
     its own control flow around the pruned parts, is run on two random images and its outputs
     (boxes, scores, labels) compared with the gated model's. ``res`` holds the top level's trace
     error; without a traceable part it is returned as it is."""
-    from .graph.partial import confident_detector, detection_outputs, positional_inputs, prune_parts
+    from .graph.partial import compare_whole, confident_detector, positional_inputs, prune_parts
 
     top_error = res.stages["trace"]
     t = time.perf_counter()
@@ -342,9 +323,10 @@ def check_parts(model: nn.Module, res: CheckResult, *, ratio: float, seed: int, 
     if onnx:
         res.onnx_max_abs_diff = max((p.onnx_max_abs_diff or 0.0 for p in parts), default=None)
     try:
-        proof = compare([detection_outputs(reference, x) for x in images], [detection_outputs(pruned, x) for x in images],
-                        tolerance)
+        proof, float32_diff = compare_whole(reference, pruned, images, tolerance)
         res.output_scale = proof.scale
+        if float32_diff is not None:  # float32 rounding reordered ranked boxes: compared again in float64
+            res.whole_proof_dtype, res.whole_float32_max_abs_diff = "float64", float32_diff
         res.stages["whole"] = "ok" if proof.ok else (
             f"outputs differ by {proof.max_abs_diff:.3g} (scale {proof.scale:.3g}) with the pruned parts in place")
     except Exception as exc:  # noqa: BLE001

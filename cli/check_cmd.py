@@ -83,7 +83,9 @@ def _print(res, no_onnx: bool) -> None:
                       f"{part['params_before']:,} -> {after}{diff}{ort}; {part['boundary']}", highlight=False)
     if res.parts:
         console.print("partial tracing: the top level does not trace (see --json for why); each part pruned and "
-                      "proven on its own, the whole model compared on random images", highlight=False)
+                      "proven on its own, the whole model compared on random images"
+                      + (f" in float64 (in float32, rounding reordered ranked boxes: {res.whole_float32_max_abs_diff:.3g})"
+                         if res.whole_proof_dtype == "float64" else ""), highlight=False)
     elif res.tracer:
         console.print(f"traced with {res.tracer}" + (f"; inputs {' '.join(res.inputs)}" if res.inputs else ""),
                       highlight=False)

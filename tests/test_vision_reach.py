@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bmrs_surgery.check import check_model
+from bmrs_surgery.errors import GatePlacementError
 from bmrs_surgery.graph.export_trace import analyse_model as analyse_traced
 from bmrs_surgery.graph.groups import analyse
 
@@ -579,3 +580,52 @@ def test_raft_prunes_its_encoders_and_flow_head_inside_its_own_loop():
     names = {p["name"] for p in res.parts}
     assert {"feature_encoder", "context_encoder", "update_block.flow_head"} <= names
     assert res.params_after < res.params_before and res.stages["whole"] == "ok"
+
+
+class _PoolIfSmall(nn.Module):
+    """timm's VGG ``ConvMlp`` in small: a branch on the input's size, which torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Conv2d(8, 32, 3)
+        self.fc2 = nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        if x.shape[-1] < 3:
+            x = nn.functional.adaptive_avg_pool2d(x, 3)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = nn.Conv2d(6, 8, 1)
+        self.pre_logits = _PoolIfSmall()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.pre_logits(torch.relu(self.mix(torch.relu(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_auto_tracer_sees_inside_a_module_fx_keeps_whole():
+    """fx keeps the branching module whole (its channels out of reach); torch.export specialises on
+    the example's size and sees its convolutions: ``auto`` takes the capture that reaches more."""
+    torch.manual_seed(0)
+    model, x = _Head().eval(), torch.randn(1, 3, 8, 8)
+    fx_analysis = analyse_traced(model, x, tracer="fx")
+    assert fx_analysis.opaque_modules == ["pre_logits"]
+    auto = analyse_traced(model, x)
+    assert auto.tracer == "export" and auto.fx_opaque_modules == ["pre_logits"]
+    from bmrs_surgery.graph.groups import prunable_share
+
+    assert prunable_share(fx_analysis) < 0.1 and prunable_share(auto) > 0.9
+    res = check_model(model, (1, 3, 8, 8), ratio=0.3, onnx=False)
+    assert res.ok and res.tracer == "export" and res.params_after < 0.8 * res.params_before
+    # where fx finds no group at all (only the opaque module has channels to prune), auto still
+    # captures it with torch.export; --tracer fx says why it found none
+    alone = nn.Sequential(_PoolIfSmall(), nn.Flatten(), nn.Linear(16 * 6 * 6, 4)).eval()
+    with pytest.raises(GatePlacementError, match="no prunable structure"):
+        analyse_traced(alone, x[:, :1].expand(1, 8, 8, 8), tracer="fx")
+    assert analyse_traced(alone, x[:, :1].expand(1, 8, 8, 8)).tracer == "export"

@@ -458,7 +458,8 @@ def tracer_of(analysis) -> str:
 
 def analyse_model(model: nn.Module, example, ignore: tuple[str, ...] = (), tracer: str = "auto") -> Analysis:
     """The dependency analysis with the chosen front end. ``auto``: torch.fx for a tensor input
-    when it traces the model, else torch.export; named (keyword) inputs always use torch.export.
+    when it traces the model (unless it kept submodules whole and torch.export reaches more of the
+    parameters, see :func:`_wider_of`), else torch.export; named (keyword) inputs always use torch.export.
     When both fail, one line names what stopped each."""
     from ..placement import analyse_model as analyse_fx
 
@@ -474,7 +475,19 @@ def analyse_model(model: nn.Module, example, ignore: tuple[str, ...] = (), trace
         try:
             analysis = analyse_fx(model, example)
             analysis.tracer = "fx"  # type: ignore[attr-defined]
+            if tracer == "auto" and analysis.opaque_modules:
+                return _wider_of(analysis, model, example, ignore)
             return analysis
+        except GatePlacementError:  # no group: torch.export may still see inside what fx kept whole
+            if tracer == "fx":
+                raise
+            try:
+                exported = analyse_exported(model, example[:1] if example.ndim > 1 else example, ignore)
+            except Exception:  # noqa: BLE001 - fx's answer (no prunable structure) stands
+                exported = None
+            if exported is None or not exported.groups:
+                raise
+            return exported
         except GraphError as exc:
             # a name fx cannot write into generated code is the user's to rename, whatever captures
             # the graph: the pruned network is generated code too
@@ -495,6 +508,24 @@ def analyse_model(model: nn.Module, example, ignore: tuple[str, ...] = (), trace
         hint = f" ({why[0][0]}: {why[0][1]})" if why else ""
         raise GatePlacementError(f"{type(model).__name__} has no prunable structure outside its output layer{hint}")
     return analysis
+
+
+def _wider_of(fx_analysis: Analysis, model: nn.Module, example, ignore: tuple[str, ...]) -> Analysis:
+    """``auto`` after fx kept submodules whole (control flow on shapes, as in timm's ``ConvMlp``):
+    torch.export specialises on the example's shapes and may see inside them. The capture whose
+    groups reach the larger share of the parameters is kept (fx on a tie); the other is dropped.
+    A failure of torch.export here is not an error: fx's analysis stands."""
+    from .groups import prunable_share
+
+    one = example[:1] if example.ndim > 1 else example
+    try:
+        exported = analyse_exported(model, one, ignore)
+    except Exception:  # noqa: BLE001 - fx's analysis is a valid answer on its own
+        return fx_analysis
+    if exported.groups and prunable_share(exported) > prunable_share(fx_analysis) + 1e-9:
+        exported.fx_opaque_modules = list(fx_analysis.opaque_modules)  # type: ignore[attr-defined]
+        return exported
+    return fx_analysis
 
 
 def _is_transformers(model: nn.Module) -> bool:

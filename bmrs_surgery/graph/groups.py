@@ -188,3 +188,24 @@ def analyse(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = (
     t3 = time.perf_counter()
     return Analysis(model, gm, tuple(example.shape), prop, sol, groups, opaque,
                     {"trace_s": t1 - t0, "shapes_s": t2 - t1, "groups_s": t3 - t2}, lowered)
+
+
+def prunable_share(analysis) -> float:
+    """The *reach*: the share of the network's parameters that pruning can remove at all, i.e. the
+    elements lying on an index that some group owns (a row of a producer, a column of a consumer,
+    an entry of a norm). What an operation without a rule holds, or a group that touches the
+    inputs or outputs, stays out of it; 0.3 means at most 30% of the parameters could go."""
+    params = dict(analysis.network.named_parameters())
+    reached: dict[str, list] = {}
+    for g in analysis.groups:
+        for s in g.slots:
+            t = params.get(s.target)
+            if t is None or s.dim >= t.ndim or len(s.index) != t.shape[s.dim]:
+                continue
+            dims = reached.setdefault(s.target, [np.zeros(n, dtype=bool) for n in t.shape])
+            dims[s.dim] |= np.asarray(s.index) >= 0
+    total = sum(t.numel() for t in params.values())
+    # an element is out of reach only when each of its indices is out of reach on its dimension
+    inside = sum(params[n].numel() - int(np.prod([(~d).sum() for d in dims], dtype=np.float64))
+                 for n, dims in reached.items())
+    return inside / total if total else 0.0

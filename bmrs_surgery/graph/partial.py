@@ -149,12 +149,13 @@ def prune_parts(model: nn.Module, images, *, ratio: float = 0.3, seed: int = 0, 
     """Random gates and keep-masks on every part (like ``check``), each proven on its recorded input
     (and, with ``onnx``, exported and compared in ONNX Runtime); returns (pruned model, gated
     reference model, part results). ``model`` is not modified."""
-    from ..check import prunable_share, random_masks
+    from ..check import random_masks
     from ..gated import attach_gates
     from ..placement import analyse_model
     from ..plan import plan_keep
     from ..surgery import parameter_count, shrink
     from ..verify import compare, outputs
+    from .groups import prunable_share
 
     gen = torch.Generator().manual_seed(seed)
     reference = copy.deepcopy(model).eval()
@@ -222,6 +223,39 @@ def _canonical_order(item: dict) -> dict:
     for key in keys + [scores]:  # least significant first; stable sorts keep the earlier keys' order
         order = order[torch.sort(key[order], stable=True).indices]
     return {k: v[order] if isinstance(v, torch.Tensor) and len(v) == len(scores) else v for k, v in item.items()}
+
+
+def compare_whole(reference: nn.Module, pruned: nn.Module, images: list, tolerance: float | None = None):
+    """(proof, float32 difference or None): the whole model's outputs (:func:`detection_outputs`) with its pruned parts in
+    place against the gated reference's, on each of ``images``. In float32 first; where that fails,
+    again on float64 copies of both models and the images. A detector ranks boxes (top-k proposals,
+    NMS): at random weights many scores nearly tie, and float32 rounding, which pruning changes,
+    reorders them into other boxes; float64 rounding is about 1e-9 times smaller, so a difference
+    left there is one that surgery made. The second item is the float32 difference when the proof
+    given is float64's, None when float32 passed. The models passed in are not changed."""
+    from ..verify import compare
+
+    def run(model, dtype):
+        return [detection_outputs(model, _cast(x, dtype)) for x in images]
+
+    kw = {} if tolerance is None else {"tolerance": tolerance}
+    proof = compare(run(reference, None), run(pruned, None), **kw)
+    if proof.ok:
+        return proof, None
+    try:
+        r64, p64 = copy.deepcopy(reference).double(), copy.deepcopy(pruned).double()
+        wide = compare(run(r64, torch.float64), run(p64, torch.float64), **kw)
+    except Exception:  # noqa: BLE001 - a model that cannot run in float64 keeps its float32 verdict
+        return proof, None
+    return wide, proof.max_abs_diff
+
+
+def _cast(x, dtype):
+    if dtype is None:
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
 
 
 def detection_outputs(model: nn.Module, images) -> list[torch.Tensor]:
