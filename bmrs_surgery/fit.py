@@ -15,6 +15,7 @@ The loop reports through an optional ``reporter`` (see :mod:`progress`); it neve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,7 +54,7 @@ class FitConfig:
     prune_every: int = defaults.PRUNE_EVERY
     finetune_epochs: int = defaults.FINETUNE_EPOCHS
     batch_size: int = defaults.BATCH_SIZE
-    lr: float = defaults.LR
+    lr: float | None = None  # the weights'; None: defaults.LR, or DISTILL_LR on data without labels (weights_lr)
     gate_lr: float | None = defaults.GATE_LR  # learning rate of the gate posteriors; None: same as lr
     kl_weighting: str = defaults.KL_WEIGHTING
     kl_scale: float = defaults.KL_SCALE
@@ -278,6 +279,15 @@ def _stop_on_nonfinite(first_bad: torch.Tensor, epoch: int, phase: str) -> None:
                        "posteriors diverged (try a smaller --lr / --gate-lr); nothing written")
 
 
+def weights_lr(cfg: FitConfig, data: DataSplits) -> float:
+    """The weights' learning rate: ``cfg.lr`` when set, else ``defaults.LR`` on labelled data and
+    ``defaults.DISTILL_LR`` on data without labels (a pretrained model distilled to its own outputs,
+    which ``LR`` moves away from them within a few steps)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return defaults.LR if getattr(data, "labelled", True) else defaults.DISTILL_LR
+
+
 def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, checkpoint=None,
         resume: dict | None = None, planner=None, teacher: nn.Module | None = None) -> FitResult:
     """Train ``gated`` (a GatedModel) on ``data.train``; mask structures by ``cfg.mode``.
@@ -291,6 +301,7 @@ def fit(gated: nn.Module, data: DataSplits, cfg: FitConfig, reporter=None, *, ch
     first; ``result.settling`` says which.
     """
     cfg.validate()
+    cfg = dataclasses.replace(cfg, lr=weights_lr(cfg, data))  # the report records the rate used
     gate_bank(gated)
     rank, world = distributed_rank()
     torch.manual_seed(cfg.seed)  # every rank draws the same noise for the global batch ...

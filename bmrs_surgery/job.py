@@ -43,7 +43,7 @@ class Job:
     finetune_epochs: int = defaults.FINETUNE_EPOCHS
     prune_every: int = defaults.PRUNE_EVERY
     batch_size: int = defaults.BATCH_SIZE
-    lr: float = defaults.LR
+    lr: float | None = None  # the weights' learning rate; None: defaults.LR, or DISTILL_LR on data without labels
     gate_lr: float = defaults.GATE_LR
     kl_weighting: str = defaults.KL_WEIGHTING
     noise: str = defaults.NOISE
@@ -115,6 +115,8 @@ class Job:
             raise JobError("distils while fitting: give data to fit on", param="distill")
         for name in ("lr", "gate_lr"):
             v = getattr(self, name)
+            if v is None and name == "lr":
+                continue
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise JobError(f"must be a finite positive number, got {v!r}", param=name)
         if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.bench_batch_sizes):

@@ -82,7 +82,9 @@ def _terminate(signum, frame):
 @click.option("--prune-every", type=click.IntRange(min=1), default=defaults.PRUNE_EVERY, show_default=True,
               help="Continuous mode: re-score every P epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=defaults.BATCH_SIZE, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=defaults.LR, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=f"Learning rate of the weights [default: {defaults.LR:g}; {defaults.DISTILL_LR:g} on data without "
+                   "labels, fitted by distillation to the model's own outputs].")
 @click.option("--gate-lr", type=click.FloatRange(min=0, min_open=True), default=defaults.GATE_LR, show_default=True,
               help="Learning rate of the gate posteriors.")
 @click.option("--kl-weighting", type=click.Choice(KL_WEIGHTINGS), default=defaults.KL_WEIGHTING, show_default=True,

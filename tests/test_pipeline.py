@@ -5,6 +5,7 @@ import dataclasses
 import inspect
 import io
 import json
+import types
 
 import pytest
 import torch
@@ -76,12 +77,19 @@ def test_every_default_has_one_source():
     values of bmrs_surgery.defaults."""
     job = {f.name: f.default for f in dataclasses.fields(bmrs_surgery.Job)}
     cfg = {f.name: f.default for f in dataclasses.fields(FitConfig)}
-    for name in ("prior", "precision_bits", "mode", "finetune_epochs", "prune_every", "batch_size", "lr", "gate_lr",
+    for name in ("prior", "precision_bits", "mode", "finetune_epochs", "prune_every", "batch_size", "gate_lr",
                  "kl_weighting", "finetune_gates", "seed", "device", "round_to", "threads"):
         assert job[name] == getattr(defaults, name.upper()), name
-    for name in ("prior", "precision_bits", "mode", "epochs", "finetune_epochs", "prune_every", "batch_size", "lr",
+    for name in ("prior", "precision_bits", "mode", "epochs", "finetune_epochs", "prune_every", "batch_size",
                  "gate_lr", "kl_weighting", "finetune_gates", "seed", "device"):
         assert cfg[name] == getattr(defaults, name.upper()), name
+    # the weights' learning rate is chosen by the data: LR with labels, DISTILL_LR without
+    assert job["lr"] is None and cfg["lr"] is None
+    from bmrs_surgery.fit import weights_lr
+
+    labelled, unlabelled = types.SimpleNamespace(labelled=True), types.SimpleNamespace(labelled=False)
+    assert weights_lr(FitConfig(), labelled) == defaults.LR and weights_lr(FitConfig(), unlabelled) == defaults.DISTILL_LR
+    assert weights_lr(FitConfig(lr=0.01), unlabelled) == 0.01
     assert job["noise"] == defaults.NOISE and job["bench_batch_sizes"] == defaults.BENCH_BATCH_SIZES
     assert job["sweep_levels"] == defaults.SWEEP_LEVELS
     assert job["max_steps"] == cfg["max_steps"] == defaults.MAX_STEPS
@@ -94,7 +102,7 @@ def test_every_default_has_one_source():
     shown = {p.name: p.default for p in compress_cmd.params}
     for option, name in (("prior", "PRIOR"), ("precision_bits", "PRECISION_BITS"), ("mode", "MODE"),
                          ("finetune_epochs", "FINETUNE_EPOCHS"), ("prune_every", "PRUNE_EVERY"),
-                         ("batch_size", "BATCH_SIZE"), ("lr", "LR"), ("gate_lr", "GATE_LR"),
+                         ("batch_size", "BATCH_SIZE"), ("gate_lr", "GATE_LR"),
                          ("kl_weighting", "KL_WEIGHTING"), ("noise", "NOISE"), ("finetune_gates", "FINETUNE_GATES"),
                          ("seed", "SEED"), ("device", "DEVICE"), ("sweep_levels", "SWEEP_LEVELS"),
                          ("round_to", "ROUND_TO"), ("threads", "THREADS")):
@@ -103,6 +111,7 @@ def test_every_default_has_one_source():
     assert shown["max_steps"] == defaults.MAX_STEPS
     text = " ".join(CliRunner().invoke(cli, ["compress", "--help"], terminal_width=200).output.split())
     assert f"[default: {defaults.PRIOR}]" in text and f"[default: {defaults.GATE_LR}; x>0]" in text
+    assert f"[default: {defaults.LR:g}; {defaults.DISTILL_LR:g} on data without labels" in text
     assert f"[default: {defaults.EPOCHS}, or 0" in text
 
 
