@@ -26,12 +26,32 @@ class OneOfList(nn.Module):
     """A head that takes a list of feature maps, called on a one-element list: traceable, and the
     same layers as for every level."""
 
+    inner = "head"  # the attribute holding the wrapped module
+
     def __init__(self, head: nn.Module):
         super().__init__()
         self.head = head
 
     def forward(self, x):
         return self.head([x])
+
+
+class Packed(nn.Module):
+    """A submodule called with several tensors that agree on every size but the channels (RAFT's
+    update block: hidden state, context, correlation features, flow), given as one tensor, their
+    concatenation on dim 1, and split back into its arguments: one input to trace and analyse. The
+    inputs are the part's boundary, so the split's channels are kept as they are."""
+
+    inner = "module"
+
+    def __init__(self, module: nn.Module, sizes: list[int]):
+        super().__init__()
+        self.module = module
+        self.sizes = list(sizes)
+
+    def forward(self, x):
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # slices fx can trace (a split's
+        return self.module(*[x[:, a:a + n] for a, n in zip(starts, self.sizes)])  # result cannot be unpacked)
 
 
 @dataclass
@@ -94,6 +114,12 @@ def _record_inputs(model: nn.Module, inputs) -> dict[str, tuple]:
 
 
 def _candidate(name: str, mod: nn.Module, args: tuple) -> Part | None:
+    if len(args) > 1:
+        if all(isinstance(a, torch.Tensor) and a.is_floating_point() and a.ndim >= 2
+               and a.shape[:1] + a.shape[2:] == args[0].shape[:1] + args[0].shape[2:] for a in args):
+            return Part(name, Packed(mod, [a.shape[1] for a in args]), torch.cat([a[:1] for a in args], 1),
+                        wrapped=True)
+        return None
     if len(args) != 1:
         return None
     (a,) = args
@@ -128,19 +154,21 @@ def find_parts(model: nn.Module, inputs, prefix: str = "", seen: dict | None = N
 
 
 def _install(model: nn.Module, part: Part, pruned: nn.Module, analysis) -> None:
-    """Put a pruned part back: the pruned graph replaces the submodule; a list-taking head keeps
-    its own forward and takes the pruned layers (its graph has no sizes to rewrite)."""
+    """Put a pruned part back: the pruned graph replaces the submodule; a wrapped one (a head taking
+    a list, a module taking several tensors) keeps its own forward and takes the pruned layers (its
+    graph has no sizes to rewrite)."""
     owner_name, _, attr = part.name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     if not part.wrapped:
         setattr(owner, attr, pruned)
         return
     if analysis.propagation.rewrites:
-        raise RuntimeError(f"{part.name}: a head taking a list has sizes to rewrite; kept as it is")
+        raise RuntimeError(f"{part.name}: a wrapped part has sizes to rewrite; kept as it is")
     target = owner.get_submodule(attr)
+    prefix = part.module.inner + "."
     for name, mod in pruned.named_modules():
-        if name.startswith("head.") and not any(True for _ in mod.children()):
-            sub_owner, _, leaf = name[len("head."):].rpartition(".")
+        if name.startswith(prefix) and not any(True for _ in mod.children()):
+            sub_owner, _, leaf = name[len(prefix):].rpartition(".")
             setattr(target.get_submodule(sub_owner) if sub_owner else target, leaf, mod)
 
 
