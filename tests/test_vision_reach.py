@@ -296,11 +296,20 @@ def test_coverage_table_counts_passes_and_removals():
         {"kind": "timm", "family": "a", "spec": "timm:a", "ok": True, "params_before": 100, "params_after": 60,
          "stages": {"verify": "ok"}, "torch_pruning": {"ok": True, "ratio": 0.8}},
         {"kind": "timm", "family": "b", "spec": "timm:b", "ok": True, "params_before": 100, "params_after": 90,
-         "stages": {"verify": "ok"}, "torch_pruning": {"ok": False, "error": "boom"}},
+         "stages": {"verify": "ok"}, "torch_pruning": {"ok": False, "error": "boom"},
+         "opaque": ["norm1: LayerNorm normalises over channels", "norm2: LayerNorm normalises over channels",
+                    "f: no rule for f"]},
         {"kind": "timm", "family": "c", "spec": "timm:c", "ok": False, "stages": {"trace": "cannot trace"}},
+        {"kind": "timm", "family": "d", "spec": "timm:d", "ok": True, "params_before": 100, "params_after": 80,
+         "stages": {"verify": "ok"}, "opaque": ["g: no rule for g"]},
     ]
-    assert "| timm | 3 | 2 | 1 | 1 | 0 |" in cov.summary(rows)
-    assert "trace: cannot trace" in cov.table(rows) and "TP: boom" in cov.table(rows)
+    # models, pass, ratio <= 0.75, ratio > 0.75 held by a LayerNorm stream (b, not d), TP pass, TP <= 0.75
+    assert "| timm | 4 | 3 | 1 | 1 | 1 | 0 |" in cov.summary(rows)
+    table = cov.table(rows)
+    assert "trace: cannot trace" in table and "TP: boom" in table
+    # what keeps a row above 0.75: LayerNorm first, then the next most frequent reason
+    assert "| LayerNorm normalises over channels; no rule for f |" in table
+    assert "| no rule for g |" in table
 
 
 def test_channels_merged_with_the_batch_axis_are_kept():
@@ -636,3 +645,38 @@ def test_auto_tracer_sees_inside_a_module_fx_keeps_whole():
     with pytest.raises(GatePlacementError, match="no prunable structure"):
         analyse_traced(alone, x[:, :1].expand(1, 8, 8, 8), tracer="fx")
     assert analyse_traced(alone, x[:, :1].expand(1, 8, 8, 8)).tracer == "export"
+
+
+def test_rotary_attention_heads_of_eva_and_dinov3_are_pruned():
+    """timm's ``AttentionRope`` (EVA, DINOv3): the fused projection is ``F.linear`` on the qkv
+    weight with a bias concatenated from q/k/v biases, split as ``reshape(B, N, 3, heads, -1)``,
+    q and k rotated by a table over head_dim (a product broadcast along the heads) and cast with
+    ``type_as(v)``. Each of these once hid the heads; now every block has a heads group, proven."""
+    model = timm.create_model("vit_tiny_patch16_dinov3_qkvb", depth=2, img_size=64, pretrained=False).eval()
+    analysis = analyse(model, torch.randn(1, 3, 64, 64))
+    heads = [g for g in analysis.groups if g.kind == "heads"]
+    assert len(heads) == 2 and all(g.size == 3 for g in heads)  # 3 heads of 64 channels, one group per block
+    assert not [o for o in analysis.propagation.opaque if "attention over channels" in o[1]]
+    res = check_model(model, (1, 3, 64, 64), ratio=0.3, onnx=False)
+    assert res.ok, res.stages
+    assert res.reach > 0.8  # 0.57 with the MLP hidden layers alone
+
+
+def test_a_product_broadcast_along_the_other_operands_channels_keeps_them():
+    """``x * table`` where ``x`` carries channels on axis 1 and ``table`` (labelled on its own last
+    axis) is broadcast along axis 1: x's channels pass, the table's are kept whole. Where the
+    table is not broadcast along x's channel axis, both are kept."""
+
+    class Rotate(nn.Module):
+        def __init__(self, broadcast: bool):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.table = nn.Parameter(torch.randn(1 if broadcast else 8, 5, 5))
+            self.out = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.out(self.conv(x) * self.table)
+
+    x = torch.randn(1, 3, 5, 5)
+    assert [g.size for g in analyse(Rotate(True).eval(), x).groups] == [8]
+    assert analyse(Rotate(False).eval(), x).groups == []

@@ -347,12 +347,13 @@ class Propagator:
         else:
             kinds = [sizes[o] if sizes is not None and o < len(sizes) else None for o in big]
             free = [o for o, k in zip(big, kinds) if not isinstance(k, int) or k == -1]
-            if sizes is not None and len(free) == 1:
-                p = free[0]
-            elif len(big) >= 3 and dst[big[0]] in (2, 3):
+            if len(big) >= 3 and dst[big[0]] in (2, 3) and (sizes is None or kinds[0] == dst[big[0]]):
                 # a fused projection split as (3, heads, head_dim) (timm's qkv) or (2, heads,
-                # head_dim) (k and v): a structure is one head across q, k and v
+                # head_dim) (k and v), the head size written or not (EVA's ``reshape(B, N, 3,
+                # heads, -1)``): a structure is one head across q, k and v
                 p = big[1]
+            elif sizes is not None and len(free) == 1:
+                p = free[0]
             else:
                 p = big[0]
             grid = full.reshape([dst[o] for o in big])

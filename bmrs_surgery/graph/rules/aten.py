@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..labels import Label, fixed
-from ..propagate import _shape
+from ..propagate import _name, _shape
 from ..registry import register_function
 from . import attention
 from .shape_ops import _gather_axis
@@ -104,12 +104,15 @@ def index(ctx, node):
 
 @register_function("alias", "_to_copy", "lift_fresh_copy", "clone_", "native_dropout_", "type_as")
 def passthrough(ctx, node):
-    """Copies, casts and aliases: the output has the input's channels."""
+    """Copies, casts and aliases: the output has the input's channels. ``type_as(x, other)`` reads
+    only ``other``'s dtype, so ``other``'s channels are left as they are (EVA's rotary attention
+    casts q and k with ``type_as(v)``)."""
     x = ctx.label(node.args[0])
     nd = len(_shape(node))
     if x is None:
         return ctx.opaque(node, "copy of a non-tensor")
-    ctx.block_all((node.args[1:], node.kwargs))
+    if _name(node.target) != "type_as":
+        ctx.block_all((node.args[1:], node.kwargs))
     if x.ndim != nd:
         ctx.block(x)
         return fixed(nd)

@@ -73,21 +73,34 @@ def binary(ctx, node):
     labelled = [(lab, s, lab.axis + nd - len(s)) for lab, s in operands if lab.labelled]
     if not labelled:
         return fixed(nd)
-    lab0, _, p0 = labelled[0]
-    broken = False
-    for lab, _s, p in labelled[1:]:
-        if p != p0 or len(lab.ids) != len(lab0.ids):
-            broken = True
-    for lab, s in operands:
-        if not lab.labelled:
-            q = p0 - (nd - len(s))
+
+    def carries(p: int) -> bool:
+        """Axis ``p`` of the output can keep its channels: the operands labelled there agree, and
+        every other operand is broadcast along it (size 1), so it is not indexed by them."""
+        on = [lab for lab, _s, q in labelled if q == p]
+        if any(len(lab.ids) != len(on[0].ids) for lab in on):
+            return False
+        for lab, s in operands:
+            if lab.labelled and lab.axis + nd - len(s) == p:
+                continue
+            q = p - (nd - len(s))
             if q >= 0 and s[q] > 1:
-                broken = True
-    if broken:
+                return False
+        return True
+
+    # usually every labelled operand is on one axis (a residual addition, a gating product); an
+    # operand labelled on another axis and broadcast along this one (a rotary table of head_dim
+    # entries times q's heads) keeps its own channels whole, and the output carries this axis
+    p0 = next((p for _lab, _s, p in labelled if carries(p)), None)
+    if p0 is None:
         for lab, _, _ in labelled:
             ctx.block(lab)
         return fixed(nd)
+    on = [lab for lab, _s, p in labelled if p == p0]
+    for lab, _s, p in labelled:
+        if p != p0:
+            ctx.block(lab)
     tag = "residual" if _name(node.target) in ("add", "add_", "iadd") else "scale"
-    for lab, _, _ in labelled[1:]:
-        ctx.rec.unite(lab0.ids, lab.ids, tag=tag)
-    return Label(nd, p0, lab0.ids)
+    for lab in on[1:]:
+        ctx.rec.unite(on[0].ids, lab.ids, tag=tag)
+    return Label(nd, p0, on[0].ids)

@@ -5,7 +5,7 @@ kept gate's E[theta] folds in."""
 from __future__ import annotations
 
 import numpy as np
-from torch import nn
+from torch import fx, nn
 
 from ..labels import Label, fixed
 from ..propagate import ChannelSink, _shape
@@ -115,13 +115,32 @@ class EmbeddingRule(ModuleRule):
 
 @register_function("linear")
 def linear(ctx, node):
+    """``F.linear(x, weight, bias)``. With the weight read from a parameter (``get_attr``: timm's
+    EVA/DINOv3 attention calls ``F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))``), its
+    rows are the output channels, sliced by name, and a bias of as many entries follows them (one
+    parameter, or a concatenation of several). Nothing holds a gate on the input: its channels stay."""
     x = ctx.label(node.args[0])
     w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     wl = ctx.label(w)
     nd = len(_shape(node))
     ctx.block(x)
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if isinstance(w, fx.Node) and w.op == "get_attr" and len(_shape(w)) == 2:
+        if wl is not None and wl.labelled and wl.axis != 0:
+            ctx.block(wl)  # the default guess for a parameter (its last dimension) is the input here
+        out = ctx.param_ids(w.target, 0, "out")
+        if bias is not None:
+            bl = ctx.label(bias)
+            if bl is not None and bl.labelled and bl.axis == 0 and len(bl.ids) == len(out):
+                ctx.rec.unite(out, bl.ids)
+            else:
+                ctx.block(bl)
+                ctx.rec.block(out)
+        if len(out) < 2:
+            ctx.rec.block(out)
+            return fixed(nd)
+        return Label(nd, nd - 1, out)
     if wl is not None and wl.labelled and wl.axis == 0:  # output rows come from a parameter
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         bl = ctx.label(bias)
         if bl is not None and bl.labelled:
             ctx.rec.unite(wl.ids, bl.ids)
