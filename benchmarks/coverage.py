@@ -269,8 +269,9 @@ def table(results: list[dict]) -> str:
             _fmt(r.get("max_abs_diff"), "{:.1e}") + (" (float64)" if r.get("proof_dtype") == "float64" else "")
             + (" (whole in float64)" if r.get("whole_proof_dtype") == "float64" else ""),
             _fmt(r.get("onnx_max_abs_diff"), "{:.1e}"),
-            _fmt(r.get("seconds_total"), "{:.0f}"), "yes" if tp.get("ok") else "no", _fmt(tp.get("ratio")),
-            _failure(r) or ("" if tp.get("ok") else "TP: " + str(tp.get("error", ""))[:80].replace("|", "/")),
+            _fmt(r.get("seconds_total"), "{:.0f}"), ("yes" if tp.get("ok") else "no") if tp else "-",
+            _fmt(tp.get("ratio")),
+            _failure(r) or ("" if tp.get("ok") or not tp else "TP: " + str(tp.get("error", ""))[:80].replace("|", "/")),
             kept_by(r),
         ]) + " |")
     return "\n".join(lines)

@@ -52,6 +52,7 @@ class CheckResult:
     parts: list = field(default_factory=list)  # partial tracing: one dict per pruned part (see check_parts)
     proof_dtype: str = "float32"  # float64 when float32 rounding alone broke the proof (see proof_in_float64)
     float32_max_abs_diff: float | None = None  # then: the float32 difference that did not pass
+    onnx_tolerance: float | None = None  # set when float32 rounding broke the proof: the ONNX check's relative bound
     whole_proof_dtype: str | None = None  # partial tracing: float64 when the whole model was compared so
     whole_float32_max_abs_diff: float | None = None  # (see graph.partial.compare_whole), with float32's
 
@@ -272,8 +273,15 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], *, name: str = "
         from .export import onnx_parity
 
         t = time.perf_counter()
+        onnx_tolerance = tolerance
+        if res.proof_dtype == "float64":
+            # the network amplifies float32 rounding (the float32 proof measured how far): ONNX
+            # Runtime and torch run the same float32 network with other operation orders, so their
+            # difference is held to twice that measured level, and the result says so
+            onnx_tolerance = max(tolerance, 2.0 * res.float32_max_abs_diff / max(res.output_scale, 1e-30))
+            res.onnx_tolerance = onnx_tolerance
         try:
-            res.onnx_max_abs_diff = onnx_parity(pruned, input_shape, inputs[:1], tolerance)
+            res.onnx_max_abs_diff = onnx_parity(pruned, input_shape, inputs[:1], onnx_tolerance)
             res.stages["onnx"] = "ok"
         except Exception as exc:  # noqa: BLE001
             res.stages["onnx"] = _err(exc)

@@ -104,6 +104,8 @@ def _print(res, no_onnx: bool) -> None:
         wide = (f" in float64 (float32 rounding, amplified by the network, gave {res.float32_max_abs_diff:.3g})"
                 if res.proof_dtype == "float64" else "")
         console.print(f"max abs diff {res.max_abs_diff:.3g}{wide} (output scale {res.output_scale:.3g})"
-                      + (f"; ONNX Runtime {res.onnx_max_abs_diff:.3g}" if res.onnx_max_abs_diff is not None else ""),
+                      + (f"; ONNX Runtime {res.onnx_max_abs_diff:.3g}" if res.onnx_max_abs_diff is not None else "")
+                      + (f" (held to {res.onnx_tolerance:.3g} x the output scale: twice the float32 rounding the proof "
+                         "measured)" if res.onnx_tolerance is not None and res.onnx_max_abs_diff is not None else ""),
                       highlight=False)
     console.print("PASS" if res.ok else "FAIL", style="bold green" if res.ok else "bold red")
