@@ -686,3 +686,17 @@ def test_a_product_broadcast_along_the_other_operands_channels_keeps_them():
     x = torch.randn(1, 3, 5, 5)
     assert [g.size for g in analyse(Rotate(True).eval(), x).groups] == [8]
     assert analyse(Rotate(False).eval(), x).groups == []
+
+
+def test_heads_merged_with_the_batch_by_a_computed_size_are_kept():
+    """SAM's attention splits qkv as ``view(B, N, 3, heads, -1)`` and then merges the batch with the
+    heads, ``reshape(3, B * heads, H * W, -1)``: a size computed as a product, which pruned heads
+    could not follow at another batch size. Its heads are kept; the network is proven."""
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    model = VisionTransformerSAM(img_size=64, patch_size=16, embed_dim=64, depth=1, num_heads=2, use_rel_pos=True,
+                                 num_classes=3, global_pool="avg").eval()
+    analysis = analyse(model, torch.randn(1, 3, 64, 64))
+    assert not [g for g in analysis.groups if g.kind == "heads"]
+    res = check_model(model, (2, 3, 64, 64), ratio=0.3, onnx=False)
+    assert res.ok, res.stages

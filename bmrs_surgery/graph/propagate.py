@@ -347,13 +347,16 @@ class Propagator:
         else:
             kinds = [sizes[o] if sizes is not None and o < len(sizes) else None for o in big]
             free = [o for o, k in zip(big, kinds) if not isinstance(k, int) or k == -1]
-            if len(big) >= 3 and dst[big[0]] in (2, 3) and (sizes is None or kinds[0] == dst[big[0]]):
-                # a fused projection split as (3, heads, head_dim) (timm's qkv) or (2, heads,
-                # head_dim) (k and v), the head size written or not (EVA's ``reshape(B, N, 3,
-                # heads, -1)``): a structure is one head across q, k and v
-                p = big[1]
-            elif sizes is not None and len(free) == 1:
+            fused = len(big) >= 3 and dst[big[0]] in (2, 3)
+            # a fused projection split as (3, heads, head_dim) (timm's qkv) or (2, heads, head_dim)
+            # (k and v): a structure is one head across q, k and v; also with the head size written
+            # -1 (EVA's ``reshape(B, N, 3, heads, -1)``) when the 3 is written and nothing but the
+            # channels is split (SAM's ``reshape(3, B * heads, H * W, -1)`` mixes in the tokens)
+            only_channels = all(src[i] == 1 for i in ins if i != x.axis)
+            if sizes is not None and len(free) == 1 and not (fused and only_channels and kinds[0] == dst[big[0]]):
                 p = free[0]
+            elif fused:
+                p = big[1]
             else:
                 p = big[0]
             grid = full.reshape([dst[o] for o in big])
@@ -361,8 +364,13 @@ class Propagator:
             self.rec.unite(np.broadcast_to(grid[:, :1], grid.shape), grid,
                            tag="heads" if p != big[-1] else "interleave")
             ids = grid[:, 0].copy()
-        if p == 0 and src[0] == 1 and x.axis != 0 and len(src) > 1:
-            # channels merged with the batch axis (``reshape(B * heads, ...)``): the analysis runs at
+        merged = sizes is not None and p < len(sizes) and isinstance(sizes[p], fx.Node) and \
+            _name(sizes[p].target) in ("mul", "imul") and x.axis > 0 and src[x.axis - 1] == 1
+        if (p == 0 and src[0] == 1 and x.axis != 0 and len(src) > 1) or merged or (
+                len(ins) > 1 and any(src[i] == 1 for i in ins if i < x.axis)):
+            # channels merged with the batch axis (``reshape(B * heads, ...)``, also after a permute
+            # put q/k/v first: SAM's ``reshape(3, B * heads, H * W, -1)``, a size computed as a
+            # product next to a size-1 axis): the analysis runs at
             # batch 1, where that looks like a channel axis; at any other batch size it is not
             self.block(x)
             return fixed(nd)
