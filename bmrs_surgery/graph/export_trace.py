@@ -471,22 +471,20 @@ def analyse_model(model: nn.Module, example, ignore: tuple[str, ...] = (), trace
     if tracer == "fx" and named:
         raise GraphError("--tracer fx takes one tensor input; named inputs (--input NAME:...) need --tracer export")
     fx_error = None
+    one = {k: v[:1] for k, v in example.items()} if named else (example[:1] if example.ndim > 1 else example)
     if tracer == "fx" or (tracer == "auto" and not named and not _is_transformers(model)):
         try:
             analysis = analyse_fx(model, example)
             analysis.tracer = "fx"  # type: ignore[attr-defined]
             if tracer == "auto" and analysis.opaque_modules:
-                return _wider_of(analysis, model, example, ignore)
+                return _wider_of(analysis, model, one, ignore)
             return analysis
         except GatePlacementError:  # no group: torch.export may still see inside what fx kept whole
             if tracer == "fx":
                 raise
-            try:
-                exported = analyse_exported(model, example[:1] if example.ndim > 1 else example, ignore)
-            except Exception:  # noqa: BLE001 - fx's answer (no prunable structure) stands
-                exported = None
+            exported = _exported_or_none(model, one, ignore)
             if exported is None or not exported.groups:
-                raise
+                raise  # fx's answer (no prunable structure) stands
             return exported
         except GraphError as exc:
             # a name fx cannot write into generated code is the user's to rename, whatever captures
@@ -494,7 +492,6 @@ def analyse_model(model: nn.Module, example, ignore: tuple[str, ...] = (), trace
             if tracer == "fx" or "rename it" in exc.message:
                 raise
             fx_error = exc
-    one = {k: v[:1] for k, v in example.items()} if named else (example[:1] if example.ndim > 1 else example)
     try:
         analysis = analyse_exported(model, one, ignore)
     except Exception as exc:  # noqa: BLE001 - after fx failed, any failure of the fallback is reported with fx's
@@ -510,17 +507,24 @@ def analyse_model(model: nn.Module, example, ignore: tuple[str, ...] = (), trace
     return analysis
 
 
-def _wider_of(fx_analysis: Analysis, model: nn.Module, example, ignore: tuple[str, ...]) -> Analysis:
+def _exported_or_none(model: nn.Module, one, ignore: tuple[str, ...]) -> ExportAnalysis | None:
+    """The torch.export analysis of ``model`` on the one-row example ``one``, or None when it fails
+    (used after fx has given an answer of its own, which then stands)."""
+    try:
+        return analyse_exported(model, one, ignore)
+    except Exception:  # noqa: BLE001 - any failure leaves fx's answer
+        return None
+
+
+def _wider_of(fx_analysis: Analysis, model: nn.Module, one, ignore: tuple[str, ...]) -> Analysis:
     """``auto`` after fx kept submodules whole (control flow on shapes, as in timm's ``ConvMlp``):
     torch.export specialises on the example's shapes and may see inside them. The capture whose
     groups reach the larger share of the parameters is kept (fx on a tie); the other is dropped.
     A failure of torch.export here is not an error: fx's analysis stands."""
     from .groups import prunable_share
 
-    one = example[:1] if example.ndim > 1 else example
-    try:
-        exported = analyse_exported(model, one, ignore)
-    except Exception:  # noqa: BLE001 - fx's analysis is a valid answer on its own
+    exported = _exported_or_none(model, one, ignore)
+    if exported is None:
         return fx_analysis
     if exported.groups and prunable_share(exported) > prunable_share(fx_analysis) + 1e-9:
         exported.fx_opaque_modules = list(fx_analysis.opaque_modules)  # type: ignore[attr-defined]
