@@ -281,20 +281,22 @@ def _ratio(r: dict) -> float | None:
     return r["params_after"] / r["params_before"] if r.get("params_after") and r.get("params_before") else None
 
 
-def layer_norm_stream(r: dict) -> bool:
-    """The row's channels are held by a LayerNorm over them (a residual stream it normalises)."""
-    return any("ayerNorm normalises over channels" in o or "layer_norm normalises over channels" in o
-               for o in r.get("opaque") or [])
+def normalised_stream(r: dict) -> bool:
+    """The row's channels are held by a LayerNorm-type norm over them (a residual stream it
+    normalises): ``nn.LayerNorm``/``layer_norm``, timm's ``SimpleNorm`` (LayerNorm's variance
+    without its centring) or a norm over channels that no rescale keeps exact; every such rule says
+    "normalises over channels" (GroupNorm "mixes channels", GRN is exact)."""
+    return any("normalises over channels" in o for o in r.get("opaque") or [])
 
 
 def kept_by(r: dict) -> str:
     """For a passing row that keeps more than 75% of its parameters: what holds its channels, the
-    two most frequent reasons the analysis gave (LayerNorm streams first)."""
+    two most frequent reasons the analysis gave (norms over the stream first)."""
     ratio = _ratio(r)
     if not r.get("ok") or ratio is None or ratio <= 0.75:
         return ""
     reasons = collections.Counter(o.split(": ", 1)[-1] for o in r.get("opaque") or [])
-    ranked = sorted(reasons, key=lambda k: (not ("ayerNorm" in k or "layer_norm" in k), -reasons[k], k))
+    ranked = sorted(reasons, key=lambda k: ("normalises over channels" not in k, -reasons[k], k))
     text = "; ".join(ranked[:2]) or "nothing reported (see reach)"
     return text[:90].replace("|", "/")
 
@@ -308,10 +310,10 @@ def summary(results: list[dict]) -> str:
         removed = [r for r in ok if r.get("params_after") and r["params_after"] / r["params_before"] <= 0.75]
         tp_ok = [r for r in rs if (r.get("torch_pruning") or {}).get("ok")]
         tp_removed = [r for r in tp_ok if r["torch_pruning"]["ratio"] <= 0.75]
-        streams = [r for r in ok if r not in removed and layer_norm_stream(r)]
+        streams = [r for r in ok if r not in removed and normalised_stream(r)]
         out.append(f"| {kind} | {len(rs)} | {len(ok)} | {len(removed)} | {len(streams)} | {len(tp_ok)} | "
                    f"{len(tp_removed)} |")
-    head = ["| kind | models | pass | pass, ratio <= 0.75 | pass, ratio > 0.75 with a LayerNorm stream | TP pass | "
+    head = ["| kind | models | pass | pass, ratio <= 0.75 | pass, ratio > 0.75 with a LayerNorm-type stream | TP pass | "
             "TP pass, ratio <= 0.75 |", "|---|---|---|---|---|---|---|"]
     return "\n".join(head + out)
 

@@ -60,6 +60,17 @@ def _rule(mod: nn.Module, name: str) -> registry.ModuleRule:
     return rule
 
 
+def freeze_layers(model: nn.Module) -> None:
+    """In place, before folding and slicing: each layer whose rule gives a plainer equivalent
+    (``ModuleRule.freeze``) is replaced by it under the same name."""
+    for name, mod in list(model.named_modules()):
+        rule = registry.module_rule(mod) if name else None
+        new = rule.freeze(mod) if rule is not None else None
+        if new is not None:
+            owner, attr = _owner(model, name)
+            setattr(owner, attr, new)
+
+
 def fold_expected(gm: fx.GraphModule, analysis: Analysis, expected: dict[int, np.ndarray]) -> None:
     """Multiply each tap's gate value into the input columns of the layer it scales (its rule's
     ``fold``); ``expected`` holds each group's E[theta] * mask by group id."""
@@ -194,6 +205,7 @@ def shrink(analysis: Analysis, bank: GateBank, keep: torch.Tensor | None = None)
         return shrink_module(analysis, expected, keep_by)
     gm = _copy_without_gates(analysis.gm)
     gm.eval()
+    freeze_layers(gm)
     fold_expected(gm, analysis, expected)
     widths = widths_before(gm)
     touched = slice_parameters(gm, analysis, keep_by)

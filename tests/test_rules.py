@@ -89,6 +89,20 @@ try:  # timm's copies of torch layers are registered once timm is imported (rule
         EXAMPLES[cls] = (lambda cls=cls: _between(cls(8)), (2, 2, 6, 6))
     for cls in (timm_norm.RmsNorm, timm_norm.RmsNormFp32, timm_norm_act.RmsNormAct, timm_norm_act.RmsNormActFp32):
         EXAMPLES[cls] = (lambda cls=cls: nn.Sequential(nn.Linear(6, 8), cls(8), nn.Linear(8, 3)), (2, 6))
+    for cls in (timm_norm.SimpleNorm2d, timm_norm.SimpleNorm2dFp32):  # channels kept; the next group pruned
+        EXAMPLES[cls] = (lambda cls=cls: nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), cls(8), nn.Conv2d(8, 6, 1),
+                                                       nn.ReLU(), nn.Conv2d(6, 4, 1)), (2, 2, 6, 6))
+    for cls in (timm_norm.SimpleNorm, timm_norm.SimpleNormFp32):
+        EXAMPLES[cls] = (lambda cls=cls: nn.Sequential(nn.Linear(6, 8), cls(8), nn.Linear(8, 7), nn.ReLU(),
+                                                       nn.Linear(7, 3)), (2, 6))
+    from timm.layers import std_conv
+
+    for cls in (std_conv.StdConv2d, std_conv.ScaledStdConv2d):  # weight standardisation: frozen before slicing
+        EXAMPLES[cls] = (lambda cls=cls: _between(nn.Sequential(cls(8, 6, 3, padding=1), nn.ReLU(), cls(6, 8, 1))),
+                         (2, 2, 6, 6))
+    for cls in (std_conv.StdConv2dSame, std_conv.ScaledStdConv2dSame):
+        EXAMPLES[cls] = (lambda cls=cls: _between(nn.Sequential(cls(8, 6, 3, stride=2), nn.ReLU(), cls(6, 8, 1))),
+                         (2, 2, 7, 7))
     EXAMPLES[GlobalResponseNorm] = (  # ConvNeXt-V2's norm: a mean over the channels
         lambda: _between(nn.Sequential(nn.GELU(), GlobalResponseNorm(8, channels_last=False))),
         (2, 2, 6, 6))

@@ -543,13 +543,21 @@ def shrink_module(analysis: ExportAnalysis, expected: dict[int, np.ndarray], kee
     qualified name, size attributes updated. Its class and forward are the model's own."""
     from ..gated import gates_removed
     from ..hf import update_hidden_size, update_size_attributes
-    from ..surgery import fold_expected, rescale_after_slicing, slice_parameters, update_sizes, widths_before
+    from ..surgery import (
+        fold_expected,
+        freeze_layers,
+        rescale_after_slicing,
+        slice_parameters,
+        update_sizes,
+        widths_before,
+    )
     from .rules.transformers_layers import rescale_stream_norms, retie_and_rescale_embeddings, stream_norm_widths
 
     widths = stream_norm_widths(analysis.model)
     with gates_removed(analysis.model):
         model = copy.deepcopy(analysis.model)
     model.eval()
+    freeze_layers(model)
     fold_expected(model, analysis, expected)
     rule_widths = widths_before(model)
     touched = slice_parameters(model, analysis, keep)

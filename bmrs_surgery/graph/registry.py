@@ -8,7 +8,9 @@ A *module rule* says, for one kind of layer, everything the toolkit needs to kno
 * ``resize(module)``: after surgery sliced its parameters, make its size attributes agree
   (``in_features``, ``out_channels``, ``num_features``...);
 * ``fold(module, factor)``: multiply a gate's value, one factor per input channel, into the layer's
-  weights (only layers that read channels through their weights, i.e. that hold gates, need it).
+  weights (only layers that read channels through their weights, i.e. that hold gates, need it);
+* ``freeze(module)`` (optional): a plainer equivalent layer swapped in before surgery, for a layer
+  whose parameters cannot be sliced exactly as they are (weight standardisation).
 
 A *function rule* is ``rule(ctx, node) -> Label`` for a ``call_function`` / ``call_method`` node
 (``torch.cat``, ``x.view``, ``F.batch_norm`` ...), registered under the operation's name.
@@ -72,6 +74,12 @@ class ModuleRule:
 
     def width(self, module: nn.Module) -> int | None:
         """The channel count a rule's :meth:`rescale` needs from before slicing (None: no rescale)."""
+        return None
+
+    def freeze(self, module: nn.Module) -> nn.Module | None:
+        """Before surgery: a plainer layer that computes exactly what ``module`` computes and whose
+        rule can fold and slice it (a weight-standardised convolution as a plain convolution with
+        its standardised weight), or None to keep ``module`` as it is."""
         return None
 
     def rescale(self, module: nn.Module, width: int) -> None:

@@ -1,6 +1,9 @@
 """Functional per-channel normalisation: ``F.batch_norm`` and ``F.instance_norm`` called with the
 statistics and affine parameters as tensors (timm's ``BatchNormAct2d`` and its kind). Each of
-those 1-D tensors has one entry per channel on axis 1: they follow the channel."""
+those 1-D tensors has one entry per channel on axis 1: they follow the channel. Under torch.export
+the call is ``aten.batch_norm`` (weight and bias first, the same four tensors) and the running
+statistics are read through ``buffer_value`` (see ``export_trace.mark_constants``): the buffer
+behind that mark is the one that follows the channel."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ def batch_norm(ctx, node):
     if x is None:
         return ctx.opaque(node, "batch_norm of a non-tensor")
     params = [ctx.dim_arg(node, pos, key) for pos, key in _PARAMS]
-    params = [p for p in params if isinstance(p, fx.Node)]
+    params = [_unmarked(p) for p in params if isinstance(p, fx.Node)]
     labels = [ctx.label(p) for p in params]
     per_channel = x.labelled and x.axis == 1 and all(
         lab is not None and lab.labelled and lab.ndim == 1 and len(lab.ids) == len(x.ids) for lab in labels)
@@ -31,3 +34,11 @@ def batch_norm(ctx, node):
         if p.op == "get_attr":
             ctx.set_role(p.target, "norm")
     return x
+
+
+def _unmarked(p: fx.Node) -> fx.Node:
+    """The buffer read behind a ``buffer_value`` mark; other nodes as they are."""
+    if p.op == "call_function" and getattr(p.target, "__name__", "") == "buffer_value" and p.args \
+            and isinstance(p.args[0], fx.Node) and p.args[0].op == "get_attr":
+        return p.args[0]
+    return p

@@ -264,10 +264,20 @@ def pad(ctx, node):
     "mean", "sum", "amax", "amin", "std", "var", "max", "min", "logsumexp", "norm",
 )
 def reduce(ctx, node):
+    """A reduction; ``max``/``min`` over a dim return (values, indices), both labelled alike."""
     x = ctx.label(node.args[0])
-    nd = len(_shape(node))
-    if x is None:
-        return ctx.opaque(node, "reduction of a non-tensor")
+    meta = node.meta.get("tensor_meta")
+    # torch.max(x, dim) -> (values, indices): a list of two metadata (one tensor's is a NamedTuple)
+    pair = isinstance(meta, (list, tuple)) and len(meta) == 2 and all(hasattr(m, "shape") for m in meta)
+    shape = meta[0].shape if pair else _shape(node)
+    if x is None or shape is None:
+        return ctx.opaque(node, "reduction of a non-tensor or of unknown shape")
+    nd = len(shape)
+    out = _reduced(ctx, node, x, nd)
+    return (out, out) if pair else out
+
+
+def _reduced(ctx, node, x, nd):
     if not x.labelled:
         return fixed(nd)
     dims = ctx.dim_arg(node, 1)
