@@ -67,16 +67,30 @@ def _onnx_named(model: nn.Module, example: dict, kind: str) -> bytes:
     names = list(example)
     wrapped, args = _Positional(model, names).eval(), tuple(example.values())
     if kind == "dynamo":
-        prog = torch.onnx.export(wrapped, args, dynamo=True, external_data=False, verbose=False, opset_version=OPSET,
-                                 input_names=names, output_names=["output"],
-                                 # forward(*tensors) is one parameter: its shapes are one tuple inside the tuple
-                                 dynamic_shapes=(tuple(shapes.values()),), optimize=True)
-        return prog.model_proto.SerializeToString()
+        # forward(*tensors) is one parameter: its shapes are one tuple inside the tuple
+        return _dynamo_proto(wrapped, args, input_names=names, output_names=["output"],
+                             dynamic_shapes=(tuple(shapes.values()),))
     buf = io.BytesIO()
     torch.onnx.export(wrapped, args, buf, dynamo=False, opset_version=OPSET, input_names=names,
                       output_names=["output"], dynamic_axes={**axes, "output": {0: "batch", 1: "sequence"} if any(
                           _is_sequence(t) for t in example.values()) else {0: "batch"}})
     return buf.getvalue()
+
+
+def _dynamo_proto(model: nn.Module, args: tuple, **kw) -> bytes:
+    """torch's dynamo exporter with its graph optimiser; when the optimised graph is not a valid
+    ONNX model (a node reading a value no node makes: timm's Gemma4 ViT, whose clipped linears'
+    ``Clip`` bounds the optimiser drops), the unoptimised graph, which computes the same."""
+    import onnx
+
+    prog = torch.onnx.export(model, args, dynamo=True, external_data=False, verbose=False, opset_version=OPSET,
+                             optimize=True, **kw)
+    try:
+        onnx.checker.check_model(prog.model_proto)
+    except onnx.checker.ValidationError:
+        prog = torch.onnx.export(model, args, dynamo=True, external_data=False, verbose=False, opset_version=OPSET,
+                                 optimize=False, **kw)
+    return prog.model_proto.SerializeToString()
 
 
 class _Positional(nn.Module):
@@ -137,12 +151,8 @@ def onnx_bytes(model: nn.Module, example, exporter: str = "auto") -> tuple[bytes
                 if isinstance(example, dict):
                     return _onnx_named(model, example, kind), kind
                 if kind == "dynamo":
-                    prog = torch.onnx.export(
-                        model, (example,), dynamo=True, external_data=False, verbose=False,
-                        opset_version=OPSET, input_names=["input"], output_names=["output"],
-                        dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=True,
-                    )
-                    return prog.model_proto.SerializeToString(), kind
+                    return _dynamo_proto(model, (example,), input_names=["input"], output_names=["output"],
+                                         dynamic_shapes=({0: torch.export.Dim("batch")},)), kind
                 buf = io.BytesIO()
                 torch.onnx.export(
                     _one_input(model), (example,), buf, dynamo=False, opset_version=OPSET, input_names=["input"],
