@@ -387,6 +387,8 @@ def main() -> None:
                     help="with --resume, run again the models stopped at the time or memory limit")
     ap.add_argument("--rerun", help="comma-separated specs run again (after a code change) and their rows replaced "
                                     "in <out>.json, the other rows kept; the run is listed under the table")
+    ap.add_argument("--after", type=int, help="with --rerun: write only once process PID (a run writing the same "
+                                              "file) has ended")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rerun:
@@ -439,9 +441,9 @@ def main() -> None:
 
 def rerun(args) -> None:
     """``--rerun``: the given models run again, their rows of ``<out>.json`` replaced in place (the
-    table keeps its order), the command recorded under ``reruns`` of the file's meta."""
-    with open(args.out + ".json") as f:
-        doc = json.load(f)
+    table keeps its order), the command recorded under ``reruns`` of the file's meta. The file is
+    read after the models ran (and after process ``--after`` ended), so rows that a run still going
+    wrote meanwhile are kept."""
     specs = [s for s in args.rerun.split(",") if s]
     known = {r[2]: r for r in model_list(args.refresh_list)}
     rows = [known.get(s, ("given", s.split(":", 1)[-1], s)) for s in specs]
@@ -449,6 +451,10 @@ def rerun(args) -> None:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for r in pool.map(lambda row: _run_child(row, args), rows):
             fresh[r["spec"]] = r
+    while args.after and os.path.exists(f"/proc/{args.after}"):  # a run writing the same file: let it end
+        time.sleep(5)
+    with open(args.out + ".json") as f:
+        doc = json.load(f)
     results = [fresh.pop(r["spec"], r) for r in doc["results"]] + list(fresh.values())
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
