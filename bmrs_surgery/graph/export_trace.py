@@ -160,6 +160,13 @@ def buffer_value(x):
     return x
 
 
+def unmarked(node: fx.Node) -> fx.Node:
+    """The read behind a :func:`buffer_value` mark; any other node as it is."""
+    if node.op == "call_function" and node.target is buffer_value and node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return node
+
+
 def mark_constants(gm: fx.GraphModule, model: nn.Module) -> None:
     """Reads of buffers and lifted constants go through :func:`buffer_value`, so the analysis never
     takes a non-trainable tensor (RoPE's ``inv_freq``) for a parameter with channels; export's
@@ -190,8 +197,7 @@ def _own_attribute(node: fx.Node, own: str, aliases: set[str]) -> bool:
     """A read of the module's own parameter or buffer (directly, or marked by :func:`buffer_value`:
     Gemma's embedding scale), which the module's call reads by itself. ``aliases``: other names of
     the module's own tensors (a tied ``lm_head.weight`` is read as ``model.embed_tokens.weight``)."""
-    if node.op == "call_function" and node.target is buffer_value and node.args:
-        node = node.args[0]
+    node = unmarked(node)
     return node.op == "get_attr" and (str(node.target).startswith(own) or str(node.target) in aliases)
 
 

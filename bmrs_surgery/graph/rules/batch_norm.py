@@ -22,7 +22,9 @@ def batch_norm(ctx, node):
     if x is None:
         return ctx.opaque(node, "batch_norm of a non-tensor")
     params = [ctx.dim_arg(node, pos, key) for pos, key in _PARAMS]
-    params = [_unmarked(p) for p in params if isinstance(p, fx.Node)]
+    from ..export_trace import unmarked
+
+    params = [unmarked(p) for p in params if isinstance(p, fx.Node)]
     labels = [ctx.label(p) for p in params]
     per_channel = x.labelled and x.axis == 1 and all(
         lab is not None and lab.labelled and lab.ndim == 1 and len(lab.ids) == len(x.ids) for lab in labels)
@@ -35,10 +37,3 @@ def batch_norm(ctx, node):
             ctx.set_role(p.target, "norm")
     return x
 
-
-def _unmarked(p: fx.Node) -> fx.Node:
-    """The buffer read behind a ``buffer_value`` mark; other nodes as they are."""
-    if p.op == "call_function" and getattr(p.target, "__name__", "") == "buffer_value" and p.args \
-            and isinstance(p.args[0], fx.Node) and p.args[0].op == "get_attr":
-        return p.args[0]
-    return p

@@ -98,6 +98,7 @@ class GlobalResponseNormRule(ModuleRule):
             module.weight.mul_(width / kept)
             module.eps = module.eps * width / kept
 
+
 class StandardisedConvRule(ConvRule):
     """timm's weight-standardised convolutions (``StdConv2d``, ``ScaledStdConv2d`` and their
     ``Same`` variants: NF-Nets, NF-RegNets, BiT). The weight applied is each output row standardised
